@@ -1,0 +1,1155 @@
+
+/*
+ * Copyright (C) ngx_chat_module authors
+ *
+ * The REST API under <location>/api/.  Every answer is JSON; failures are
+ * {"error":{"code","message"}} with the HTTP status that fits.
+ */
+
+
+#include "ngx_chat_module.h"
+#include "ngx_chat_json.h"
+
+
+#define NGX_CHAT_MAX_MEMBERS   1000
+
+
+typedef ngx_int_t (*ngx_chat_api_body_pt)(ngx_http_request_t *r,
+    json_t *body);
+
+
+typedef struct {
+    ngx_chat_identity_t        id;
+    int64_t                    conversation;
+    ngx_chat_api_body_pt       body_handler;
+} ngx_chat_api_ctx_t;
+
+
+static ngx_int_t ngx_chat_api_send(ngx_http_request_t *r, ngx_uint_t status,
+    u_char *data, size_t len);
+static ngx_int_t ngx_chat_api_tickets(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_me(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_read_body(ngx_http_request_t *r,
+    ngx_chat_api_body_pt handler);
+static void ngx_chat_api_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_create_conversation(ngx_http_request_t *r,
+    json_t *body);
+static void ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static ngx_int_t ngx_chat_api_list_conversations(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_get_conversation(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_history(ngx_http_request_t *r);
+static void ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_api_get_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static ngx_int_t ngx_chat_api_post_message(ngx_http_request_t *r,
+    json_t *body);
+static void ngx_chat_api_post_done(ngx_chat_send_t *snd);
+static ngx_int_t ngx_chat_api_query(ngx_http_request_t *r,
+    ngx_chat_query_t *q);
+static ngx_int_t ngx_chat_api_arg_num(ngx_http_request_t *r, char *name,
+    size_t len, int64_t *v, int64_t min, int64_t max);
+
+
+ngx_int_t
+ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *code, const char *message, ngx_msec_t retry_after)
+{
+    ngx_int_t         rc;
+    ngx_chat_buf_t    b;
+    ngx_table_elt_t  *h;
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&b, "{\"error\":{\"code\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(&b, (u_char *) code, ngx_strlen(code))
+           != NGX_OK
+        || ngx_chat_buf_add_lit(&b, ",\"message\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(&b, (u_char *) message,
+                                     ngx_strlen(message)) != NGX_OK
+        || (retry_after
+            && (ngx_chat_buf_add_lit(&b, ",\"retry_after_ms\":") != NGX_OK
+                || ngx_chat_buf_add_uint(&b, retry_after) != NGX_OK))
+        || ngx_chat_buf_add_lit(&b, "}}") != NGX_OK)
+    {
+        ngx_chat_buf_free(&b);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (retry_after) {
+        h = ngx_list_push(&r->headers_out.headers);
+        if (h != NULL) {
+            h->hash = 1;
+            ngx_str_set(&h->key, "Retry-After");
+            h->value.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
+
+            if (h->value.data) {
+                h->value.len = ngx_sprintf(h->value.data, "%M",
+                                           (retry_after + 999) / 1000)
+                               - h->value.data;
+            } else {
+                h->hash = 0;
+            }
+        }
+    }
+
+    rc = ngx_chat_api_send(r, status, b.data, b.len);
+    ngx_chat_buf_free(&b);
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_chat_api_send(ngx_http_request_t *r, ngx_uint_t status, u_char *data,
+    size_t len)
+{
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
+
+    if (r->header_sent) {
+        return NGX_ERROR;
+    }
+
+    if (r->method != NGX_HTTP_HEAD && !r->discard_body
+        && r->request_body == NULL)
+    {
+        if (ngx_http_discard_request_body(r) != NGX_OK) {
+            r->keepalive = 0;
+        }
+    }
+
+    r->headers_out.status = status;
+    r->headers_out.content_length_n = len;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = sizeof("application/json") - 1;
+    r->headers_out.content_type_lowcase = NULL;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->last = ngx_cpymem(b->pos, data, len);
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+ngx_int_t
+ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
+{
+    u_char              *p, *end, *slash;
+    ngx_str_t            seg;
+    const char          *code, *msg;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_chat_api_ctx_t));
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_set_ctx(r, ctx, ngx_chat_module);
+
+    if (ngx_chat_auth_request(r, &ctx->id, &code, &msg) != NGX_OK) {
+        return ngx_chat_http_error(r, NGX_HTTP_UNAUTHORIZED,
+                                   code ? code : "unauthorized",
+                                   code ? msg : "a bearer token is required",
+                                   0);
+    }
+
+    p = path->data;
+    end = p + path->len;
+
+    if (p < end && *p == '/') {
+        p++;
+    }
+
+    if (end > p && end[-1] == '/') {
+        end--;
+    }
+
+    slash = ngx_strlchr(p, end, '/');
+    seg.data = p;
+    seg.len = (slash ? slash : end) - p;
+
+    if (seg.len == 7 && ngx_strncmp(p, "tickets", 7) == 0 && slash == NULL) {
+        if (r->method != NGX_HTTP_POST) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_tickets(r);
+    }
+
+    if (seg.len == 2 && ngx_strncmp(p, "me", 2) == 0 && slash == NULL) {
+        if (r->method != NGX_HTTP_GET) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_me(r);
+    }
+
+    if (!(seg.len == 13 && ngx_strncmp(p, "conversations", 13) == 0)) {
+        goto not_found;
+    }
+
+    if (slash == NULL) {
+        if (r->method == NGX_HTTP_POST) {
+            return ngx_chat_api_read_body(r,
+                                          ngx_chat_api_create_conversation);
+        }
+
+        if (r->method == NGX_HTTP_GET) {
+            return ngx_chat_api_list_conversations(r);
+        }
+
+        goto not_allowed;
+    }
+
+    p = slash + 1;
+    slash = ngx_strlchr(p, end, '/');
+
+    if (ngx_chat_parse_id(p, (slash ? slash : end) - p, &ctx->conversation)
+        != NGX_OK)
+    {
+        goto not_found;
+    }
+
+    if (slash == NULL) {
+        if (r->method != NGX_HTTP_GET) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_get_conversation(r);
+    }
+
+    p = slash + 1;
+
+    if (end - p == 8 && ngx_strncmp(p, "messages", 8) == 0) {
+        if (r->method == NGX_HTTP_GET) {
+            return ngx_chat_api_history(r);
+        }
+
+        if (r->method == NGX_HTTP_POST) {
+            return ngx_chat_api_read_body(r, ngx_chat_api_post_message);
+        }
+
+        goto not_allowed;
+    }
+
+not_found:
+
+    return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                               "no such endpoint", 0);
+
+not_allowed:
+
+    return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED, "bad_request",
+                               "method not allowed", 0);
+}
+
+
+static ngx_int_t
+ngx_chat_api_tickets(ngx_http_request_t *r)
+{
+    u_char              *p;
+    size_t               len;
+    ngx_str_t            ticket;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ngx_chat_ticket_issue(&ctx->id, r->pool, &ticket) != NGX_OK) {
+        return ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                   "unavailable", "no room for tickets",
+                                   1000);
+    }
+
+    len = sizeof("{\"ticket\":\"\",\"expires_in\":}") - 1 + ticket.len
+          + NGX_TIME_T_LEN;
+
+    p = ngx_pnalloc(r->pool, len);
+    if (p == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    len = ngx_sprintf(p, "{\"ticket\":\"%V\",\"expires_in\":%T}", &ticket,
+                      ngx_chat_worker.cmcf->ticket_ttl)
+          - p;
+
+    return ngx_chat_api_send(r, NGX_HTTP_OK, p, len);
+}
+
+
+static ngx_int_t
+ngx_chat_api_me(ngx_http_request_t *r)
+{
+    ngx_int_t            rc;
+    ngx_chat_buf_t       b;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&b, "{\"user\":{\"id\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(&b, ctx->id.user.data, ctx->id.user.len)
+           != NGX_OK
+        || ngx_chat_buf_add_lit(&b, ",\"name\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(&b, ctx->id.name.data, ctx->id.name.len)
+           != NGX_OK
+        || (ctx->id.role == NGX_CHAT_ROLE_SERVICE
+            ? ngx_chat_buf_add_lit(&b, ",\"role\":\"service\"}}")
+            : ngx_chat_buf_add_lit(&b, ",\"role\":\"user\"}}")) != NGX_OK)
+    {
+        ngx_chat_buf_free(&b);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_chat_api_send(r, NGX_HTTP_OK, b.data, b.len);
+    ngx_chat_buf_free(&b);
+
+    return rc;
+}
+
+
+/* request bodies: small JSON, held in memory, never in a temp file */
+
+static ngx_int_t
+ngx_chat_api_read_body(ngx_http_request_t *r, ngx_chat_api_body_pt handler)
+{
+    ngx_int_t            rc;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    ctx->body_handler = handler;
+
+    if (r->headers_in.content_length_n
+        > (off_t) ngx_chat_worker.cmcf->max_message)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                   "too_large", "the body is too large", 0);
+    }
+
+    r->request_body_in_single_buf = 1;
+
+    rc = ngx_http_read_client_request_body(r, ngx_chat_api_body_handler);
+
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        return rc;
+    }
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_chat_api_body_handler(ngx_http_request_t *r)
+{
+    u_char              *p;
+    size_t               len;
+    json_t              *root;
+    ngx_int_t            rc;
+    ngx_buf_t           *b;
+    ngx_chain_t         *cl;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    len = 0;
+
+    if (r->request_body == NULL) {
+        goto bad;
+    }
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        if (cl->buf->in_file || cl->buf->file) {
+            ngx_http_finalize_request(r,
+                ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                    "too_large", "the body is too large "
+                                    "(raise client_body_buffer_size)", 0));
+            return;
+        }
+
+        len += cl->buf->last - cl->buf->pos;
+    }
+
+    if (len == 0) {
+        goto bad;
+    }
+
+    if (len > ngx_chat_worker.cmcf->max_message) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                "too_large", "the body is too large", 0));
+        return;
+    }
+
+    p = ngx_pnalloc(r->pool, len);
+    if (p == NULL) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    len = 0;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        b = cl->buf;
+        ngx_memcpy(p + len, b->pos, b->last - b->pos);
+        len += b->last - b->pos;
+    }
+
+    root = ngx_chat_json_parse(p, len);
+
+    if (root == NULL || !json_is_object(root)) {
+        if (root) {
+            json_decref(root);
+        }
+
+        goto bad;
+    }
+
+    rc = ctx->body_handler(r, root);
+    json_decref(root);
+
+    if (rc == NGX_DONE) {
+        return;
+    }
+
+    ngx_http_finalize_request(r, rc);
+    return;
+
+bad:
+
+    ngx_http_finalize_request(r,
+        ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                            "the body must be a JSON object", 0));
+}
+
+
+/* runs a query for this request; the answer finalizes it */
+
+static ngx_int_t
+ngx_chat_api_query(ngx_http_request_t *r, ngx_chat_query_t *q)
+{
+    q->data = r;
+
+    if (ngx_chat_db_query(q) != NGX_OK) {
+        ngx_chat_query_free(q);
+        return ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                   "unavailable", "the store is unavailable",
+                                   ngx_chat_db_retry_after());
+    }
+
+    return NGX_DONE;
+}
+
+
+static ngx_int_t
+ngx_chat_api_create_conversation(ngx_http_request_t *r, json_t *body)
+{
+    u_char              *p;
+    char                *context;
+    size_t               i, len;
+    json_t              *members, *m, *ctxj;
+    ngx_int_t            rc;
+    ngx_str_t            kind, title, user;
+    ngx_uint_t           self, count;
+    ngx_chat_buf_t       mb;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    context = NULL;
+
+    if (ngx_chat_json_str(body, "kind", &kind, 16, 1) != NGX_OK
+        || !((kind.len == 6 && ngx_strncmp(kind.data, "direct", 6) == 0)
+             || (kind.len == 5 && ngx_strncmp(kind.data, "group", 5) == 0)))
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"kind\" must be \"direct\" or \"group\"",
+                                   0);
+    }
+
+    if (ngx_chat_json_str(body, "title", &title, 200, 0) == NGX_ERROR) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"title\" must be a string of at most "
+                                   "200 bytes", 0);
+    }
+
+    members = json_object_get(body, "members");
+
+    if (!json_is_array(members)
+        || json_array_size(members) > NGX_CHAT_MAX_MEMBERS)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"members\" must be an array of user "
+                                   "ids", 0);
+    }
+
+    ngx_memzero(&mb, sizeof(ngx_chat_buf_t));
+    self = (ctx->id.role != NGX_CHAT_ROLE_SERVICE);
+    count = 0;
+
+    if (ngx_chat_buf_add_lit(&mb, "[") != NGX_OK) {
+        goto failed;
+    }
+
+    if (self) {
+        if (ngx_chat_buf_add_json_str(&mb, ctx->id.user.data,
+                                      ctx->id.user.len) != NGX_OK)
+        {
+            goto failed;
+        }
+
+        count++;
+    }
+
+    json_array_foreach(members, i, m) {
+        if (!json_is_string(m)
+            || ngx_chat_valid_user_id((u_char *) json_string_value(m),
+                                      json_string_length(m)) != NGX_OK)
+        {
+            ngx_chat_buf_free(&mb);
+            return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST,
+                                       "bad_request", "\"members\" must be "
+                                       "an array of user ids", 0);
+        }
+
+        user.data = (u_char *) json_string_value(m);
+        user.len = json_string_length(m);
+
+        if (self && user.len == ctx->id.user.len
+            && ngx_strncmp(user.data, ctx->id.user.data, user.len) == 0)
+        {
+            continue;
+        }
+
+        /* duplicates are harmless: the store keeps distinct members */
+        if ((count && ngx_chat_buf_add_lit(&mb, ",") != NGX_OK)
+            || ngx_chat_buf_add_json_str(&mb, user.data, user.len) != NGX_OK)
+        {
+            goto failed;
+        }
+
+        count++;
+    }
+
+    if (ngx_chat_buf_add(&mb, "]", 2) != NGX_OK) {
+        goto failed;
+    }
+
+    if (kind.len == 6 && count != 2) {
+        ngx_chat_buf_free(&mb);
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "a direct conversation has exactly two "
+                                   "members", 0);
+    }
+
+    if (count == 0) {
+        ngx_chat_buf_free(&mb);
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"members\" is empty", 0);
+    }
+
+    ctxj = json_object_get(body, "context");
+
+    if (ctxj && !json_is_null(ctxj)) {
+        if (!json_is_object(ctxj)) {
+            ngx_chat_buf_free(&mb);
+            return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST,
+                                       "bad_request",
+                                       "\"context\" must be an object", 0);
+        }
+
+        context = json_dumps(ctxj, JSON_COMPACT);
+        if (context == NULL) {
+            goto failed;
+        }
+
+        if (ngx_strlen(context) > 4096) {
+            free(context);
+            ngx_chat_buf_free(&mb);
+            return ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                       "too_large", "\"context\" is too "
+                                       "large", 0);
+        }
+    }
+
+    len = ctx->id.user.len + 1 + kind.len + 1 + mb.len + title.len + 1
+          + (context ? ngx_strlen(context) + 1 : 0);
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_CREATE_CONV, len);
+    if (q == NULL) {
+        goto failed;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_cpymem(p, kind.data, kind.len);
+    *p++ = '\0';
+
+    q->params[2] = (char *) p;
+    p = ngx_cpymem(p, mb.data, mb.len);
+
+    if (title.data) {
+        q->params[3] = (char *) p;
+        p = ngx_cpymem(p, title.data, title.len);
+        *p++ = '\0';
+    }
+
+    if (context) {
+        q->params[4] = (char *) p;
+        p = ngx_cpymem(p, context, ngx_strlen(context) + 1);
+        free(context);
+    }
+
+    ngx_chat_buf_free(&mb);
+
+    q->handler = ngx_chat_api_create_done;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+
+failed:
+
+    free(context);
+    ngx_chat_buf_free(&mb);
+
+    return NGX_HTTP_INTERNAL_SERVER_ERROR;
+}
+
+
+static void
+ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    int64_t              conv;
+    uint64_t             gseq;
+    ngx_uint_t           created;
+    ngx_chat_buf_t       b;
+    ngx_http_request_t  *r;
+
+    r = q->data;
+    ngx_chat_query_free(q);
+
+    if (rc != NGX_OK || PQntuples(res) != 1) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    created = (PQgetvalue(res, 0, 0)[0] == 't');
+
+    if (created) {
+        conv = ngx_atoof((u_char *) PQgetvalue(res, 0, 1),
+                         PQgetlength(res, 0, 1));
+        gseq = ngx_atoof((u_char *) PQgetvalue(res, 0, 3),
+                         PQgetlength(res, 0, 3));
+
+        ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(res, 0, 4),
+                             PQgetlength(res, 0, 4));
+        ngx_chat_bus_notify();
+    }
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&b, "{\"conversation\":") != NGX_OK
+        || ngx_chat_buf_add(&b, PQgetvalue(res, 0, 2), PQgetlength(res, 0, 2))
+           != NGX_OK
+        || ngx_chat_buf_add_lit(&b, "}") != NGX_OK)
+    {
+        ngx_chat_buf_free(&b);
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    rc = ngx_chat_api_send(r, created ? NGX_HTTP_CREATED : NGX_HTTP_OK,
+                           b.data, b.len);
+    ngx_chat_buf_free(&b);
+
+    ngx_http_finalize_request(r, rc);
+}
+
+
+static ngx_int_t
+ngx_chat_api_arg_num(ngx_http_request_t *r, char *name, size_t len,
+    int64_t *v, int64_t min, int64_t max)
+{
+    ngx_str_t  value;
+    off_t      n;
+
+    if (ngx_http_arg(r, (u_char *) name, len, &value) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    n = ngx_atoof(value.data, value.len);
+
+    if (n == NGX_ERROR || n < min || n > max) {
+        return NGX_ERROR;
+    }
+
+    *v = n;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_chat_api_list_conversations(ngx_http_request_t *r)
+{
+    u_char              *p, *colon;
+    int64_t              limit;
+    ngx_int_t            rc;
+    ngx_str_t            before;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    limit = 50;
+    colon = NULL;
+
+    if (ngx_chat_api_arg_num(r, "limit", 5, &limit, 1, 100) == NGX_ERROR) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"limit\" must be 1 to 100", 0);
+    }
+
+    if (ngx_http_arg(r, (u_char *) "before", 6, &before) == NGX_OK) {
+        colon = ngx_strlchr(before.data, before.data + before.len, ':');
+
+        if (colon == NULL
+            || ngx_atoof(before.data, colon - before.data) == NGX_ERROR
+            || ngx_atoof(colon + 1, before.data + before.len - colon - 1)
+               == NGX_ERROR)
+        {
+            return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST,
+                                       "bad_request", "bad \"before\"", 0);
+        }
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_LIST_CONVS,
+                             ctx->id.user.len + 1 + before.len + 2
+                             + NGX_INT_T_LEN + 1);
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    if (colon) {
+        q->params[1] = (char *) p;
+        p = ngx_cpymem(p, before.data, colon - before.data);
+        *p++ = '\0';
+
+        q->params[2] = (char *) p;
+        p = ngx_cpymem(p, colon + 1, before.data + before.len - colon - 1);
+        *p++ = '\0';
+    }
+
+    q->params[3] = (char *) p;
+    p = ngx_sprintf(p, "%L", limit);
+    *p++ = '\0';
+
+    q->handler = ngx_chat_api_text_done;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_chat_api_get_conversation(ngx_http_request_t *r)
+{
+    u_char              *p;
+    ngx_int_t            rc;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_GET_CONV,
+                             NGX_INT64_LEN + 1 + ctx->id.user.len + 1 + 2);
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_sprintf(p, "%L", ctx->conversation);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->params[2] = (ctx->id.role == NGX_CHAT_ROLE_SERVICE) ? "t" : "f";
+
+    q->handler = ngx_chat_api_get_done;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+}
+
+
+static void
+ngx_chat_api_get_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    ngx_chat_buf_t       b;
+    ngx_http_request_t  *r;
+
+    r = q->data;
+    ngx_chat_query_free(q);
+
+    if (rc != NGX_OK) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    if (PQntuples(res) != 1) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                "no such conversation", 0));
+        return;
+    }
+
+    if (PQgetvalue(res, 0, 1)[0] != 't') {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_FORBIDDEN, "forbidden",
+                                "not a member of the conversation", 0));
+        return;
+    }
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&b, "{\"conversation\":") != NGX_OK
+        || ngx_chat_buf_add(&b, PQgetvalue(res, 0, 0), PQgetlength(res, 0, 0))
+           != NGX_OK
+        || ngx_chat_buf_add_lit(&b, "}") != NGX_OK)
+    {
+        ngx_chat_buf_free(&b);
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    rc = ngx_chat_api_send(r, NGX_HTTP_OK, b.data, b.len);
+    ngx_chat_buf_free(&b);
+
+    ngx_http_finalize_request(r, rc);
+}
+
+
+static ngx_int_t
+ngx_chat_api_history(ngx_http_request_t *r)
+{
+    u_char              *p;
+    int64_t              before, after, limit;
+    ngx_int_t            rc, rcb, rca;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    limit = 50;
+
+    rcb = ngx_chat_api_arg_num(r, "before_seq", 10, &before, 1,
+                               NGX_MAX_OFF_T_VALUE);
+    rca = ngx_chat_api_arg_num(r, "after_seq", 9, &after, 0,
+                               NGX_MAX_OFF_T_VALUE);
+
+    if (rcb == NGX_ERROR || rca == NGX_ERROR
+        || ngx_chat_api_arg_num(r, "limit", 5, &limit, 1, 200) == NGX_ERROR)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"before_seq\" and \"after_seq\" must be "
+                                   "sequence numbers, \"limit\" 1 to 200", 0);
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_HISTORY,
+                             ctx->id.user.len + 1 + 4 * (NGX_INT64_LEN + 1));
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->params[1] = (ctx->id.role == NGX_CHAT_ROLE_SERVICE) ? "t" : "f";
+
+    q->params[2] = (char *) p;
+    p = ngx_sprintf(p, "%L", ctx->conversation);
+    *p++ = '\0';
+
+    if (rcb == NGX_OK) {
+        q->params[3] = (char *) p;
+        p = ngx_sprintf(p, "%L", before);
+        *p++ = '\0';
+    }
+
+    if (rca == NGX_OK) {
+        q->params[4] = (char *) p;
+        p = ngx_sprintf(p, "%L", after);
+        *p++ = '\0';
+    }
+
+    q->params[5] = (char *) p;
+    p = ngx_sprintf(p, "%L", limit);
+    *p++ = '\0';
+
+    q->handler = ngx_chat_api_text_done;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+}
+
+
+/* a query that answers with the whole JSON body, NULL for "not found" */
+
+static void
+ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    ngx_http_request_t  *r;
+
+    r = q->data;
+    ngx_chat_query_free(q);
+
+    if (rc != NGX_OK || PQntuples(res) != 1) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    if (PQgetisnull(res, 0, 0)) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                "no such conversation", 0));
+        return;
+    }
+
+    if (ngx_strcmp(PQgetvalue(res, 0, 0), "forbidden") == 0) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_FORBIDDEN, "forbidden",
+                                "not a member of the conversation", 0));
+        return;
+    }
+
+    ngx_http_finalize_request(r,
+        ngx_chat_api_send(r, NGX_HTTP_OK, (u_char *) PQgetvalue(res, 0, 0),
+                          PQgetlength(res, 0, 0)));
+}
+
+
+static ngx_int_t
+ngx_chat_api_post_message(ngx_http_request_t *r, json_t *body)
+{
+    u_char              *p;
+    char                *att;
+    size_t               attlen;
+    json_t              *a;
+    int64_t              reply_to;
+    ngx_str_t            cmid, text, format;
+    ngx_chat_send_t     *snd;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    att = NULL;
+    attlen = 0;
+    reply_to = 0;
+    format.len = 0;
+    text.data = NULL;
+
+    if (ngx_chat_json_str(body, "client_msg_id", &cmid, 128, 1) != NGX_OK
+        || ngx_chat_json_str(body, "body", &text,
+                             ngx_chat_worker.cmcf->max_message, 1)
+           == NGX_ERROR
+        || text.data == NULL
+        || ngx_chat_json_str(body, "format", &format, 16, 0) == NGX_ERROR
+        || (format.len
+            && !(format.len == 4 && ngx_strncmp(format.data, "text", 4) == 0)
+            && !(format.len == 8
+                 && ngx_strncmp(format.data, "markdown", 8) == 0))
+        || ngx_chat_json_id(body, "reply_to", &reply_to, 0) == NGX_ERROR)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "need \"client_msg_id\" and \"body\" "
+                                   "strings; \"format\" text or markdown; "
+                                   "\"reply_to\" a message id", 0);
+    }
+
+    a = json_object_get(body, "attachments");
+
+    if (a && !json_is_null(a)) {
+        if (!json_is_array(a) || json_array_size(a) > 16) {
+            return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST,
+                                       "bad_request", "\"attachments\" must "
+                                       "be an array of at most 16 items", 0);
+        }
+
+        att = json_dumps(a, JSON_COMPACT);
+        if (att == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        attlen = ngx_strlen(att);
+
+        if (attlen > 4096) {
+            free(att);
+            return ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                       "too_large", "\"attachments\" is too "
+                                       "large", 0);
+        }
+    }
+
+    snd = ngx_chat_store_send_alloc(ctx->id.user.len + cmid.len + text.len
+                                    + format.len + attlen);
+    if (snd == NULL) {
+        free(att);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = snd->mem;
+
+    snd->sender.data = p;
+    snd->sender.len = ctx->id.user.len;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+
+    snd->client_msg_id.data = p;
+    snd->client_msg_id.len = cmid.len;
+    p = ngx_cpymem(p, cmid.data, cmid.len);
+
+    snd->body.data = p;
+    snd->body.len = text.len;
+    p = ngx_cpymem(p, text.data, text.len);
+
+    snd->format.data = p;
+    snd->format.len = format.len;
+    p = ngx_cpymem(p, format.data, format.len);
+
+    snd->attachments.data = p;
+    snd->attachments.len = attlen;
+    p = ngx_cpymem(p, att, attlen);
+
+    free(att);
+
+    snd->conversation = ctx->conversation;
+    snd->reply_to = reply_to;
+    snd->handler = ngx_chat_api_post_done;
+    snd->data = r;
+
+    if (ngx_chat_store_send(snd) != NGX_OK) {
+        ngx_free(snd);
+        return ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                   "unavailable", "the store is unavailable",
+                                   ngx_chat_db_retry_after());
+    }
+
+    /* the body reader's reference keeps the request until we finalize */
+    return NGX_DONE;
+}
+
+
+static void
+ngx_chat_api_post_done(ngx_chat_send_t *snd)
+{
+    ngx_int_t            rc;
+    ngx_uint_t           status;
+    ngx_chat_buf_t       b;
+    ngx_http_request_t  *r;
+
+    r = snd->data;
+
+    if (snd->rc != NGX_OK) {
+        status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+
+        if (ngx_strcmp(snd->error, "unavailable") == 0) {
+            status = NGX_HTTP_SERVICE_UNAVAILABLE;
+
+        } else if (ngx_strcmp(snd->error, "forbidden") == 0) {
+            status = NGX_HTTP_FORBIDDEN;
+
+        } else if (ngx_strcmp(snd->error, "not_found") == 0) {
+            status = NGX_HTTP_NOT_FOUND;
+
+        } else if (ngx_strcmp(snd->error, "conflict") == 0) {
+            status = NGX_HTTP_CONFLICT;
+
+        } else if (ngx_strcmp(snd->error, "bad_request") == 0) {
+            status = NGX_HTTP_BAD_REQUEST;
+        }
+
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, status, snd->error, snd->error_msg,
+                                snd->retry_after));
+        return;
+    }
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&b, "{\"message\":") != NGX_OK
+        || ngx_chat_buf_add_str(&b, &snd->message) != NGX_OK
+        || ngx_chat_buf_add_lit(&b, "}") != NGX_OK)
+    {
+        ngx_chat_buf_free(&b);
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    rc = ngx_chat_api_send(r, snd->duplicate ? NGX_HTTP_OK : NGX_HTTP_CREATED,
+                           b.data, b.len);
+    ngx_chat_buf_free(&b);
+
+    ngx_http_finalize_request(r, rc);
+}

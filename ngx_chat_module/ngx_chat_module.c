@@ -1,0 +1,580 @@
+
+/*
+ * Copyright (C) ngx_chat_module authors
+ */
+
+
+#include "ngx_chat_module.h"
+#include "ngx_chat_json.h"
+
+
+static ngx_int_t ngx_chat_handler(ngx_http_request_t *r);
+static void *ngx_chat_create_main_conf(ngx_conf_t *cf);
+static char *ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_chat_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_chat(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_chat_jwt_alg(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_chat_postconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_chat_init_module(ngx_cycle_t *cycle);
+static ngx_int_t ngx_chat_init_process(ngx_cycle_t *cycle);
+static void ngx_chat_exit_process(ngx_cycle_t *cycle);
+
+
+ngx_chat_worker_t  ngx_chat_worker;
+
+
+static ngx_conf_num_bounds_t  ngx_chat_pool_bounds = {
+    ngx_conf_check_num_bounds, 1, 64
+};
+
+static ngx_conf_num_bounds_t  ngx_chat_batch_bounds = {
+    ngx_conf_check_num_bounds, 1, 4096
+};
+
+static ngx_conf_num_bounds_t  ngx_chat_slots_bounds = {
+    ngx_conf_check_num_bounds, 1024, 16777216
+};
+
+
+static ngx_command_t  ngx_chat_commands[] = {
+
+    { ngx_string("chat"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_chat,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_db"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, db_conninfo),
+      NULL },
+
+    { ngx_string("chat_db_pool_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, db_pool_size),
+      &ngx_chat_pool_bounds },
+
+    { ngx_string("chat_db_queue_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, db_queue_size),
+      NULL },
+
+    { ngx_string("chat_db_batch_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, db_batch_size),
+      &ngx_chat_batch_bounds },
+
+    { ngx_string("chat_db_connect_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, db_connect_timeout),
+      NULL },
+
+    { ngx_string("chat_db_statement_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, db_statement_timeout),
+      NULL },
+
+    { ngx_string("chat_db_retry_max"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, db_retry_max),
+      NULL },
+
+    { ngx_string("chat_jwt_alg"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_chat_jwt_alg,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_jwt_key"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, jwt_key_file),
+      NULL },
+
+    { ngx_string("chat_jwt_leeway"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, jwt_leeway),
+      NULL },
+
+    { ngx_string("chat_ticket_ttl"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, ticket_ttl),
+      NULL },
+
+    { ngx_string("chat_allow_origin"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_conf_set_str_array_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, origins),
+      NULL },
+
+    { ngx_string("chat_shm_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, shm_size),
+      NULL },
+
+    { ngx_string("chat_bus_slots"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, bus_slots),
+      &ngx_chat_slots_bounds },
+
+    { ngx_string("chat_bus_hole_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, bus_hole_timeout),
+      NULL },
+
+    { ngx_string("chat_max_message_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, max_message),
+      NULL },
+
+    { ngx_string("chat_max_queue"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, max_queue),
+      NULL },
+
+    { ngx_string("chat_ping_interval"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, ping_interval),
+      NULL },
+
+    { ngx_string("chat_idle_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, idle_timeout),
+      NULL },
+
+    { ngx_string("chat_auth_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, auth_timeout),
+      NULL },
+
+    { ngx_string("chat_send_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, send_timeout),
+      NULL },
+
+    { ngx_string("chat_catchup_page"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, catchup_page),
+      &ngx_chat_batch_bounds },
+
+    { ngx_string("chat_max_connections_per_user"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, max_connections),
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_chat_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    ngx_chat_postconfiguration,            /* postconfiguration */
+
+    ngx_chat_create_main_conf,             /* create main configuration */
+    ngx_chat_init_main_conf,               /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_chat_create_loc_conf,              /* create location configuration */
+    ngx_chat_merge_loc_conf                /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_chat_module = {
+    NGX_MODULE_V1,
+    &ngx_chat_module_ctx,                  /* module context */
+    ngx_chat_commands,                     /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    ngx_chat_init_module,                  /* init module */
+    ngx_chat_init_process,                 /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_chat_exit_process,                 /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_str_t  ngx_chat_zone_name = ngx_string("ngx_chat_module");
+
+
+static ngx_int_t
+ngx_chat_handler(ngx_http_request_t *r)
+{
+    ngx_str_t                  path;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    if (r->uri.len < clcf->name.len) {
+        return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                   "no such endpoint", 0);
+    }
+
+    path.data = r->uri.data + clcf->name.len;
+    path.len = r->uri.len - clcf->name.len;
+
+    if (path.len && path.data[0] == '/') {
+        path.data++;
+        path.len--;
+    }
+
+    if (path.len == 2 && ngx_strncmp(path.data, "ws", 2) == 0) {
+        return ngx_chat_ws_handler(r);
+    }
+
+    if (path.len >= 3 && ngx_strncmp(path.data, "api", 3) == 0
+        && (path.len == 3 || path.data[3] == '/'))
+    {
+        path.data += 3;
+        path.len -= 3;
+
+        return ngx_chat_api_handler(r, &path);
+    }
+
+    return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                               "no such endpoint", 0);
+}
+
+
+static void *
+ngx_chat_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_pcalloc(cf->pool, sizeof(ngx_chat_main_conf_t));
+    if (cmcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     cmcf->db_conninfo = { 0, NULL };
+     *     cmcf->jwt_key_file = { 0, NULL };
+     *     cmcf->jwt_secret = { 0, NULL };
+     *     cmcf->jwt_pkey = NULL;
+     *     cmcf->shm_zone = NULL;
+     *     cmcf->enabled = 0;
+     */
+
+    cmcf->db_pool_size = NGX_CONF_UNSET_UINT;
+    cmcf->db_queue_size = NGX_CONF_UNSET_UINT;
+    cmcf->db_batch_size = NGX_CONF_UNSET_UINT;
+    cmcf->db_connect_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->db_statement_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->db_retry_max = NGX_CONF_UNSET_MSEC;
+    cmcf->jwt_alg = NGX_CONF_UNSET_UINT;
+    cmcf->jwt_leeway = NGX_CONF_UNSET;
+    cmcf->ticket_ttl = NGX_CONF_UNSET;
+    cmcf->origins = NGX_CONF_UNSET_PTR;
+    cmcf->shm_size = NGX_CONF_UNSET_SIZE;
+    cmcf->bus_slots = NGX_CONF_UNSET_UINT;
+    cmcf->bus_hole_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->max_message = NGX_CONF_UNSET_SIZE;
+    cmcf->max_queue = NGX_CONF_UNSET_SIZE;
+    cmcf->ping_interval = NGX_CONF_UNSET_MSEC;
+    cmcf->idle_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->auth_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->send_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->catchup_page = NGX_CONF_UNSET_UINT;
+    cmcf->max_connections = NGX_CONF_UNSET_UINT;
+
+    return cmcf;
+}
+
+
+static char *
+ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_chat_main_conf_t *cmcf = conf;
+
+    ngx_conf_init_uint_value(cmcf->db_pool_size, 4);
+    ngx_conf_init_uint_value(cmcf->db_queue_size, 4096);
+    ngx_conf_init_uint_value(cmcf->db_batch_size, 256);
+    ngx_conf_init_msec_value(cmcf->db_connect_timeout, 5000);
+    ngx_conf_init_msec_value(cmcf->db_statement_timeout, 30000);
+    ngx_conf_init_msec_value(cmcf->db_retry_max, 5000);
+    ngx_conf_init_uint_value(cmcf->jwt_alg, NGX_CHAT_JWT_HS256);
+    ngx_conf_init_value(cmcf->jwt_leeway, 10);
+    ngx_conf_init_value(cmcf->ticket_ttl, 30);
+    ngx_conf_init_ptr_value(cmcf->origins, NULL);
+    ngx_conf_init_size_value(cmcf->shm_size, 32 * 1024 * 1024);
+    ngx_conf_init_uint_value(cmcf->bus_slots, 65536);
+    ngx_conf_init_msec_value(cmcf->bus_hole_timeout, 50);
+    ngx_conf_init_size_value(cmcf->max_message, 64 * 1024);
+    ngx_conf_init_size_value(cmcf->max_queue, 1024 * 1024);
+    ngx_conf_init_msec_value(cmcf->ping_interval, 30000);
+    ngx_conf_init_msec_value(cmcf->idle_timeout, 75000);
+    ngx_conf_init_msec_value(cmcf->auth_timeout, 10000);
+    ngx_conf_init_msec_value(cmcf->send_timeout, 30000);
+    ngx_conf_init_uint_value(cmcf->catchup_page, 256);
+    ngx_conf_init_uint_value(cmcf->max_connections, 32);
+
+    if (cmcf->max_message < 1024) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_max_message_size must be at least 1k");
+        return NGX_CONF_ERROR;
+    }
+
+    /* a queue must hold at least one full message and its framing */
+    if (cmcf->max_queue < 2 * cmcf->max_message) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_max_queue must be at least twice "
+                           "chat_max_message_size");
+        return NGX_CONF_ERROR;
+    }
+
+    if (cmcf->shm_size < 8 * ngx_pagesize
+        + cmcf->bus_slots * sizeof(ngx_chat_slot_t))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_shm_size is too small for %ui bus slots",
+                           cmcf->bus_slots);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_chat_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_chat_loc_conf_t  *clcf;
+
+    clcf = ngx_pcalloc(cf->pool, sizeof(ngx_chat_loc_conf_t));
+    if (clcf == NULL) {
+        return NULL;
+    }
+
+    clcf->enable = NGX_CONF_UNSET;
+
+    return clcf;
+}
+
+
+static char *
+ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_chat_loc_conf_t *prev = parent;
+    ngx_chat_loc_conf_t *conf = child;
+
+    ngx_conf_merge_value(conf->enable, prev->enable, 0);
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_chat(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_loc_conf_t *lcf = conf;
+
+    ngx_chat_main_conf_t      *cmcf;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (lcf->enable != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    lcf->enable = 1;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_chat_handler;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_chat_module);
+    cmcf->enabled = 1;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_chat_jwt_alg(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_main_conf_t *cmcf = conf;
+
+    ngx_str_t  *value;
+
+    if (cmcf->jwt_alg != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "HS256") == 0) {
+        cmcf->jwt_alg = NGX_CHAT_JWT_HS256;
+
+    } else if (ngx_strcmp(value[1].data, "RS256") == 0) {
+        cmcf->jwt_alg = NGX_CHAT_JWT_RS256;
+
+    } else if (ngx_strcmp(value[1].data, "ES256") == 0) {
+        cmcf->jwt_alg = NGX_CHAT_JWT_ES256;
+
+    } else {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid chat_jwt_alg \"%V\", "
+                           "it must be \"HS256\", \"RS256\" or \"ES256\"",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_chat_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_chat_module);
+
+    if (!cmcf->enabled) {
+        return NGX_OK;
+    }
+
+    if (cmcf->db_conninfo.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"chat\" requires \"chat_db\" in the http block");
+        return NGX_ERROR;
+    }
+
+    if (cmcf->jwt_key_file.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"chat\" requires \"chat_jwt_key\" in the "
+                           "http block");
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_auth_init_conf(cf, cmcf) != NGX_CONF_OK) {
+        return NGX_ERROR;
+    }
+
+    cmcf->shm_zone = ngx_shared_memory_add(cf, &ngx_chat_zone_name,
+                                           cmcf->shm_size, &ngx_chat_module);
+    if (cmcf->shm_zone == NULL) {
+        return NGX_ERROR;
+    }
+
+    cmcf->shm_zone->init = ngx_chat_bus_init_zone;
+    cmcf->shm_zone->data = cmcf;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_chat_init_module(ngx_cycle_t *cycle)
+{
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_chat_module);
+
+    if (cmcf == NULL || !cmcf->enabled) {
+        return NGX_OK;
+    }
+
+    return ngx_chat_bus_init_module(cycle);
+}
+
+
+static ngx_int_t
+ngx_chat_init_process(ngx_cycle_t *cycle)
+{
+    ngx_chat_main_conf_t  *cmcf;
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return NGX_OK;
+    }
+
+    cmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_chat_module);
+
+    if (cmcf == NULL || !cmcf->enabled) {
+        return NGX_OK;
+    }
+
+    ngx_chat_worker.cmcf = cmcf;
+    ngx_chat_worker.cycle = cycle;
+    ngx_chat_worker.log = cycle->log;
+    ngx_chat_worker.slot = (ngx_process == NGX_PROCESS_WORKER)
+                           ? ngx_worker : 0;
+
+    if (ngx_chat_bus_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_db_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ngx_chat_worker.ready = 1;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_exit_process(ngx_cycle_t *cycle)
+{
+    if (!ngx_chat_worker.ready) {
+        return;
+    }
+
+    ngx_chat_worker.ready = 0;
+
+    ngx_chat_db_exit_process();
+    ngx_chat_bus_exit_process();
+}

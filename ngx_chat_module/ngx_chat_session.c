@@ -1,0 +1,1171 @@
+
+/*
+ * Copyright (C) ngx_chat_module authors
+ *
+ * A session is one authenticated client connection, whatever transport
+ * carries it.  Its life:
+ *
+ *   NEW      waiting for "hello" (unless the upgrade carried credentials)
+ *   JOINING  memberships are loaded from the store and subscribed
+ *   CATCHUP  events after the client's cursor are replayed: from the bus
+ *            ring when it still holds them, else from the store in pages
+ *   LIVE     the bus fans events out to it
+ *
+ * The session is subscribed before catch-up starts, and the bus skips
+ * sessions that are not LIVE; catch-up ends by replaying the ring up to
+ * the worker's position, so the hand-over to live delivery has neither a
+ * gap nor a duplicate: every event is delivered iff gseq > s->cursor.
+ */
+
+
+#include "ngx_chat_module.h"
+#include "ngx_chat_json.h"
+
+
+#define NGX_CHAT_REQ_ID_MAX   64
+
+
+typedef struct {
+    u_char                     data[NGX_CHAT_REQ_ID_MAX + 8];
+    size_t                     len;
+} ngx_chat_req_id_t;
+
+
+static ngx_int_t ngx_chat_session_req_id(json_t *root, ngx_chat_req_id_t *id);
+static void ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid);
+static void ngx_chat_session_auth(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid);
+static void ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid);
+static void ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid);
+static void ngx_chat_session_send_done(ngx_chat_send_t *snd);
+static void ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_session_catchup(ngx_chat_session_t *s);
+static void ngx_chat_session_catchup_done(ngx_chat_query_t *q,
+    PGresult *res, ngx_int_t rc);
+static ngx_int_t ngx_chat_session_set_identity(ngx_chat_session_t *s,
+    ngx_chat_identity_t *id);
+static void ngx_chat_session_set_timer(ngx_chat_session_t *s);
+static void ngx_chat_session_timer(ngx_event_t *ev);
+static ngx_int_t ngx_chat_session_unref(ngx_chat_session_t *s);
+static void ngx_chat_session_free(ngx_chat_session_t *s);
+static void ngx_chat_session_close(ngx_chat_session_t *s, ngx_uint_t code,
+    const char *reason);
+static void ngx_chat_reply_ok(ngx_chat_session_t *s, u_char *id, size_t idlen,
+    u_char *result, size_t len);
+static void ngx_chat_reply_error(ngx_chat_session_t *s, u_char *id,
+    size_t idlen, const char *code, const char *msg, ngx_msec_t retry);
+static void ngx_chat_session_write(ngx_chat_session_t *s, ngx_chat_buf_t *b);
+
+
+static uint64_t        ngx_chat_session_seq;
+static ngx_chat_buf_t  ngx_chat_reply_buf;
+
+
+ngx_chat_session_t *
+ngx_chat_session_create(ngx_chat_transport_t *t, void *tctx, ngx_log_t *log,
+    ngx_chat_identity_t *id)
+{
+    ngx_chat_session_t  *s;
+
+    if (!ngx_chat_worker.ready) {
+        return NULL;
+    }
+
+    s = ngx_calloc(sizeof(ngx_chat_session_t), log);
+    if (s == NULL) {
+        return NULL;
+    }
+
+    s->transport = t;
+    s->tctx = tctx;
+    s->log = log;
+    s->id = ++ngx_chat_session_seq;
+    s->state = NGX_CHAT_SESSION_NEW;
+
+    s->timer.handler = ngx_chat_session_timer;
+    s->timer.data = s;
+    s->timer.log = log;
+
+    if (id && ngx_chat_session_set_identity(s, id) != NGX_OK) {
+        ngx_free(s);
+        return NULL;
+    }
+
+    ngx_chat_session_set_timer(s);
+
+    return s;
+}
+
+
+static ngx_int_t
+ngx_chat_session_set_identity(ngx_chat_session_t *s, ngx_chat_identity_t *id)
+{
+    u_char  *p;
+
+    p = ngx_alloc(id->user.len + id->name.len + 1, s->log);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_free(s->idmem);
+    s->idmem = p;
+
+    s->user.data = p;
+    s->user.len = id->user.len;
+    p = ngx_cpymem(p, id->user.data, id->user.len);
+
+    s->name.data = p;
+    s->name.len = id->name.len;
+    ngx_memcpy(p, id->name.data, id->name.len);
+
+    s->role = id->role;
+    s->exp = id->exp;
+    s->authenticated = 1;
+
+    return NGX_OK;
+}
+
+
+/* one timer: the hello deadline first, then the token's expiry */
+
+static void
+ngx_chat_session_set_timer(ngx_chat_session_t *s)
+{
+    time_t  left;
+
+    if (!s->authenticated || !s->hello_done) {
+        if (!s->timer.timer_set) {
+            ngx_add_timer(&s->timer, ngx_chat_worker.cmcf->auth_timeout);
+        }
+
+        return;
+    }
+
+    left = s->exp - ngx_time();
+
+    if (left < 0) {
+        left = 0;
+    }
+
+    /* timers are ngx_msec_t: cap far expiries, the timer re-arms itself */
+    if (left > 86400) {
+        left = 86400;
+    }
+
+    ngx_add_timer(&s->timer, (ngx_msec_t) left * 1000 + 1);
+}
+
+
+static void
+ngx_chat_session_timer(ngx_event_t *ev)
+{
+    ngx_chat_session_t  *s;
+
+    s = ev->data;
+
+    if (s->state == NGX_CHAT_SESSION_CLOSED) {
+        return;
+    }
+
+    if (!s->hello_done) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY,
+                               "authentication timeout");
+        return;
+    }
+
+    if (ngx_time() >= s->exp) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_TOKEN_EXPIRED,
+                               "token_expired");
+        return;
+    }
+
+    ngx_chat_session_set_timer(s);
+}
+
+
+void
+ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len)
+{
+    json_t             *root, *type;
+    const char         *t;
+    ngx_chat_req_id_t   rid;
+
+    if (s->state == NGX_CHAT_SESSION_CLOSED) {
+        return;
+    }
+
+    rid.len = 4;
+    ngx_memcpy(rid.data, "null", 4);
+
+    root = ngx_chat_json_parse(data, len);
+
+    if (root == NULL || !json_is_object(root)) {
+        ngx_chat_reply_error(s, rid.data, rid.len, "bad_request",
+                             "a request must be a JSON object", 0);
+        goto done;
+    }
+
+    if (ngx_chat_session_req_id(root, &rid) != NGX_OK) {
+        ngx_chat_reply_error(s, rid.data, rid.len, "bad_request",
+                             "\"id\" must be a number or a short string", 0);
+        goto done;
+    }
+
+    type = json_object_get(root, "type");
+
+    if (!json_is_string(type)) {
+        ngx_chat_reply_error(s, rid.data, rid.len, "bad_request",
+                             "\"type\" is required", 0);
+        goto done;
+    }
+
+    t = json_string_value(type);
+
+    if (ngx_strcmp(t, "ping") == 0) {
+        ngx_chat_reply_buf.len = 0;
+
+        if (ngx_chat_buf_add_lit(&ngx_chat_reply_buf,
+                                 "{\"type\":\"pong\",\"id\":") == NGX_OK
+            && ngx_chat_buf_add(&ngx_chat_reply_buf, rid.data, rid.len)
+               == NGX_OK
+            && ngx_chat_buf_add_lit(&ngx_chat_reply_buf, "}") == NGX_OK)
+        {
+            ngx_chat_session_write(s, &ngx_chat_reply_buf);
+        }
+
+        goto done;
+    }
+
+    if (ngx_strcmp(t, "hello") == 0) {
+        ngx_chat_session_hello(s, root, &rid);
+        goto done;
+    }
+
+    if (!s->hello_done) {
+        ngx_chat_reply_error(s, rid.data, rid.len, "unauthorized",
+                             "send \"hello\" first", 0);
+        goto done;
+    }
+
+    if (ngx_strcmp(t, "send") == 0) {
+        ngx_chat_session_send(s, root, &rid);
+
+    } else if (ngx_strcmp(t, "auth") == 0) {
+        ngx_chat_session_auth(s, root, &rid);
+
+    } else if (ngx_strcmp(t, "sync") == 0) {
+        ngx_chat_session_sync(s, root, &rid);
+
+    } else {
+        ngx_chat_reply_error(s, rid.data, rid.len, "bad_request",
+                             "unsupported request type", 0);
+    }
+
+done:
+
+    if (root) {
+        json_decref(root);
+    }
+}
+
+
+static ngx_int_t
+ngx_chat_session_req_id(json_t *root, ngx_chat_req_id_t *rid)
+{
+    json_t          *id;
+    ngx_chat_buf_t   b;
+
+    id = json_object_get(root, "id");
+
+    if (id == NULL || json_is_null(id)) {
+        return NGX_OK;
+    }
+
+    if (json_is_integer(id)) {
+        rid->len = ngx_sprintf(rid->data, "%L",
+                               (int64_t) json_integer_value(id))
+                   - rid->data;
+        return NGX_OK;
+    }
+
+    if (!json_is_string(id) || json_string_length(id) > NGX_CHAT_REQ_ID_MAX)
+    {
+        return NGX_ERROR;
+    }
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_json_str(&b, (u_char *) json_string_value(id),
+                                  json_string_length(id))
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    /* control characters would grow past the buffer: refuse them */
+    if (b.len > sizeof(rid->data)) {
+        ngx_chat_buf_free(&b);
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(rid->data, b.data, b.len);
+    rid->len = b.len;
+    ngx_chat_buf_free(&b);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    const char           *code, *msg;
+    ngx_str_t             token, cursor, device;
+    ngx_int_t             rc;
+    ngx_pool_t           *pool;
+    ngx_chat_query_t     *q;
+    ngx_chat_identity_t   id;
+
+    if (s->hello_done || s->state != NGX_CHAT_SESSION_NEW) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"hello\" was already sent", 0);
+        return;
+    }
+
+    if (ngx_chat_json_str(root, "token", &token, 8192, 0) == NGX_ERROR
+        || ngx_chat_json_str(root, "cursor", &cursor, 64, 0) == NGX_ERROR
+        || ngx_chat_json_str(root, "device_id", &device, 128, 0)
+           == NGX_ERROR)
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "bad \"token\", \"cursor\" or \"device_id\"", 0);
+        return;
+    }
+
+    rc = ngx_chat_json_str(root, "token", &token, 8192, 0);
+
+    if (rc == NGX_DECLINED && !s->authenticated) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "unauthorized",
+                             "a token is required", 0);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY, "unauthorized");
+        return;
+    }
+
+    if (rc == NGX_OK) {
+        pool = ngx_create_pool(1024, s->log);
+        if (pool == NULL) {
+            return;
+        }
+
+        if (ngx_chat_auth_verify(&token, pool, &id, &code, &msg) != NGX_OK)
+        {
+            ngx_chat_reply_error(s, rid->data, rid->len, code, msg, 0);
+            ngx_destroy_pool(pool);
+            ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY, code);
+            return;
+        }
+
+        if (s->authenticated
+            && (id.user.len != s->user.len
+                || ngx_strncmp(id.user.data, s->user.data, s->user.len) != 0))
+        {
+            ngx_chat_reply_error(s, rid->data, rid->len, "forbidden",
+                                 "the token is for another user", 0);
+            ngx_destroy_pool(pool);
+            ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY, "forbidden");
+            return;
+        }
+
+        rc = ngx_chat_session_set_identity(s, &id);
+        ngx_destroy_pool(pool);
+
+        if (rc != NGX_OK) {
+            ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+            return;
+        }
+    }
+
+    if (!ngx_chat_bus_started() || !ngx_chat_db_ready()) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
+                             "the store is unavailable",
+                             ngx_chat_db_retry_after());
+        return;
+    }
+
+    s->has_cursor = 0;
+    s->bad_cursor = 0;
+
+    if (cursor.data && cursor.len) {
+        s->has_cursor = 1;
+
+        if (ngx_chat_cursor_parse(cursor.data, cursor.len, &s->want)
+            != NGX_OK)
+        {
+            s->bad_cursor = 1;
+        }
+    }
+
+    rc = ngx_chat_bus_register(s);
+
+    if (rc == NGX_DECLINED) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
+                             "too many connections for this user", 5000);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_SLOW,
+                               "too many connections");
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_MEMBERSHIPS,
+                             s->user.len + 1 + rid->len);
+    if (q == NULL) {
+        ngx_chat_bus_unregister(s);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    q->params[0] = (char *) &q[1];
+    *ngx_cpymem(&q[1], s->user.data, s->user.len) = '\0';
+    q->handler = ngx_chat_session_join_done;
+    q->data = s;
+
+    s->hello_id = (u_char *) &q[1] + s->user.len + 1;
+    s->hello_id_len = rid->len;
+    ngx_memcpy(s->hello_id, rid->data, rid->len);
+
+    /* without a cursor the client starts from here */
+    s->cursor = ngx_chat_bus_position();
+
+    if (ngx_chat_db_query(q) != NGX_OK) {
+        ngx_chat_query_free(q);
+        s->hello_id = NULL;
+        ngx_chat_bus_unregister(s);
+        ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
+                             "the store is unavailable",
+                             ngx_chat_db_retry_after());
+        return;
+    }
+
+    s->refs++;
+    s->state = NGX_CHAT_SESSION_JOINING;
+}
+
+
+static void
+ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    u_char              *p, *end, *last, *cur;
+    int64_t              conv;
+    uint64_t             clock;
+    ngx_chat_buf_t      *b;
+    ngx_chat_session_t  *s;
+    u_char               cbuf[NGX_CHAT_CURSOR_LEN];
+
+    s = q->data;
+
+    if (ngx_chat_session_unref(s) != NGX_OK) {
+        ngx_chat_query_free(q);
+        return;
+    }
+
+    if (rc != NGX_OK || PQntuples(res) != 1) {
+        ngx_chat_reply_error(s, s->hello_id, s->hello_id_len, "unavailable",
+                             "the store is unavailable",
+                             ngx_chat_db_retry_after());
+        ngx_chat_bus_unregister(s);
+        s->state = NGX_CHAT_SESSION_NEW;
+        s->hello_id = NULL;
+        ngx_chat_query_free(q);
+        return;
+    }
+
+    p = (u_char *) PQgetvalue(res, 0, 0);
+    end = p + PQgetlength(res, 0, 0);
+
+    while (p < end) {
+        last = ngx_strlchr(p, end, ',');
+        if (last == NULL) {
+            last = end;
+        }
+
+        if (ngx_chat_parse_id(p, last - p, &conv) == NGX_OK
+            && ngx_chat_bus_subscribe(s, conv) != NGX_OK)
+        {
+            ngx_chat_query_free(q);
+            ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+            return;
+        }
+
+        p = last + 1;
+    }
+
+    clock = ngx_atoof((u_char *) PQgetvalue(res, 0, 1),
+                      PQgetlength(res, 0, 1));
+
+    if (s->has_cursor && !s->bad_cursor && s->want > clock) {
+        s->bad_cursor = 1;
+    }
+
+    if (s->has_cursor && !s->bad_cursor) {
+        s->cursor = s->want;
+    }
+
+    s->hello_done = 1;
+    s->state = NGX_CHAT_SESSION_CATCHUP;
+
+    if (s->timer.timer_set) {
+        ngx_del_timer(&s->timer);
+    }
+
+    ngx_chat_session_set_timer(s);
+
+    b = &ngx_chat_reply_buf;
+    b->len = 0;
+    cur = cbuf;
+    last = ngx_chat_cursor_print(cur, s->cursor);
+
+    if (ngx_chat_buf_add_lit(b, "{\"user\":{\"id\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(b, s->user.data, s->user.len) != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"name\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(b, s->name.data, s->name.len) != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"role\":") != NGX_OK
+        || (s->role == NGX_CHAT_ROLE_SERVICE
+            ? ngx_chat_buf_add_lit(b, "\"service\"")
+            : ngx_chat_buf_add_lit(b, "\"user\"")) != NGX_OK
+        || ngx_chat_buf_add_lit(b, "},\"session_id\":\"") != NGX_OK
+        || ngx_chat_buf_reserve(b, 64) != NGX_OK)
+    {
+        ngx_chat_query_free(q);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    b->len = ngx_sprintf(b->data + b->len, "%P-%uL\",\"cursor\":\"", ngx_pid,
+                         s->id)
+             - b->data;
+
+    if (ngx_chat_buf_add(b, cur, last - cur) != NGX_OK
+        || ngx_chat_buf_add_lit(b, "\",\"heartbeat_ms\":") != NGX_OK
+        || ngx_chat_buf_add_uint(b, ngx_chat_worker.cmcf->ping_interval)
+           != NGX_OK
+        || ngx_chat_buf_add_lit(b, "}") != NGX_OK)
+    {
+        ngx_chat_query_free(q);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    /* reply_ok builds into its own buffer: hand it a copy */
+    p = ngx_alloc(b->len, s->log);
+    if (p == NULL) {
+        ngx_chat_query_free(q);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    ngx_memcpy(p, b->data, b->len);
+    ngx_chat_reply_ok(s, s->hello_id, s->hello_id_len, p, b->len);
+    ngx_free(p);
+
+    s->hello_id = NULL;
+    ngx_chat_query_free(q);
+
+    if (s->bad_cursor) {
+        b->len = 0;
+        last = ngx_chat_cursor_print(cur, s->cursor);
+
+        if (ngx_chat_buf_add_lit(b, "{\"type\":\"resync_required\","
+                                    "\"cursor\":\"") == NGX_OK
+            && ngx_chat_buf_add(b, cur, last - cur) == NGX_OK
+            && ngx_chat_buf_add_lit(b, "\",\"reason\":\"unknown cursor\"}")
+               == NGX_OK)
+        {
+            ngx_chat_session_write(s, b);
+        }
+    }
+
+    ngx_chat_session_catchup(s);
+}
+
+
+static void
+ngx_chat_session_catchup(ngx_chat_session_t *s)
+{
+    u_char            *p;
+    ngx_int_t          rc;
+    ngx_chat_query_t  *q;
+
+    if (s->state != NGX_CHAT_SESSION_CATCHUP || s->catchup_busy
+        || s->wait_drain)
+    {
+        return;
+    }
+
+    rc = ngx_chat_bus_replay(s);
+
+    if (rc == NGX_OK) {
+        s->state = NGX_CHAT_SESSION_LIVE;
+        return;
+    }
+
+    if (rc == NGX_ERROR) {
+        return;
+    }
+
+    /* the ring no longer holds all of it: read the store */
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_CATCHUP,
+                             s->user.len + 1 + 2 * NGX_INT64_LEN + 2);
+    if (q == NULL) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, s->user.data, s->user.len);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_sprintf(p, "%uL", s->cursor);
+    *p++ = '\0';
+
+    q->params[2] = (char *) p;
+    p = ngx_sprintf(p, "%ui", ngx_chat_worker.cmcf->catchup_page);
+    *p++ = '\0';
+
+    q->handler = ngx_chat_session_catchup_done;
+    q->data = s;
+
+    s->catchup_upto = ngx_chat_bus_position();
+
+    if (ngx_chat_db_query(q) != NGX_OK) {
+        ngx_chat_query_free(q);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
+                               "store unavailable");
+        return;
+    }
+
+    s->refs++;
+    s->catchup_busy = 1;
+}
+
+
+static void
+ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc)
+{
+    int                  i, n;
+    u_char              *frame;
+    size_t               flen;
+    uint64_t             gseq;
+    ngx_chat_session_t  *s;
+
+    s = q->data;
+    ngx_chat_query_free(q);
+
+    if (ngx_chat_session_unref(s) != NGX_OK) {
+        return;
+    }
+
+    s->catchup_busy = 0;
+
+    if (rc != NGX_OK) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
+                               "store unavailable");
+        return;
+    }
+
+    n = PQntuples(res);
+
+    for (i = 0; i < n; i++) {
+        gseq = ngx_atoof((u_char *) PQgetvalue(res, i, 0),
+                         PQgetlength(res, i, 0));
+
+        if (gseq <= s->cursor) {
+            continue;
+        }
+
+        frame = ngx_chat_bus_frame(gseq, (u_char *) PQgetvalue(res, i, 2),
+                                   PQgetlength(res, i, 2), &flen);
+        if (frame == NULL) {
+            ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+            return;
+        }
+
+        ngx_chat_session_deliver(s, gseq, frame, flen);
+
+        if (s->state == NGX_CHAT_SESSION_CLOSED || s->pending_close) {
+            return;
+        }
+    }
+
+    if ((ngx_uint_t) n < ngx_chat_worker.cmcf->catchup_page) {
+        /*
+         * A short page saw every event committed before it was asked
+         * for, and everything up to catchup_upto was committed by then.
+         */
+        if (s->catchup_upto > s->cursor) {
+            s->cursor = s->catchup_upto;
+        }
+    }
+
+    if (s->transport->pending(s) > ngx_chat_worker.cmcf->max_queue / 2) {
+        s->wait_drain = 1;
+        return;
+    }
+
+    ngx_chat_session_catchup(s);
+}
+
+
+void
+ngx_chat_session_drained(ngx_chat_session_t *s)
+{
+    if (s->wait_drain) {
+        s->wait_drain = 0;
+        ngx_chat_session_catchup(s);
+    }
+}
+
+
+void
+ngx_chat_session_deliver(ngx_chat_session_t *s, uint64_t gseq, u_char *frame,
+    size_t len)
+{
+    if (s->pending_close) {
+        return;
+    }
+
+    s->cursor = gseq;
+
+    if (s->transport->send(s, frame, len) != NGX_OK) {
+        s->pending_close = 1;
+    }
+}
+
+
+static void
+ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    u_char            *p;
+    char              *att;
+    size_t             attlen;
+    json_t            *a;
+    int64_t            conv, reply_to;
+    ngx_str_t          cmid, body, format;
+    ngx_chat_send_t   *snd;
+
+    att = NULL;
+    attlen = 0;
+    reply_to = 0;
+    format.len = 0;
+
+    if (ngx_chat_json_id(root, "conversation_id", &conv, 1) != NGX_OK) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"conversation_id\" must be an id string", 0);
+        return;
+    }
+
+    if (ngx_chat_json_str(root, "client_msg_id", &cmid, 128, 1) != NGX_OK) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"client_msg_id\" must be a string of 1 to "
+                             "128 bytes", 0);
+        return;
+    }
+
+    if (ngx_chat_json_str(root, "body", &body,
+                          ngx_chat_worker.cmcf->max_message, 0)
+        == NGX_ERROR)
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"body\" must be a string", 0);
+        return;
+    }
+
+    if (body.data == NULL) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"body\" is required", 0);
+        return;
+    }
+
+    if (ngx_chat_json_str(root, "format", &format, 16, 0) == NGX_ERROR
+        || (format.len
+            && !(format.len == 4 && ngx_strncmp(format.data, "text", 4) == 0)
+            && !(format.len == 8
+                 && ngx_strncmp(format.data, "markdown", 8) == 0)))
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"format\" must be \"text\" or \"markdown\"", 0);
+        return;
+    }
+
+    if (ngx_chat_json_id(root, "reply_to", &reply_to, 0) == NGX_ERROR) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"reply_to\" must be a message id string", 0);
+        return;
+    }
+
+    a = json_object_get(root, "attachments");
+
+    if (a && !json_is_null(a)) {
+        if (!json_is_array(a) || json_array_size(a) > 16) {
+            ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                                 "\"attachments\" must be an array of at "
+                                 "most 16 items", 0);
+            return;
+        }
+
+        att = json_dumps(a, JSON_COMPACT);
+        if (att == NULL) {
+            return;
+        }
+
+        attlen = ngx_strlen(att);
+
+        if (attlen > 4096) {
+            free(att);
+            ngx_chat_reply_error(s, rid->data, rid->len, "too_large",
+                                 "\"attachments\" is too large", 0);
+            return;
+        }
+    }
+
+    snd = ngx_chat_store_send_alloc(s->user.len + cmid.len + body.len
+                                    + format.len + attlen + rid->len);
+    if (snd == NULL) {
+        free(att);
+        return;
+    }
+
+    p = snd->mem;
+
+    snd->sender.data = p;
+    snd->sender.len = s->user.len;
+    p = ngx_cpymem(p, s->user.data, s->user.len);
+
+    snd->client_msg_id.data = p;
+    snd->client_msg_id.len = cmid.len;
+    p = ngx_cpymem(p, cmid.data, cmid.len);
+
+    snd->body.data = p;
+    snd->body.len = body.len;
+    p = ngx_cpymem(p, body.data, body.len);
+
+    snd->format.data = p;
+    snd->format.len = format.len;
+    p = ngx_cpymem(p, format.data, format.len);
+
+    snd->attachments.data = p;
+    snd->attachments.len = attlen;
+    p = ngx_cpymem(p, att, attlen);
+
+    free(att);
+
+    snd->req_id = p;
+    snd->req_id_len = rid->len;
+    ngx_memcpy(p, rid->data, rid->len);
+
+    snd->conversation = conv;
+    snd->reply_to = reply_to;
+    snd->handler = ngx_chat_session_send_done;
+    snd->data = s;
+
+    if (ngx_chat_store_send(snd) != NGX_OK) {
+        ngx_free(snd);
+        ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
+                             "the store is unavailable",
+                             ngx_chat_db_retry_after());
+        return;
+    }
+
+    s->refs++;
+}
+
+
+static void
+ngx_chat_session_send_done(ngx_chat_send_t *snd)
+{
+    ngx_chat_buf_t      *b;
+    ngx_chat_session_t  *s;
+
+    s = snd->data;
+
+    if (ngx_chat_session_unref(s) != NGX_OK) {
+        return;
+    }
+
+    if (snd->rc != NGX_OK) {
+        ngx_chat_reply_error(s, snd->req_id, snd->req_id_len, snd->error,
+                             snd->error_msg, snd->retry_after);
+        return;
+    }
+
+    b = &ngx_chat_reply_buf;
+    b->len = 0;
+
+    if (ngx_chat_buf_add_lit(b, "{\"type\":\"reply\",\"id\":") != NGX_OK
+        || ngx_chat_buf_add(b, snd->req_id, snd->req_id_len) != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"ok\":true,\"result\":{\"message\":")
+           != NGX_OK
+        || ngx_chat_buf_add_str(b, &snd->message) != NGX_OK
+        || ngx_chat_buf_add_lit(b, "}}") != NGX_OK)
+    {
+        return;
+    }
+
+    ngx_chat_session_write(s, b);
+}
+
+
+static void
+ngx_chat_session_auth(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    u_char               *p;
+    const char           *code, *msg;
+    ngx_str_t             token;
+    ngx_pool_t           *pool;
+    ngx_chat_identity_t   id;
+    u_char                result[64];
+
+    if (ngx_chat_json_str(root, "token", &token, 8192, 1) != NGX_OK) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"token\" is required", 0);
+        return;
+    }
+
+    pool = ngx_create_pool(1024, s->log);
+    if (pool == NULL) {
+        return;
+    }
+
+    if (ngx_chat_auth_verify(&token, pool, &id, &code, &msg) != NGX_OK) {
+        ngx_chat_reply_error(s, rid->data, rid->len, code, msg, 0);
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    if (id.user.len != s->user.len
+        || ngx_strncmp(id.user.data, s->user.data, s->user.len) != 0)
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "forbidden",
+                             "the token is for another user", 0);
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    if (ngx_chat_session_set_identity(s, &id) != NGX_OK) {
+        ngx_destroy_pool(pool);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    ngx_destroy_pool(pool);
+
+    if (s->timer.timer_set) {
+        ngx_del_timer(&s->timer);
+    }
+
+    ngx_chat_session_set_timer(s);
+
+    p = ngx_sprintf(result, "{\"exp\":%T}", s->exp);
+    ngx_chat_reply_ok(s, rid->data, rid->len, result, p - result);
+}
+
+
+static void
+ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    u_char     *p;
+    uint64_t    want;
+    ngx_str_t   cursor;
+    u_char      result[NGX_CHAT_CURSOR_LEN + 16];
+
+    if (ngx_chat_json_str(root, "cursor", &cursor, 64, 1) != NGX_OK) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"cursor\" is required", 0);
+        return;
+    }
+
+    if (ngx_chat_cursor_parse(cursor.data, cursor.len, &want) != NGX_OK
+        || want > ngx_chat_bus_position())
+    {
+        p = ngx_cpymem(result, "{\"cursor\":\"", sizeof("{\"cursor\":\"") - 1);
+        p = ngx_chat_cursor_print(p, s->cursor);
+        *p++ = '"';
+        *p++ = '}';
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "unknown cursor: reload over REST", 0);
+
+        ngx_chat_reply_buf.len = 0;
+
+        if (ngx_chat_buf_add_lit(&ngx_chat_reply_buf,
+                                 "{\"type\":\"resync_required\",")
+            == NGX_OK
+            && ngx_chat_buf_add(&ngx_chat_reply_buf, result + 1,
+                                p - result - 2) == NGX_OK
+            && ngx_chat_buf_add_lit(&ngx_chat_reply_buf,
+                                    ",\"reason\":\"unknown cursor\"}")
+               == NGX_OK)
+        {
+            ngx_chat_session_write(s, &ngx_chat_reply_buf);
+        }
+
+        return;
+    }
+
+    p = ngx_cpymem(result, "{\"cursor\":\"", sizeof("{\"cursor\":\"") - 1);
+    p = ngx_chat_cursor_print(p, want);
+    *p++ = '"';
+    *p++ = '}';
+    ngx_chat_reply_ok(s, rid->data, rid->len, result, p - result);
+
+    if (want < s->cursor) {
+        s->cursor = want;
+        s->state = NGX_CHAT_SESSION_CATCHUP;
+        ngx_chat_session_catchup(s);
+    }
+}
+
+
+/* the transport is gone */
+
+void
+ngx_chat_session_closed(ngx_chat_session_t *s)
+{
+    s->transport_gone = 1;
+    s->state = NGX_CHAT_SESSION_CLOSED;
+
+    if (s->timer.timer_set) {
+        ngx_del_timer(&s->timer);
+    }
+
+    ngx_chat_bus_unregister(s);
+
+    if (s->refs == 0) {
+        ngx_chat_session_free(s);
+    }
+}
+
+
+static ngx_int_t
+ngx_chat_session_unref(ngx_chat_session_t *s)
+{
+    s->refs--;
+
+    if (s->state == NGX_CHAT_SESSION_CLOSED) {
+        if (s->refs == 0) {
+            ngx_chat_session_free(s);
+        }
+
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_session_free(ngx_chat_session_t *s)
+{
+    ngx_free(s->idmem);
+    ngx_free(s);
+}
+
+
+static void
+ngx_chat_session_close(ngx_chat_session_t *s, ngx_uint_t code,
+    const char *reason)
+{
+    if (s->state == NGX_CHAT_SESSION_CLOSED || s->pending_close) {
+        return;
+    }
+
+    s->pending_close = 1;
+    s->transport->close(s, code, reason);
+}
+
+
+static void
+ngx_chat_session_write(ngx_chat_session_t *s, ngx_chat_buf_t *b)
+{
+    if (s->pending_close || s->state == NGX_CHAT_SESSION_CLOSED) {
+        return;
+    }
+
+    if (s->transport->send(s, b->data, b->len) != NGX_OK) {
+        s->pending_close = 1;
+    }
+}
+
+
+static void
+ngx_chat_reply_ok(ngx_chat_session_t *s, u_char *id, size_t idlen,
+    u_char *result, size_t len)
+{
+    ngx_chat_buf_t  *b;
+
+    b = &ngx_chat_reply_buf;
+    b->len = 0;
+
+    if (ngx_chat_buf_add_lit(b, "{\"type\":\"reply\",\"id\":") != NGX_OK
+        || ngx_chat_buf_add(b, id, idlen) != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"ok\":true,\"result\":") != NGX_OK
+        || ngx_chat_buf_add(b, result, len) != NGX_OK
+        || ngx_chat_buf_add_lit(b, "}") != NGX_OK)
+    {
+        return;
+    }
+
+    ngx_chat_session_write(s, b);
+}
+
+
+static void
+ngx_chat_reply_error(ngx_chat_session_t *s, u_char *id, size_t idlen,
+    const char *code, const char *msg, ngx_msec_t retry)
+{
+    ngx_chat_buf_t  *b;
+
+    b = &ngx_chat_reply_buf;
+    b->len = 0;
+
+    if (ngx_chat_buf_add_lit(b, "{\"type\":\"reply\",\"id\":") != NGX_OK
+        || ngx_chat_buf_add(b, id, idlen) != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"ok\":false,\"error\":{\"code\":")
+           != NGX_OK
+        || ngx_chat_buf_add_json_str(b, (u_char *) code, ngx_strlen(code))
+           != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"message\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(b, (u_char *) msg, ngx_strlen(msg))
+           != NGX_OK)
+    {
+        return;
+    }
+
+    if (retry
+        && (ngx_chat_buf_add_lit(b, ",\"retry_after_ms\":") != NGX_OK
+            || ngx_chat_buf_add_uint(b, retry) != NGX_OK))
+    {
+        return;
+    }
+
+    if (ngx_chat_buf_add_lit(b, "}}") != NGX_OK) {
+        return;
+    }
+
+    ngx_chat_session_write(s, b);
+}

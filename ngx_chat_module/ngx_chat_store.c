@@ -1,0 +1,591 @@
+
+/*
+ * Copyright (C) ngx_chat_module authors
+ *
+ * The SQL the module runs, and batched sends.
+ *
+ * Sends that arrive while a batch is in flight wait in one queue and go
+ * out together as one call of chat_send_batch(): one round trip and one
+ * commit for many messages.  A worker keeps at most one send batch in
+ * flight, so the sends of one connection are stored in the order they
+ * were made.  A conversation that somebody else holds locked comes back
+ * "busy"; its sends wait in a deferred queue (newer sends to it queue up
+ * behind them) and are retried on a timer, so one stalled conversation
+ * never holds up the batch that carries everybody else.
+ */
+
+
+#include "ngx_chat_module.h"
+#include "ngx_chat_json.h"
+
+
+#define NGX_CHAT_RETRY_MIN     5
+#define NGX_CHAT_RETRY_MAX     250
+
+
+typedef struct {
+    ngx_chat_query_t           query;
+    ngx_chat_send_t          **items;
+    ngx_uint_t                 n;
+    ngx_chat_buf_t             json;
+} ngx_chat_batch_t;
+
+
+typedef struct {
+    ngx_queue_t                pending;
+    ngx_uint_t                 npending;
+    ngx_queue_t                deferred;
+    ngx_uint_t                 ndeferred;
+    ngx_uint_t                 inflight;
+    ngx_msec_t                 retry_delay;
+    ngx_event_t                flush;
+    ngx_event_t                retry;
+} ngx_chat_store_t;
+
+
+static void ngx_chat_store_flush(ngx_event_t *ev);
+static void ngx_chat_store_retry(ngx_event_t *ev);
+static ngx_int_t ngx_chat_store_build(ngx_chat_query_t *q);
+static ngx_int_t ngx_chat_store_add_item(ngx_chat_buf_t *b,
+    ngx_chat_send_t *snd);
+static void ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_store_defer(ngx_chat_send_t *snd);
+static ngx_uint_t ngx_chat_store_deferred(int64_t conv);
+static void ngx_chat_store_fail(ngx_chat_send_t *snd, const char *code,
+    const char *msg, ngx_msec_t retry_after);
+static void ngx_chat_store_finish(ngx_chat_send_t *snd);
+
+
+static ngx_chat_store_t  ngx_chat_store;
+
+
+ngx_chat_stmt_t  ngx_chat_stmts[] = {
+
+    { "chat_send_batch",
+      "SELECT o_idx, o_status, o_gseq, o_conv, o_message, o_event "
+      "FROM chat_send_batch($1::jsonb)", 1 },
+
+    { "chat_clock",
+      "SELECT v, epoch FROM chat_clock", 0 },
+
+    { "chat_events_after",
+      "SELECT gseq, conversation_id, payload FROM chat_events "
+      "WHERE gseq > $1::bigint AND gseq <= $2::bigint "
+      "ORDER BY gseq LIMIT 512", 2 },
+
+    { "chat_memberships",
+      "SELECT coalesce(string_agg(conversation_id::text, ','), ''), "
+      "(SELECT v FROM chat_clock) "
+      "FROM chat_members WHERE user_id = $1", 1 },
+
+    { "chat_catchup",
+      "SELECT e.gseq, e.conversation_id, e.payload FROM chat_events e "
+      "WHERE e.conversation_id IN "
+      "(SELECT m.conversation_id FROM chat_members m WHERE m.user_id = $1) "
+      "AND e.gseq > $2::bigint ORDER BY e.gseq LIMIT $3::int", 3 },
+
+    { "chat_create_conversation",
+      "SELECT o_created, o_conv, o_json, o_gseq, o_event "
+      "FROM chat_create_conversation($1, $2, "
+      "ARRAY(SELECT jsonb_array_elements_text($3::jsonb)), $4, $5::jsonb)",
+      5 },
+
+    { "chat_list_conversations",
+      "SELECT chat_list_conversations($1, $2::bigint, $3::bigint, $4::int)",
+      4 },
+
+    { "chat_get_conversation",
+      "SELECT chat_conversation_json(c.id), $3::boolean OR EXISTS "
+      "(SELECT 1 FROM chat_members m WHERE m.conversation_id = c.id "
+      "AND m.user_id = $2) FROM chat_conversations c "
+      "WHERE c.id = $1::bigint", 3 },
+
+    { "chat_history",
+      "SELECT chat_history($1, $2::boolean, $3::bigint, $4::bigint, "
+      "$5::bigint, $6::int)", 6 },
+
+    { NULL, NULL, 0 }
+};
+
+
+ngx_chat_query_t *
+ngx_chat_query_alloc(ngx_uint_t stmt, size_t extra)
+{
+    ngx_chat_query_t  *q;
+
+    q = ngx_calloc(sizeof(ngx_chat_query_t) + extra, ngx_chat_worker.log);
+    if (q == NULL) {
+        return NULL;
+    }
+
+    q->stmt = stmt;
+    q->nparams = ngx_chat_stmts[stmt].nparams;
+
+    return q;
+}
+
+
+void
+ngx_chat_query_free(ngx_chat_query_t *q)
+{
+    ngx_free(q);
+}
+
+
+void
+ngx_chat_store_on_ready(void)
+{
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    ngx_chat_bus_on_db_ready();
+
+    if (st->flush.handler && !st->inflight && st->npending
+        && !st->flush.posted)
+    {
+        ngx_post_event(&st->flush, &ngx_posted_events);
+    }
+}
+
+
+ngx_chat_send_t *
+ngx_chat_store_send_alloc(size_t extra)
+{
+    ngx_chat_send_t  *snd;
+
+    snd = ngx_calloc(sizeof(ngx_chat_send_t) + extra, ngx_chat_worker.log);
+    if (snd == NULL) {
+        return NULL;
+    }
+
+    snd->mem = (u_char *) &snd[1];
+
+    return snd;
+}
+
+
+/*
+ * NGX_OK: the handler will be called.  NGX_DECLINED: the store cannot take
+ * it now (unavailable, or the queue is full); the caller answers at once
+ * and still owns snd.
+ */
+ngx_int_t
+ngx_chat_store_send(ngx_chat_send_t *snd)
+{
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    if (st->flush.handler == NULL) {
+        ngx_queue_init(&st->pending);
+        ngx_queue_init(&st->deferred);
+
+        st->flush.handler = ngx_chat_store_flush;
+        st->flush.log = ngx_chat_worker.log;
+        st->retry.handler = ngx_chat_store_retry;
+        st->retry.log = ngx_chat_worker.log;
+        st->retry.cancelable = 1;
+    }
+
+    if (!ngx_chat_db_ready()
+        || st->npending + st->ndeferred >= ngx_chat_worker.cmcf->db_queue_size)
+    {
+        return NGX_DECLINED;
+    }
+
+    snd->deadline = ngx_current_msec
+                    + ngx_chat_worker.cmcf->db_statement_timeout;
+
+    if (st->ndeferred && ngx_chat_store_deferred(snd->conversation)) {
+        /* keep the order of sends to a conversation that is held */
+        ngx_queue_insert_tail(&st->deferred, &snd->queue);
+        st->ndeferred++;
+        return NGX_OK;
+    }
+
+    ngx_queue_insert_tail(&st->pending, &snd->queue);
+    st->npending++;
+
+    if (!st->inflight && !st->flush.posted) {
+        ngx_post_event(&st->flush, &ngx_posted_events);
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_store_flush(ngx_event_t *ev)
+{
+    ngx_chat_batch_t  *b;
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    if (st->inflight || st->npending == 0) {
+        return;
+    }
+
+    b = ngx_calloc(sizeof(ngx_chat_batch_t), ngx_chat_worker.log);
+    if (b == NULL) {
+        return;
+    }
+
+    b->query.stmt = NGX_CHAT_STMT_SEND_BATCH;
+    b->query.nparams = 1;
+    b->query.build = ngx_chat_store_build;
+    b->query.handler = ngx_chat_store_batch_done;
+    b->query.data = b;
+
+    if (ngx_chat_db_query(&b->query) != NGX_OK) {
+        ngx_free(b);
+
+        /* the store went away: answer everything that waits */
+        while (st->npending) {
+            ngx_chat_store_fail(ngx_queue_data(ngx_queue_head(&st->pending),
+                                               ngx_chat_send_t, queue),
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after());
+        }
+
+        return;
+    }
+
+    st->inflight = 1;
+}
+
+
+/* runs when a pool connection takes the batch: take all that waits now */
+
+static ngx_int_t
+ngx_chat_store_build(ngx_chat_query_t *q)
+{
+    ngx_uint_t         max;
+    ngx_queue_t       *qq;
+    ngx_chat_batch_t  *b;
+    ngx_chat_store_t  *st;
+    ngx_chat_send_t   *snd;
+
+    b = q->data;
+    st = &ngx_chat_store;
+
+    max = ngx_min(st->npending, ngx_chat_worker.cmcf->db_batch_size);
+
+    if (max == 0) {
+        return NGX_ERROR;
+    }
+
+    b->items = ngx_alloc(max * sizeof(ngx_chat_send_t *),
+                         ngx_chat_worker.log);
+    if (b->items == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_buf_add_lit(&b->json, "[") != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    while (b->n < max) {
+        qq = ngx_queue_head(&st->pending);
+        snd = ngx_queue_data(qq, ngx_chat_send_t, queue);
+
+        if (b->n && ngx_chat_buf_add_lit(&b->json, ",") != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (ngx_chat_store_add_item(&b->json, snd) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        ngx_queue_remove(qq);
+        qq->next = NULL;
+        st->npending--;
+        b->items[b->n++] = snd;
+    }
+
+    if (ngx_chat_buf_add(&b->json, "]", 2) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    q->params[0] = (const char *) b->json.data;
+    q->lengths[0] = b->json.len - 1;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_chat_store_add_item(ngx_chat_buf_t *b, ngx_chat_send_t *snd)
+{
+    if (ngx_chat_buf_add_lit(b, "{\"sender\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(b, snd->sender.data, snd->sender.len)
+           != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"conversation_id\":\"") != NGX_OK
+        || ngx_chat_buf_add_uint(b, snd->conversation) != NGX_OK
+        || ngx_chat_buf_add_lit(b, "\",\"client_msg_id\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(b, snd->client_msg_id.data,
+                                     snd->client_msg_id.len) != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"body\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(b, snd->body.data, snd->body.len)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (snd->format.len
+        && (ngx_chat_buf_add_lit(b, ",\"format\":") != NGX_OK
+            || ngx_chat_buf_add_json_str(b, snd->format.data,
+                                         snd->format.len) != NGX_OK))
+    {
+        return NGX_ERROR;
+    }
+
+    if (snd->reply_to
+        && (ngx_chat_buf_add_lit(b, ",\"reply_to\":\"") != NGX_OK
+            || ngx_chat_buf_add_uint(b, snd->reply_to) != NGX_OK
+            || ngx_chat_buf_add_lit(b, "\"") != NGX_OK))
+    {
+        return NGX_ERROR;
+    }
+
+    if (snd->attachments.len
+        && (ngx_chat_buf_add_lit(b, ",\"attachments\":") != NGX_OK
+            || ngx_chat_buf_add_str(b, &snd->attachments) != NGX_OK))
+    {
+        return NGX_ERROR;
+    }
+
+    return ngx_chat_buf_add_lit(b, "}");
+}
+
+
+static void
+ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    int                i, n;
+    char              *status;
+    int64_t            conv;
+    uint64_t           gseq;
+    ngx_uint_t         idx, published;
+    ngx_chat_batch_t  *b;
+    ngx_chat_store_t  *st;
+    ngx_chat_send_t   *snd;
+
+    b = q->data;
+    st = &ngx_chat_store;
+    st->inflight = 0;
+    published = 0;
+
+    if (rc != NGX_OK) {
+        if (rc == NGX_ERROR && b->n == 0) {
+            /* build found nothing to send */
+            goto done;
+        }
+
+        for (idx = 0; idx < b->n; idx++) {
+            if (rc == NGX_DECLINED) {
+                ngx_chat_store_fail(b->items[idx], "unavailable",
+                                    "the store is unavailable",
+                                    ngx_chat_db_retry_after());
+            } else {
+                ngx_chat_store_fail(b->items[idx], "internal",
+                                    "the message could not be stored", 0);
+            }
+        }
+
+        goto done;
+    }
+
+    n = PQntuples(res);
+
+    for (i = 0; i < n; i++) {
+        idx = ngx_atoi((u_char *) PQgetvalue(res, i, 0),
+                       PQgetlength(res, i, 0));
+
+        if (idx == (ngx_uint_t) NGX_ERROR || idx < 1 || idx > b->n) {
+            continue;
+        }
+
+        snd = b->items[idx - 1];
+        b->items[idx - 1] = NULL;
+
+        status = PQgetvalue(res, i, 1);
+
+        if (ngx_strcmp(status, "ok") == 0) {
+            gseq = ngx_atoof((u_char *) PQgetvalue(res, i, 2),
+                             PQgetlength(res, i, 2));
+            conv = ngx_atoof((u_char *) PQgetvalue(res, i, 3),
+                             PQgetlength(res, i, 3));
+
+            ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(res, i, 5),
+                                 PQgetlength(res, i, 5));
+            published = 1;
+
+        } else if (ngx_strcmp(status, "busy") == 0) {
+            if ((ngx_msec_int_t) (ngx_current_msec - snd->deadline) < 0) {
+                ngx_chat_store_defer(snd);
+                continue;
+            }
+
+            ngx_chat_store_fail(snd, "unavailable",
+                                "the conversation is busy", 1000);
+            continue;
+
+        } else if (ngx_strcmp(status, "dup") != 0) {
+
+            if (ngx_strcmp(status, "forbidden") == 0) {
+                ngx_chat_store_fail(snd, "forbidden",
+                                    "not a member of the conversation", 0);
+
+            } else if (ngx_strcmp(status, "not_found") == 0) {
+                ngx_chat_store_fail(snd, "not_found",
+                                    "no such conversation", 0);
+
+            } else if (ngx_strcmp(status, "conflict") == 0) {
+                ngx_chat_store_fail(snd, "conflict",
+                                    "client_msg_id was used for another "
+                                    "conversation", 0);
+
+            } else {
+                ngx_chat_store_fail(snd, "bad_request",
+                                    "reply_to is not a message of the "
+                                    "conversation", 0);
+            }
+
+            continue;
+        }
+
+        snd->rc = NGX_OK;
+        snd->duplicate = (status[0] == 'd');
+        snd->message.data = (u_char *) PQgetvalue(res, i, 4);
+        snd->message.len = PQgetlength(res, i, 4);
+
+        ngx_chat_store_finish(snd);
+    }
+
+    for (idx = 0; idx < b->n; idx++) {
+        if (b->items[idx]) {
+            ngx_chat_store_fail(b->items[idx], "internal",
+                                "the store gave no answer", 0);
+        }
+    }
+
+    if (published) {
+        ngx_chat_bus_notify();
+    }
+
+done:
+
+    ngx_free(b->items);
+    ngx_chat_buf_free(&b->json);
+    ngx_free(b);
+
+    if (st->npending && !st->flush.posted) {
+        ngx_post_event(&st->flush, &ngx_posted_events);
+    }
+}
+
+
+static void
+ngx_chat_store_defer(ngx_chat_send_t *snd)
+{
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    ngx_queue_insert_tail(&st->deferred, &snd->queue);
+    st->ndeferred++;
+
+    if (!st->retry.timer_set) {
+        st->retry_delay = st->retry_delay
+                          ? ngx_min(st->retry_delay * 2, NGX_CHAT_RETRY_MAX)
+                          : NGX_CHAT_RETRY_MIN;
+
+        ngx_add_timer(&st->retry, st->retry_delay);
+    }
+}
+
+
+static ngx_uint_t
+ngx_chat_store_deferred(int64_t conv)
+{
+    ngx_queue_t      *q;
+    ngx_chat_send_t  *snd;
+
+    for (q = ngx_queue_head(&ngx_chat_store.deferred);
+         q != ngx_queue_sentinel(&ngx_chat_store.deferred);
+         q = ngx_queue_next(q))
+    {
+        snd = ngx_queue_data(q, ngx_chat_send_t, queue);
+
+        if (snd->conversation == conv) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/* deferred sends go back to the front of the line, in their order */
+
+static void
+ngx_chat_store_retry(ngx_event_t *ev)
+{
+    ngx_queue_t       *q;
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    if (st->ndeferred == 0) {
+        st->retry_delay = 0;
+        return;
+    }
+
+    while (!ngx_queue_empty(&st->deferred)) {
+        q = ngx_queue_last(&st->deferred);
+        ngx_queue_remove(q);
+        ngx_queue_insert_head(&st->pending, q);
+    }
+
+    st->npending += st->ndeferred;
+    st->ndeferred = 0;
+
+    if (!st->inflight && !st->flush.posted) {
+        ngx_post_event(&st->flush, &ngx_posted_events);
+    }
+}
+
+
+static void
+ngx_chat_store_fail(ngx_chat_send_t *snd, const char *code, const char *msg,
+    ngx_msec_t retry_after)
+{
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    /* it may still sit in the pending queue */
+    if (snd->queue.next != NULL) {
+        ngx_queue_remove(&snd->queue);
+        snd->queue.next = NULL;
+        st->npending--;
+    }
+
+    snd->rc = NGX_ERROR;
+    snd->error = code;
+    snd->error_msg = msg;
+    snd->retry_after = retry_after;
+
+    ngx_chat_store_finish(snd);
+}
+
+
+static void
+ngx_chat_store_finish(ngx_chat_send_t *snd)
+{
+    snd->handler(snd);
+    ngx_free(snd);
+}

@@ -1,0 +1,435 @@
+-- ngx_chat_module schema, version 1.
+--
+-- Delivery rests on one commit-ordered, gapless counter (chat_clock.v):
+-- every transaction that writes durable events locks the conversations it
+-- touches first, then the clock row, and holds both to commit.  So events
+-- commit in gseq order and every gseq value is one committed event; a
+-- client cursor is a gseq and can never skip a late commit.
+
+CREATE TABLE IF NOT EXISTS chat_schema_version (
+    version     int PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE chat_clock (
+    id     boolean PRIMARY KEY DEFAULT true CHECK (id),
+    v      bigint NOT NULL,
+    -- names this event space: a cursor from another database (or one
+    -- that was restored from a backup) is recognised as unknown
+    epoch  text NOT NULL
+);
+
+INSERT INTO chat_clock (id, v, epoch)
+VALUES (true, 0, substr(md5(random()::text || clock_timestamp()::text), 1, 8));
+
+CREATE TABLE chat_conversations (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind           text NOT NULL CHECK (kind IN ('direct', 'group')),
+    title          text,
+    context        jsonb,
+    direct_key     text UNIQUE,
+    last_seq       bigint NOT NULL DEFAULT 0,
+    last_activity  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    created_by     text NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE TABLE chat_members (
+    conversation_id  bigint NOT NULL REFERENCES chat_conversations (id),
+    user_id          text NOT NULL,
+    joined_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    delivered_seq    bigint NOT NULL DEFAULT 0,
+    read_seq         bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (conversation_id, user_id)
+);
+
+CREATE INDEX chat_members_user ON chat_members (user_id, conversation_id);
+
+CREATE TABLE chat_messages (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    conversation_id  bigint NOT NULL REFERENCES chat_conversations (id),
+    seq              bigint NOT NULL,
+    sender           text NOT NULL,
+    client_msg_id    text NOT NULL,
+    body             text NOT NULL,
+    format           text NOT NULL DEFAULT 'text'
+                     CHECK (format IN ('text', 'markdown')),
+    reply_to         bigint,
+    attachments      jsonb NOT NULL DEFAULT '[]',
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    edited_at        timestamptz,
+    deleted          boolean NOT NULL DEFAULT false,
+    UNIQUE (conversation_id, seq),
+    UNIQUE (sender, client_msg_id)
+);
+
+-- The durable event log.  payload is the event object exactly as clients
+-- receive it; catch-up and the live bus serve the same bytes.
+CREATE TABLE chat_events (
+    gseq             bigint PRIMARY KEY,
+    conversation_id  bigint NOT NULL,
+    kind             text NOT NULL,
+    payload          text NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE INDEX chat_events_conversation ON chat_events (conversation_id, gseq);
+
+
+CREATE FUNCTION chat_ts(t timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+$$;
+
+CREATE FUNCTION chat_message_json(m chat_messages) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT json_build_object(
+        'id', m.id::text,
+        'conversation_id', m.conversation_id::text,
+        'seq', m.seq,
+        'sender', m.sender,
+        'created_at', chat_ts(m.created_at),
+        'client_msg_id', m.client_msg_id,
+        'body', CASE WHEN m.deleted THEN '' ELSE m.body END,
+        'format', m.format,
+        'reply_to', m.reply_to::text,
+        'attachments', m.attachments,
+        'edited_at', chat_ts(m.edited_at),
+        'deleted', m.deleted)::text
+$$;
+
+CREATE FUNCTION chat_conversation_json(p_id bigint) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT json_build_object(
+        'id', c.id::text,
+        'kind', c.kind,
+        'title', c.title,
+        'context', c.context,
+        'members', (SELECT coalesce(json_agg(mb.user_id ORDER BY mb.user_id),
+                                    '[]'::json)
+                    FROM chat_members mb WHERE mb.conversation_id = c.id),
+        'last_seq', c.last_seq,
+        'created_at', chat_ts(c.created_at))::text
+    FROM chat_conversations c WHERE c.id = p_id
+$$;
+
+
+-- Stores a batch of sends in one transaction.  Items (a JSON array) are
+-- {sender, conversation_id, client_msg_id, body, format, reply_to,
+-- attachments}, already validated by the module.  Returns one row per
+-- item, in item order:
+--   ok         stored now: gseq, message, event
+--   dup        (sender, client_msg_id) was stored before: message
+--   conflict   that client_msg_id was used for another conversation
+--   busy       the conversation is locked by someone else: retry later
+--   not_found, forbidden, bad_reply_to
+-- Conversations are locked with SKIP LOCKED, so a stalled conversation
+-- never blocks the batch (and the pool connection) that carries others.
+CREATE FUNCTION chat_send_batch(p_items jsonb)
+RETURNS TABLE (o_idx int, o_status text, o_gseq bigint, o_conv bigint,
+               o_message text, o_event text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_item    jsonb;
+    v_i       int := 0;
+    v_n       int := 0;
+    v_k       int := 0;
+    v_locked  bigint[];
+    v_conv    bigint;
+    v_sender  text;
+    v_cmid    text;
+    v_reply   bigint;
+    v_seq     bigint;
+    v_clk     bigint;
+    v_msg     text;
+    v_m       chat_messages;
+    r_idx     int[] := '{}';
+    r_status  text[] := '{}';
+    r_gseq    bigint[] := '{}';
+    r_conv    bigint[] := '{}';
+    r_msg     text[] := '{}';
+    r_ev      text[] := '{}';
+BEGIN
+    SELECT coalesce(array_agg(l.id), '{}') INTO v_locked
+    FROM (SELECT c.id FROM chat_conversations c
+          WHERE c.id IN (SELECT DISTINCT (e ->> 'conversation_id')::bigint
+                         FROM jsonb_array_elements(p_items) e)
+          ORDER BY c.id
+          FOR UPDATE SKIP LOCKED) l;
+
+    FOR v_item IN SELECT value FROM jsonb_array_elements(p_items) LOOP
+        v_i := v_i + 1;
+        v_conv := (v_item ->> 'conversation_id')::bigint;
+        v_sender := v_item ->> 'sender';
+        v_cmid := v_item ->> 'client_msg_id';
+        v_reply := (v_item ->> 'reply_to')::bigint;
+
+        r_idx := r_idx || v_i;
+        r_gseq := r_gseq || NULL::bigint;
+        r_conv := r_conv || v_conv;
+        r_ev := r_ev || NULL::text;
+
+        SELECT * INTO v_m FROM chat_messages m
+        WHERE m.sender = v_sender AND m.client_msg_id = v_cmid;
+
+        IF FOUND THEN
+            IF v_m.conversation_id = v_conv THEN
+                r_status := r_status || 'dup'::text;
+                r_msg := r_msg || chat_message_json(v_m);
+            ELSE
+                r_status := r_status || 'conflict'::text;
+                r_msg := r_msg || NULL::text;
+            END IF;
+            CONTINUE;
+        END IF;
+
+        IF NOT (v_conv = ANY (v_locked)) THEN
+            IF EXISTS (SELECT 1 FROM chat_conversations c
+                       WHERE c.id = v_conv)
+            THEN
+                r_status := r_status || 'busy'::text;
+            ELSE
+                r_status := r_status || 'not_found'::text;
+            END IF;
+            r_msg := r_msg || NULL::text;
+            CONTINUE;
+        END IF;
+
+        IF NOT EXISTS (SELECT 1 FROM chat_members mb
+                       WHERE mb.conversation_id = v_conv
+                         AND mb.user_id = v_sender)
+        THEN
+            r_status := r_status || 'forbidden'::text;
+            r_msg := r_msg || NULL::text;
+            CONTINUE;
+        END IF;
+
+        IF v_reply IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM chat_messages m
+                           WHERE m.id = v_reply
+                             AND m.conversation_id = v_conv)
+        THEN
+            r_status := r_status || 'bad_reply_to'::text;
+            r_msg := r_msg || NULL::text;
+            CONTINUE;
+        END IF;
+
+        UPDATE chat_conversations c
+        SET last_seq = c.last_seq + 1, last_activity = clock_timestamp()
+        WHERE c.id = v_conv
+        RETURNING c.last_seq INTO v_seq;
+
+        INSERT INTO chat_messages AS m
+            (conversation_id, seq, sender, client_msg_id, body, format,
+             reply_to, attachments)
+        VALUES (v_conv, v_seq, v_sender, v_cmid, v_item ->> 'body',
+                coalesce(v_item ->> 'format', 'text'), v_reply,
+                coalesce(v_item -> 'attachments', '[]'::jsonb))
+        ON CONFLICT (sender, client_msg_id) DO NOTHING
+        RETURNING * INTO v_m;
+
+        IF NOT FOUND THEN
+            -- a concurrent transaction (another conversation: this one
+            -- is locked by us) committed the same client_msg_id first
+            UPDATE chat_conversations c SET last_seq = c.last_seq - 1
+            WHERE c.id = v_conv;
+
+            SELECT * INTO v_m FROM chat_messages m
+            WHERE m.sender = v_sender AND m.client_msg_id = v_cmid;
+
+            IF v_m.conversation_id = v_conv THEN
+                r_status := r_status || 'dup'::text;
+                r_msg := r_msg || chat_message_json(v_m);
+            ELSE
+                r_status := r_status || 'conflict'::text;
+                r_msg := r_msg || NULL::text;
+            END IF;
+            CONTINUE;
+        END IF;
+
+        v_msg := chat_message_json(v_m);
+        v_n := v_n + 1;
+        r_status := r_status || 'ok'::text;
+        r_msg := r_msg || v_msg;
+        r_ev[v_i] := '{"kind":"message.new","conversation_id":"'
+                     || v_conv || '","seq":' || v_seq
+                     || ',"message":' || v_msg || '}';
+    END LOOP;
+
+    IF v_n > 0 THEN
+        -- the clock is taken last and held to commit: gseq order is
+        -- commit order
+        UPDATE chat_clock SET v = v + v_n RETURNING v - v_n INTO v_clk;
+
+        FOR v_i IN 1 .. array_length(r_idx, 1) LOOP
+            IF r_status[v_i] = 'ok' THEN
+                v_k := v_k + 1;
+                r_gseq[v_i] := v_clk + v_k;
+            END IF;
+        END LOOP;
+
+        INSERT INTO chat_events (gseq, conversation_id, kind, payload)
+        SELECT g, c, 'message.new', p
+        FROM unnest(r_gseq, r_conv, r_ev) AS u (g, c, p)
+        WHERE g IS NOT NULL;
+    END IF;
+
+    RETURN QUERY SELECT * FROM unnest(r_idx, r_status, r_gseq, r_conv,
+                                      r_msg, r_ev);
+END;
+$$;
+
+
+-- Creates a conversation with its members and a conversation.created
+-- event.  A direct conversation is unique per pair: creating it again
+-- returns the existing one with o_created = false and no event.
+CREATE FUNCTION chat_create_conversation(p_creator text, p_kind text,
+                                         p_members text[], p_title text,
+                                         p_context jsonb)
+RETURNS TABLE (o_created boolean, o_conv bigint, o_json text, o_gseq bigint,
+               o_event text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_members  text[];
+    v_key      text;
+    v_id       bigint;
+    v_clk      bigint;
+    v_json     text;
+BEGIN
+    SELECT array_agg(DISTINCT u ORDER BY u) INTO v_members
+    FROM unnest(p_members) u;
+
+    IF p_kind = 'direct' THEN
+        v_key := v_members[1] || ' ' || v_members[2];
+    END IF;
+
+    INSERT INTO chat_conversations AS c
+        (kind, title, context, direct_key, created_by)
+    VALUES (p_kind, p_title, p_context, v_key, p_creator)
+    ON CONFLICT (direct_key) DO NOTHING
+    RETURNING c.id INTO v_id;
+
+    IF NOT FOUND THEN
+        SELECT c.id INTO v_id FROM chat_conversations c
+        WHERE c.direct_key = v_key;
+        RETURN QUERY SELECT false, v_id, chat_conversation_json(v_id),
+                            NULL::bigint, NULL::text;
+        RETURN;
+    END IF;
+
+    INSERT INTO chat_members (conversation_id, user_id)
+    SELECT v_id, u FROM unnest(v_members) u;
+
+    v_json := chat_conversation_json(v_id);
+
+    UPDATE chat_clock SET v = v + 1 RETURNING v INTO v_clk;
+
+    INSERT INTO chat_events (gseq, conversation_id, kind, payload)
+    VALUES (v_clk, v_id, 'conversation.created',
+            '{"kind":"conversation.created","conversation_id":"' || v_id
+            || '","conversation":' || v_json || '}');
+
+    RETURN QUERY SELECT true, v_id, v_json, v_clk,
+        '{"kind":"conversation.created","conversation_id":"' || v_id
+        || '","conversation":' || v_json || '}';
+END;
+$$;
+
+
+-- Conversations of a user, most recently active first, keyset paginated
+-- on (last_activity, id).  Returns the whole REST answer.
+CREATE FUNCTION chat_list_conversations(p_user text, p_before_ts bigint,
+                                        p_before_id bigint, p_limit int)
+RETURNS text
+LANGUAGE sql STABLE AS $$
+    WITH page AS (
+        SELECT c.id, c.last_activity, mb.read_seq
+        FROM chat_members mb
+        JOIN chat_conversations c ON c.id = mb.conversation_id
+        WHERE mb.user_id = p_user
+          AND (p_before_id IS NULL
+               OR (c.last_activity, c.id)
+                  < (to_timestamp(p_before_ts / 1000000.0), p_before_id))
+        ORDER BY c.last_activity DESC, c.id DESC
+        LIMIT p_limit
+    ), rows AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.last_activity DESC,
+                                       p.id DESC) AS rn
+        FROM page p
+    )
+    SELECT json_build_object(
+        'conversations', coalesce((
+            SELECT json_agg(
+                (chat_conversation_json(r.id)::jsonb
+                 || jsonb_build_object(
+                     'last_message',
+                     (SELECT chat_message_json(m)::jsonb
+                      FROM chat_messages m
+                      WHERE m.conversation_id = r.id
+                      ORDER BY m.seq DESC LIMIT 1),
+                     'unread_count',
+                     (SELECT count(*) FROM chat_messages m
+                      WHERE m.conversation_id = r.id
+                        AND m.seq > r.read_seq
+                        AND m.sender <> p_user)))
+                ORDER BY r.rn)
+            FROM rows r), '[]'::json),
+        'next', (SELECT CASE WHEN count(*) = p_limit THEN
+                     (SELECT (extract(epoch FROM r.last_activity)
+                              * 1000000)::bigint || ':' || r.id
+                      FROM rows r ORDER BY r.rn DESC LIMIT 1)
+                 END
+                 FROM rows))::text
+$$;
+
+
+-- History of one conversation: NULL when it does not exist, 'forbidden'
+-- when the caller may not read it.
+-- Newest first by default; with p_after ascending from it.
+CREATE FUNCTION chat_history(p_user text, p_service boolean, p_conv bigint,
+                             p_before bigint, p_after bigint, p_limit int)
+RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_rows  text;
+    v_n     int;
+    v_edge  bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM chat_conversations c WHERE c.id = p_conv)
+    THEN
+        RETURN NULL;
+    END IF;
+
+    IF NOT p_service
+       AND NOT EXISTS (SELECT 1 FROM chat_members mb
+                       WHERE mb.conversation_id = p_conv
+                         AND mb.user_id = p_user)
+    THEN
+        RETURN 'forbidden';
+    END IF;
+
+    IF p_after IS NOT NULL THEN
+        SELECT string_agg(chat_message_json(m), ',' ORDER BY m.seq),
+               count(*), max(m.seq)
+        INTO v_rows, v_n, v_edge
+        FROM (SELECT * FROM chat_messages m
+              WHERE m.conversation_id = p_conv AND m.seq > p_after
+                AND (p_before IS NULL OR m.seq < p_before)
+              ORDER BY m.seq LIMIT p_limit) m;
+    ELSE
+        SELECT string_agg(chat_message_json(m), ',' ORDER BY m.seq DESC),
+               count(*), min(m.seq)
+        INTO v_rows, v_n, v_edge
+        FROM (SELECT * FROM chat_messages m
+              WHERE m.conversation_id = p_conv
+                AND (p_before IS NULL OR m.seq < p_before)
+              ORDER BY m.seq DESC LIMIT p_limit) m;
+    END IF;
+
+    RETURN '{"messages":[' || coalesce(v_rows, '') || '],"next":'
+           || CASE WHEN v_n = p_limit THEN v_edge::text ELSE 'null' END
+           || '}';
+END;
+$$;
+
+INSERT INTO chat_schema_version (version) VALUES (1);
