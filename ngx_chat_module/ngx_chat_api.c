@@ -733,6 +733,7 @@ ngx_chat_api_list_conversations(ngx_http_request_t *r)
 
     limit = 50;
     colon = NULL;
+    ngx_str_null(&before);
 
     if (ngx_chat_api_arg_num(r, "limit", 5, &limit, 1, 100) == NGX_ERROR) {
         return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",

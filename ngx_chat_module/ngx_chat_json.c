@@ -140,6 +140,9 @@ ngx_chat_json_str(json_t *o, const char *key, ngx_str_t *v, size_t max,
 {
     json_t  *j;
 
+    v->len = 0;
+    v->data = NULL;
+
     j = json_object_get(o, key);
 
     if (j == NULL || json_is_null(j)) {
