@@ -251,8 +251,8 @@ def plots(outdir, agg):
                 "(median run)'" % (sc, size),
                 "set logscale x", "set logscale y",
                 "set xlabel 'percentile'", "set ylabel 'ms'",
-                "set xtics ('50%' 2, '90%' 10, '99%' 100, "
-                "'99.9%' 1000, '99.99%' 10000)",
+                "set xtics ('50%%' 2, '90%%' 10, '99%%' 100, "
+                "'99.9%%' 1000, '99.99%%' 10000)",
                 "plot " + ", ".join(
                     "'%s' using 4:1 with lines lw 2 title '%s'" % (h, m)
                     for m, h in series),

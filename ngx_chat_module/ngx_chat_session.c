@@ -41,8 +41,10 @@ static void ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
 static void ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
 static void ngx_chat_session_send_done(ngx_chat_send_t *snd);
+static void ngx_chat_session_join(ngx_chat_session_t *s);
 static void ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
+static void ngx_chat_session_welcome(ngx_chat_session_t *s);
 static void ngx_chat_session_catchup(ngx_chat_session_t *s);
 static void ngx_chat_session_catchup_done(ngx_chat_query_t *q,
     PGresult *res, ngx_int_t rc);
@@ -137,9 +139,18 @@ ngx_chat_session_set_timer(ngx_chat_session_t *s)
 {
     time_t  left;
 
-    if (!s->authenticated || !s->hello_done) {
+    if (!s->authenticated) {
         if (!s->timer.timer_set) {
             ngx_add_timer(&s->timer, ngx_chat_worker.cmcf->auth_timeout);
+        }
+
+        return;
+    }
+
+    if (!s->hello_done) {
+        /* authenticated on the upgrade: join on the next turn */
+        if (!s->timer.timer_set) {
+            ngx_add_timer(&s->timer, 1);
         }
 
         return;
@@ -171,9 +182,17 @@ ngx_chat_session_timer(ngx_event_t *ev)
         return;
     }
 
-    if (!s->hello_done) {
+    if (!s->authenticated) {
         ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY,
                                "authentication timeout");
+        return;
+    }
+
+    if (!s->hello_done) {
+        if (s->state == NGX_CHAT_SESSION_NEW) {
+            ngx_chat_session_join(s);
+        }
+
         return;
     }
 
@@ -245,7 +264,8 @@ ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len)
         goto done;
     }
 
-    if (!s->hello_done) {
+    /* a session authenticated on the upgrade needs no hello to send */
+    if (!s->authenticated) {
         ngx_chat_reply_error(s, rid.data, rid.len, "unauthorized",
                              "send \"hello\" first", 0);
         goto done;
@@ -258,6 +278,12 @@ ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len)
         ngx_chat_session_auth(s, root, &rid);
 
     } else if (ngx_strcmp(t, "sync") == 0) {
+        if (!s->hello_done) {
+            ngx_chat_reply_error(s, rid.data, rid.len, "bad_request",
+                                 "the session is still joining", 0);
+            goto done;
+        }
+
         ngx_chat_session_sync(s, root, &rid);
 
     } else {
@@ -328,16 +354,17 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
     ngx_str_t             token, cursor, device;
     ngx_int_t             rc;
     ngx_pool_t           *pool;
-    ngx_chat_query_t     *q;
     ngx_chat_identity_t   id;
 
-    if (s->hello_done || s->state != NGX_CHAT_SESSION_NEW) {
+    if (s->hello_id) {
         ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
-                             "\"hello\" was already sent", 0);
+                             "\"hello\" is already in progress", 0);
         return;
     }
 
-    if (ngx_chat_json_str(root, "token", &token, 8192, 0) == NGX_ERROR
+    rc = ngx_chat_json_str(root, "token", &token, 8192, 0);
+
+    if (rc == NGX_ERROR
         || ngx_chat_json_str(root, "cursor", &cursor, 64, 0) == NGX_ERROR
         || ngx_chat_json_str(root, "device_id", &device, 128, 0)
            == NGX_ERROR)
@@ -346,8 +373,6 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
                              "bad \"token\", \"cursor\" or \"device_id\"", 0);
         return;
     }
-
-    rc = ngx_chat_json_str(root, "token", &token, 8192, 0);
 
     if (rc == NGX_DECLINED && !s->authenticated) {
         ngx_chat_reply_error(s, rid->data, rid->len, "unauthorized",
@@ -390,17 +415,10 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
         }
     }
 
-    if (!ngx_chat_bus_started() || !ngx_chat_db_ready()) {
-        ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
-                             "the store is unavailable",
-                             ngx_chat_db_retry_after());
-        return;
-    }
-
     s->has_cursor = 0;
     s->bad_cursor = 0;
 
-    if (cursor.data && cursor.len) {
+    if (cursor.len) {
         s->has_cursor = 1;
 
         if (ngx_chat_cursor_parse(cursor.data, cursor.len, &s->want)
@@ -410,11 +428,79 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
         }
     }
 
+    s->hello_id = ngx_alloc(rid->len, s->log);
+    if (s->hello_id == NULL) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    ngx_memcpy(s->hello_id, rid->data, rid->len);
+    s->hello_id_len = rid->len;
+
+    switch (s->state) {
+
+    case NGX_CHAT_SESSION_NEW:
+        ngx_chat_session_join(s);
+        return;
+
+    case NGX_CHAT_SESSION_JOINING:
+        /* the implicit join answers it when it completes */
+        return;
+
+    default:
+        /* a hello after an implicit join: resume from its cursor */
+        if (s->has_cursor && !s->bad_cursor
+            && s->want > ngx_chat_bus_position())
+        {
+            s->bad_cursor = 1;
+        }
+
+        if (s->has_cursor && !s->bad_cursor) {
+            s->cursor = s->want;
+            s->state = NGX_CHAT_SESSION_CATCHUP;
+        }
+
+        ngx_chat_session_welcome(s);
+        ngx_chat_session_catchup(s);
+    }
+}
+
+
+/*
+ * Subscribes the session to its conversations.  Answers the pending
+ * hello, or, for a session that authenticated on the upgrade and sent
+ * none, says "welcome".
+ */
+static void
+ngx_chat_session_join(ngx_chat_session_t *s)
+{
+    ngx_int_t          rc;
+    ngx_chat_query_t  *q;
+
+    if (!ngx_chat_bus_started() || !ngx_chat_db_ready()) {
+        if (s->hello_id) {
+            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
+                                 "unavailable", "the store is unavailable",
+                                 ngx_chat_db_retry_after());
+            ngx_free(s->hello_id);
+            s->hello_id = NULL;
+            return;
+        }
+
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
+                               "store unavailable");
+        return;
+    }
+
     rc = ngx_chat_bus_register(s);
 
     if (rc == NGX_DECLINED) {
-        ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
-                             "too many connections for this user", 5000);
+        if (s->hello_id) {
+            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
+                                 "rate_limited",
+                                 "too many connections for this user", 5000);
+        }
+
         ngx_chat_session_close(s, NGX_CHAT_CLOSE_SLOW,
                                "too many connections");
         return;
@@ -425,8 +511,7 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
         return;
     }
 
-    q = ngx_chat_query_alloc(NGX_CHAT_STMT_MEMBERSHIPS,
-                             s->user.len + 1 + rid->len);
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_MEMBERSHIPS, s->user.len + 1);
     if (q == NULL) {
         ngx_chat_bus_unregister(s);
         ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
@@ -438,20 +523,24 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
     q->handler = ngx_chat_session_join_done;
     q->data = s;
 
-    s->hello_id = (u_char *) &q[1] + s->user.len + 1;
-    s->hello_id_len = rid->len;
-    ngx_memcpy(s->hello_id, rid->data, rid->len);
-
     /* without a cursor the client starts from here */
     s->cursor = ngx_chat_bus_position();
 
     if (ngx_chat_db_query(q) != NGX_OK) {
         ngx_chat_query_free(q);
-        s->hello_id = NULL;
         ngx_chat_bus_unregister(s);
-        ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
-                             "the store is unavailable",
-                             ngx_chat_db_retry_after());
+
+        if (s->hello_id) {
+            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
+                                 "unavailable", "the store is unavailable",
+                                 ngx_chat_db_retry_after());
+            ngx_free(s->hello_id);
+            s->hello_id = NULL;
+            return;
+        }
+
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
+                               "store unavailable");
         return;
     }
 
@@ -463,12 +552,10 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
 static void
 ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
-    u_char              *p, *end, *last, *cur;
+    u_char              *p, *end, *last;
     int64_t              conv;
     uint64_t             clock;
-    ngx_chat_buf_t      *b;
     ngx_chat_session_t  *s;
-    u_char               cbuf[NGX_CHAT_CURSOR_LEN];
 
     s = q->data;
 
@@ -478,13 +565,21 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     }
 
     if (rc != NGX_OK || PQntuples(res) != 1) {
-        ngx_chat_reply_error(s, s->hello_id, s->hello_id_len, "unavailable",
-                             "the store is unavailable",
-                             ngx_chat_db_retry_after());
+        ngx_chat_query_free(q);
         ngx_chat_bus_unregister(s);
         s->state = NGX_CHAT_SESSION_NEW;
-        s->hello_id = NULL;
-        ngx_chat_query_free(q);
+
+        if (s->hello_id) {
+            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
+                                 "unavailable", "the store is unavailable",
+                                 ngx_chat_db_retry_after());
+            ngx_free(s->hello_id);
+            s->hello_id = NULL;
+            return;
+        }
+
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
+                               "store unavailable");
         return;
     }
 
@@ -511,6 +606,8 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     clock = ngx_atoof((u_char *) PQgetvalue(res, 0, 1),
                       PQgetlength(res, 0, 1));
 
+    ngx_chat_query_free(q);
+
     if (s->has_cursor && !s->bad_cursor && s->want > clock) {
         s->bad_cursor = 1;
     }
@@ -528,12 +625,30 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     ngx_chat_session_set_timer(s);
 
+    ngx_chat_session_welcome(s);
+    ngx_chat_session_catchup(s);
+}
+
+
+/* the hello reply (or "welcome"), then resync_required if it applies */
+
+static void
+ngx_chat_session_welcome(ngx_chat_session_t *s)
+{
+    u_char          *last;
+    ngx_chat_buf_t  *b;
+    u_char           cbuf[NGX_CHAT_CURSOR_LEN];
+
     b = &ngx_chat_reply_buf;
     b->len = 0;
-    cur = cbuf;
-    last = ngx_chat_cursor_print(cur, s->cursor);
+    last = ngx_chat_cursor_print(cbuf, s->cursor);
 
-    if (ngx_chat_buf_add_lit(b, "{\"user\":{\"id\":") != NGX_OK
+    if ((s->hello_id
+         ? (ngx_chat_buf_add_lit(b, "{\"type\":\"reply\",\"id\":") != NGX_OK
+            || ngx_chat_buf_add(b, s->hello_id, s->hello_id_len) != NGX_OK
+            || ngx_chat_buf_add_lit(b, ",\"ok\":true,\"result\":{") != NGX_OK)
+         : ngx_chat_buf_add_lit(b, "{\"type\":\"welcome\",") != NGX_OK)
+        || ngx_chat_buf_add_lit(b, "\"user\":{\"id\":") != NGX_OK
         || ngx_chat_buf_add_json_str(b, s->user.data, s->user.len) != NGX_OK
         || ngx_chat_buf_add_lit(b, ",\"name\":") != NGX_OK
         || ngx_chat_buf_add_json_str(b, s->name.data, s->name.len) != NGX_OK
@@ -544,48 +659,35 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         || ngx_chat_buf_add_lit(b, "},\"session_id\":\"") != NGX_OK
         || ngx_chat_buf_reserve(b, 64) != NGX_OK)
     {
-        ngx_chat_query_free(q);
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
-        return;
+        goto failed;
     }
 
     b->len = ngx_sprintf(b->data + b->len, "%P-%uL\",\"cursor\":\"", ngx_pid,
                          s->id)
              - b->data;
 
-    if (ngx_chat_buf_add(b, cur, last - cur) != NGX_OK
+    if (ngx_chat_buf_add(b, cbuf, last - cbuf) != NGX_OK
         || ngx_chat_buf_add_lit(b, "\",\"heartbeat_ms\":") != NGX_OK
         || ngx_chat_buf_add_uint(b, ngx_chat_worker.cmcf->ping_interval)
            != NGX_OK
-        || ngx_chat_buf_add_lit(b, "}") != NGX_OK)
+        || (s->hello_id ? ngx_chat_buf_add_lit(b, "}}")
+                        : ngx_chat_buf_add_lit(b, "}")) != NGX_OK)
     {
-        ngx_chat_query_free(q);
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
-        return;
+        goto failed;
     }
 
-    /* reply_ok builds into its own buffer: hand it a copy */
-    p = ngx_alloc(b->len, s->log);
-    if (p == NULL) {
-        ngx_chat_query_free(q);
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
-        return;
-    }
+    ngx_chat_session_write(s, b);
 
-    ngx_memcpy(p, b->data, b->len);
-    ngx_chat_reply_ok(s, s->hello_id, s->hello_id_len, p, b->len);
-    ngx_free(p);
-
+    ngx_free(s->hello_id);
     s->hello_id = NULL;
-    ngx_chat_query_free(q);
 
     if (s->bad_cursor) {
+        s->bad_cursor = 0;
         b->len = 0;
-        last = ngx_chat_cursor_print(cur, s->cursor);
 
         if (ngx_chat_buf_add_lit(b, "{\"type\":\"resync_required\","
                                     "\"cursor\":\"") == NGX_OK
-            && ngx_chat_buf_add(b, cur, last - cur) == NGX_OK
+            && ngx_chat_buf_add(b, cbuf, last - cbuf) == NGX_OK
             && ngx_chat_buf_add_lit(b, "\",\"reason\":\"unknown cursor\"}")
                == NGX_OK)
         {
@@ -593,7 +695,13 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         }
     }
 
-    ngx_chat_session_catchup(s);
+    return;
+
+failed:
+
+    ngx_free(s->hello_id);
+    s->hello_id = NULL;
+    ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
 }
 
 
@@ -1081,6 +1189,7 @@ ngx_chat_session_unref(ngx_chat_session_t *s)
 static void
 ngx_chat_session_free(ngx_chat_session_t *s)
 {
+    ngx_free(s->hello_id);
     ngx_free(s->idmem);
     ngx_free(s);
 }

@@ -52,6 +52,7 @@ static void ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_store_defer(ngx_chat_send_t *snd);
 static ngx_uint_t ngx_chat_store_deferred(int64_t conv);
+static void ngx_chat_store_hold_pending(void);
 static void ngx_chat_store_fail(ngx_chat_send_t *snd, const char *code,
     const char *msg, ngx_msec_t retry_after);
 static void ngx_chat_store_finish(ngx_chat_send_t *snd);
@@ -472,6 +473,10 @@ ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         }
     }
 
+    if (st->ndeferred) {
+        ngx_chat_store_hold_pending();
+    }
+
     if (published) {
         ngx_chat_bus_notify();
     }
@@ -526,6 +531,39 @@ ngx_chat_store_deferred(int64_t conv)
     }
 
     return 0;
+}
+
+
+/*
+ * Sends to a held conversation that arrived while its deferred sends were
+ * in flight must not overtake them: they wait behind them.
+ */
+static void
+ngx_chat_store_hold_pending(void)
+{
+    ngx_queue_t       *q, *next;
+    ngx_chat_store_t  *st;
+    ngx_chat_send_t   *snd;
+
+    st = &ngx_chat_store;
+
+    for (q = ngx_queue_head(&st->pending);
+         q != ngx_queue_sentinel(&st->pending);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        snd = ngx_queue_data(q, ngx_chat_send_t, queue);
+
+        if (!ngx_chat_store_deferred(snd->conversation)) {
+            continue;
+        }
+
+        ngx_queue_remove(q);
+        st->npending--;
+
+        ngx_queue_insert_tail(&st->deferred, q);
+        st->ndeferred++;
+    }
 }
 
 

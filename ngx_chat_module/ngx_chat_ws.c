@@ -46,6 +46,7 @@
 #define NGX_CHAT_WS_RECV_SIZE        16384
 #define NGX_CHAT_WS_READ_BUDGET      (4 * NGX_CHAT_WS_RECV_SIZE)
 #define NGX_CHAT_WS_OUT_MIN          1024
+#define NGX_CHAT_WS_MSG_EAGER        4096
 #define NGX_CHAT_WS_CLOSE_TIMEOUT    2000
 
 #define NGX_CHAT_WS_UPGRADE_REQUIRED 426
@@ -1063,7 +1064,7 @@ ngx_chat_ws_state_data(ngx_chat_ws_ctx_t *ctx, u_char *pos, u_char *end)
     }
 
     if (size) {
-        if (ngx_chat_ws_msg_reserve(ctx, (size_t) ctx->length) != NGX_OK) {
+        if (ngx_chat_ws_msg_reserve(ctx, size) != NGX_OK) {
             ctx->drop = 1;
             ctx->handler = ngx_chat_ws_state_ignore;
             return end;
@@ -1281,7 +1282,7 @@ static ngx_int_t
 ngx_chat_ws_msg_reserve(ngx_chat_ws_ctx_t *ctx, size_t size)
 {
     u_char  *p;
-    size_t   need, n;
+    size_t   need, n, frame;
 
     need = ctx->msg_len + size;
 
@@ -1289,7 +1290,16 @@ ngx_chat_ws_msg_reserve(ngx_chat_ws_ctx_t *ctx, size_t size)
         return NGX_OK;
     }
 
+    /*
+     * Grow with the bytes that arrived, not with the declared length:
+     * a client announcing max_message and trickling it must not make us
+     * allocate max_message at once.  Small frames get room for their end.
+     */
+
+    frame = ctx->msg_len + (size_t) ctx->length;
+
     n = ngx_max(need, 2 * ctx->msg_size);
+    n = ngx_max(n, ngx_min(frame, NGX_CHAT_WS_MSG_EAGER));
     n = ngx_min(n, ngx_chat_worker.cmcf->max_message);
     n = ngx_max(n, need);
 

@@ -111,6 +111,7 @@ typedef struct {
     int             verbose;
     int             self_echo;          /* sender receives own message */
     int             quickack;           /* diagnostic: TCP_QUICKACK */
+    double          cpu_limit;          /* % of a core: above is INVALID */
 } cb_opt_t;
 
 
