@@ -2,10 +2,11 @@
 """Aggregate chatbench runs: median and spread over repetitions, ratios
 between servers, CSV/JSON/Markdown summaries and gnuplot plots.
 
-    report.py RESULTS_DIR
+    report.py RAW_DIR [OUT_DIR]
 
-Reads RESULTS_DIR/runs.csv (one line per run, written by chatbench; tags
-are MODE.SCENARIO.SIZE.rREP) and the per-run *.e2e.hgrm files. Runs marked
+Reads RAW_DIR/runs.csv (one line per run, written by chatbench; tags are
+MODE.SCENARIO.SIZE.rREP) and the per-run *.e2e.hgrm files; writes
+summary.{md,csv,json} and plots to OUT_DIR (default RAW_DIR). Runs marked
 INVALID (generator CPU > 90%) are listed but left out of the medians.
 Only the Python standard library is used; plots need gnuplot.
 """
@@ -219,11 +220,11 @@ def write_csv(outdir, agg):
                             e["valid_runs"], e["runs"]])
 
 
-def plots(outdir, agg):
+def plots(rawdir, outdir, agg):
     if shutil.which("gnuplot") is None:
         print("gnuplot not found: no plots")
         return
-    pdir = os.path.join(outdir, "plot-data")
+    pdir = os.path.join(rawdir, "plot-data")
     os.makedirs(pdir, exist_ok=True)
     script = ["set terminal pngcairo size 900,560 noenhanced" if
               _has_cairo() else "set terminal png size 900,560 noenhanced",
@@ -239,7 +240,7 @@ def plots(outdir, agg):
                 tag = e.get("median_tag")
                 if not tag:
                     continue
-                h = os.path.join(outdir, tag + ".e2e.hgrm")
+                h = os.path.join(rawdir, tag + ".e2e.hgrm")
                 if os.path.exists(h) and os.path.getsize(h) > 80:
                     series.append((e["mode"], h))
             if not series:
@@ -328,14 +329,16 @@ def _has_cairo():
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    outdir = sys.argv[1]
-    agg = ratios(aggregate(load(outdir)))
+    rawdir = sys.argv[1]
+    outdir = sys.argv[2] if len(sys.argv) == 3 else rawdir
+    os.makedirs(outdir, exist_ok=True)
+    agg = ratios(aggregate(load(rawdir)))
     write_csv(outdir, agg)
     with open(os.path.join(outdir, "summary.json"), "w") as f:
         json.dump(agg, f, indent=1)
-    plots(outdir, agg)
+    plots(rawdir, outdir, agg)
     write_md(outdir, agg)
     # a compact table on stdout
     for e in agg:

@@ -68,9 +68,17 @@ else
 fi
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+# OUT: the summary (summary.md/csv/json, plots, runs.csv, params) to keep;
+# RAW: per-run JSON/hgrm, logs and server state (git-ignored)
 OUT="${OUT:-$BENCH/results/$STAMP}"
-mkdir -p "$OUT/logs"
-RUN_DIR="$OUT/servers"
+if [ -z "${RAW:-}" ]; then
+    case "$OUT" in
+    "$BENCH"/results/*) RAW="$BENCH/results/raw/$(basename "$OUT")" ;;
+    *) RAW="$OUT/raw" ;;
+    esac
+fi
+mkdir -p "$OUT" "$RAW/logs"
+RUN_DIR="$RAW/servers"
 mkdir -p "$RUN_DIR"
 
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$OUT/run.log"; }
@@ -79,26 +87,26 @@ log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$OUT/run.log"; }
 ensure_deps() {
     log "building chatbench"
     make -C "$BENCH" -s all || { log "build failed"; exit 1; }
-    make -C "$BENCH" -s test > "$OUT/logs/unit_test.log" 2>&1 \
-        || { log "unit tests failed: $OUT/logs/unit_test.log"; exit 1; }
+    make -C "$BENCH" -s test > "$RAW/logs/unit_test.log" 2>&1 \
+        || { log "unit tests failed: $RAW/logs/unit_test.log"; exit 1; }
 
     if ! command -v gnuplot > /dev/null 2>&1; then
         log "installing gnuplot-nox (Debian)"
-        (apt-get install -y -q gnuplot-nox > "$OUT/logs/apt.log" 2>&1 \
-         || { apt-get update -q >> "$OUT/logs/apt.log" 2>&1 \
-              && apt-get install -y -q gnuplot-nox >> "$OUT/logs/apt.log" 2>&1; }) \
+        (apt-get install -y -q gnuplot-nox > "$RAW/logs/apt.log" 2>&1 \
+         || { apt-get update -q >> "$RAW/logs/apt.log" 2>&1 \
+              && apt-get install -y -q gnuplot-nox >> "$RAW/logs/apt.log" 2>&1; }) \
          || log "gnuplot not available: no plots"
     fi
 
     if [ ! -d "$BENCH/peers/socketio/node_modules/socket.io" ]; then
         log "npm ci in peers/socketio"
         (cd "$BENCH/peers/socketio" && npm ci --no-audit --no-fund) \
-            > "$OUT/logs/npm-socketio.log" 2>&1 || log "npm ci failed"
+            > "$RAW/logs/npm-socketio.log" 2>&1 || log "npm ci failed"
     fi
 
     if [ "$WITH_MOCK" = 1 ] && [ ! -d "$BENCH/peers/mockchat/node_modules/ws" ]; then
         (cd "$BENCH/peers/mockchat" && npm ci --no-audit --no-fund) \
-            > "$OUT/logs/npm-mockchat.log" 2>&1 || log "npm ci failed"
+            > "$RAW/logs/npm-mockchat.log" 2>&1 || log "npm ci failed"
     fi
 }
 
@@ -110,7 +118,7 @@ tune_kernel() {
                  net.ipv4.tcp_max_syn_backlog net.ipv4.tcp_tw_reuse; do
             echo "$f = $(sysctl -n $f 2>/dev/null)"
         done
-    } > "$OUT/sysctl-before.txt"
+    } > "$RAW/sysctl-before.txt"
     sysctl -q -w net.ipv4.ip_local_port_range="1024 65000" 2>/dev/null
     sysctl -q -w net.core.somaxconn=8192 2>/dev/null
     sysctl -q -w net.ipv4.tcp_max_syn_backlog=8192 2>/dev/null
@@ -149,37 +157,85 @@ GEN_EXTRA=()
 
 # ---- servers ----
 
-# HOOK for ngx_chat_module. Until the module links this skips the mode.
-# To run it, set CHAT_START_CMD (and CHAT_STOP_CMD) in the environment:
-#   CHAT_START_CMD must start nginx with the module on 127.0.0.1:$CHAT_PORT,
-#   HS256 secret file $SECRET_FILE, $SERVER_WORKERS workers pinned to
-#   $SERVER_CPUS, and write the nginx master pid to $CHAT_PID_FILE.
-#   Or set CHAT_EXTERNAL=1 with CHAT_PORT/CHAT_SECRET_FILE/CHAT_PID_FILE for
-#   a server that is already running.
-# TODO(lead): replace with the repository's `make run`-style target once
-# ngx_chat_module links (same nginx, same worker count and pinning as Nchan).
+# ==== HOOK: ngx_chat_module ============================================
+# Default: the repository's own stack (scripts/run.sh, what `make run` uses:
+# PostgreSQL + Debian nginx with build/dyn/ngx_chat_module.so, out of var/),
+# with conf.example adapted for the benchmark: $SERVER_WORKERS workers
+# pinned to $SERVER_CPUS (as Nchan), access_log off, error_log warn,
+# reuseport; PostgreSQL pinned to $SERVER_CPUS too. The generator signs
+# with var/jwt_secret. Ports: CHAT_PORT (8090), CHAT_PGPORT (5440).
+# The module must be built first (make build); run.sh does not build it.
+# Overrides:
+#   CHAT_START_CMD / CHAT_STOP_CMD: start/stop it your way; the command
+#     gets CHAT_PORT, SECRET_FILE, SERVER_WORKERS, SERVER_CPUS and must
+#     write the nginx master pid to $CHAT_PID_FILE.
+#   CHAT_EXTERNAL=1 with CHAT_PORT, CHAT_SECRET_FILE, CHAT_PID_FILE: a
+#     server that is already running.
+CHAT_PORT="${CHAT_PORT:-8090}"
+CHAT_PGPORT="${CHAT_PGPORT:-5440}"
+
+chat_template() {   # conf.example -> benchmark template (same directives)
+    local aff="$1"
+    sed -E -e "s/^([[:space:]]*worker_processes)[[:space:]]+[^;]+;/\1 $SERVER_WORKERS; worker_cpu_affinity $aff;/" \
+        -e "s/^([[:space:]]*access_log)[[:space:]]+[^;]+;/\1 off;/" \
+        -e "s/^([[:space:]]*error_log[[:space:]]+[^;[:space:]]+)[[:space:]]+[a-z]+;/\1 warn;/" \
+        -e "s/^([[:space:]]*listen[[:space:]]+(@HTTP_LISTEN@|127\.0\.0\.1:@HTTP_PORT@))[[:space:]]*;/\1 backlog=4096 reuseport;/" \
+        "$REPO/conf.example"
+}
+
 start_chat() {
-    CHAT_PORT="${CHAT_PORT:-8090}"
     CHAT_PID_FILE="${CHAT_PID_FILE:-$RUN_DIR/chat/nginx.pid}"
     export CHAT_PORT CHAT_PID_FILE SECRET_FILE SERVER_WORKERS SERVER_CPUS
     mkdir -p "$RUN_DIR/chat"
+    CHAT_SECRET="$SECRET_FILE"
 
-    if [ "${CHAT_EXTERNAL:-0}" != 1 ]; then
-        if [ -z "${CHAT_START_CMD:-}" ]; then
-            log "SKIP chat: ngx_chat_module is not hooked up yet" \
-                "(set CHAT_START_CMD, see start_chat in run.sh)"
-            return 1
-        fi
-        bash -c "$CHAT_START_CMD" > "$OUT/logs/chat-server.log" 2>&1 || {
-            log "chat server failed to start: $OUT/logs/chat-server.log"
+    if [ "${CHAT_EXTERNAL:-0}" = 1 ]; then
+        CHAT_SECRET="${CHAT_SECRET_FILE:-$SECRET_FILE}"
+
+    elif [ -n "${CHAT_START_CMD:-}" ]; then
+        bash -c "$CHAT_START_CMD" > "$RAW/logs/chat-server.log" 2>&1 || {
+            log "chat server failed to start: $RAW/logs/chat-server.log"
             return 1
         }
+
+    else
+        if [ ! -f "$REPO/build/dyn/ngx_chat_module.so" ] \
+           || [ ! -f "$REPO/scripts/run.sh" ]; then
+            log "SKIP chat: build/dyn/ngx_chat_module.so not built (make build)"
+            return 1
+        fi
+        if [ -f "$REPO/var/run/nginx.pid" ] \
+           && kill -0 "$(cat "$REPO/var/run/nginx.pid")" 2> /dev/null \
+           && [ "${CHAT_TAKEOVER:-0}" != 1 ]; then
+            log "SKIP chat: a \`make run\` stack is up in var/ (stop it, or" \
+                "CHAT_TAKEOVER=1 to let run.sh reconfigure and stop it)"
+            return 1
+        fi
+        chat_template "$(affinity_masks)" > "$RUN_DIR/chat/conf.template"
+        HTTP_PORT="$CHAT_PORT" PGPORT="$CHAT_PGPORT" \
+        DEMO_PORT="$(( CHAT_PORT + 9 ))" \
+        CONF_TEMPLATE="$RUN_DIR/chat/conf.template" \
+            bash "$REPO/scripts/run.sh" start \
+            >> "$RAW/logs/chat-server.log" 2>&1 || {
+            log "chat stack failed to start: $RAW/logs/chat-server.log"
+            return 1
+        }
+        cp "$REPO/var/run/nginx.pid" "$CHAT_PID_FILE" 2> /dev/null
+        CHAT_SECRET="$REPO/var/jwt_secret"
+        # PostgreSQL works for the server under test: same CPUs
+        local pm
+        pm="$(head -1 "$REPO/var/pg/postmaster.pid" 2> /dev/null)"
+        if [ -n "$pm" ]; then
+            for p in $pm $(pgrep -P "$pm"); do
+                taskset -a -p -c "$SERVER_CPUS" "$p" > /dev/null 2>&1
+            done
+        fi
     fi
 
     wait_port "$CHAT_PORT" 20 || { log "chat server not listening"; return 1; }
     SERVER_PID="$(cat "$CHAT_PID_FILE" 2> /dev/null)"
     SERVER_PORT="$CHAT_PORT"
-    GEN_EXTRA=(--secret-file "$SECRET_FILE")
+    GEN_EXTRA=(--secret-file "$CHAT_SECRET")
     return 0
 }
 
@@ -187,26 +243,42 @@ stop_chat() {
     if [ "${CHAT_EXTERNAL:-0}" = 1 ]; then
         return 0
     fi
-    if [ -n "${CHAT_STOP_CMD:-}" ]; then
-        bash -c "$CHAT_STOP_CMD" >> "$OUT/logs/chat-server.log" 2>&1
+    if [ -n "${CHAT_START_CMD:-}" ]; then
+        if [ -n "${CHAT_STOP_CMD:-}" ]; then
+            bash -c "$CHAT_STOP_CMD" >> "$RAW/logs/chat-server.log" 2>&1
+        fi
+        stop_pid "$SERVER_PID"
+        return 0
     fi
-    stop_pid "$SERVER_PID"
+    HTTP_PORT="$CHAT_PORT" PGPORT="$CHAT_PGPORT" \
+        bash "$REPO/scripts/run.sh" stop >> "$RAW/logs/chat-server.log" 2>&1
+}
+# ==== end of the ngx_chat_module hook ==================================
+
+# worker_cpu_affinity masks: every worker on the first CPU of SERVER_CPUS
+# when SERVER_WORKERS > number of listed CPUs, else one CPU each
+affinity_masks() {
+    local cpus=() c m out="" i
+    IFS=, read -r -a cpus <<< "$SERVER_CPUS"
+    for i in $(seq 0 $(( SERVER_WORKERS - 1 ))); do
+        c="${cpus[$(( i % ${#cpus[@]} ))]}"
+        m=1
+        [ "$c" -gt 0 ] && m="1$(printf '%0*d' "$c" 0)"
+        out="$out $m"
+    done
+    echo "${out# }"
 }
 
 start_nchan() {
-    local p="$RUN_DIR/nchan" mask
+    local p="$RUN_DIR/nchan"
     mkdir -p "$p/tmp"
-    # worker_cpu_affinity: one mask per worker, all on SERVER_CPUS' first CPU
-    local cpu="${SERVER_CPUS%%[,-]*}"
-    mask=1
-    [ "$cpu" -gt 0 ] && mask="1$(printf '%0*d' "$cpu" 0)"
     sed -e "s#@PREFIX@#$p#g" -e "s#@PORT@#8091#g" \
         -e "s#@WORKERS@#$SERVER_WORKERS#g" \
-        -e "s#@AFFINITY@#$(for _ in $(seq 1 "$SERVER_WORKERS"); do printf '%s ' "$mask"; done)#g" \
+        -e "s#@AFFINITY@#$(affinity_masks)#g" \
         "$BENCH/peers/nchan/nginx.conf.in" > "$p/nginx.conf"
     /usr/sbin/nginx -p "$p" -c "$p/nginx.conf" -e "$p/error.log" \
-        > "$OUT/logs/nchan-server.log" 2>&1 || {
-        log "nchan failed to start: $OUT/logs/nchan-server.log"; return 1; }
+        > "$RAW/logs/nchan-server.log" 2>&1 || {
+        log "nchan failed to start: $RAW/logs/nchan-server.log"; return 1; }
     wait_port 8091 10 || { log "nchan not listening"; return 1; }
     SERVER_PID="$(cat "$p/nginx.pid")"
     SERVER_PORT=8091
@@ -221,7 +293,7 @@ start_socketio() {
     (cd "$BENCH/peers/socketio" \
      && exec env PORT=8092 HOST=127.0.0.1 SECRET_FILE="$SECRET_FILE" \
         taskset -c "$SERVER_CPUS" node server.js) \
-        > "$OUT/logs/socketio-server.log" 2>&1 &
+        > "$RAW/logs/socketio-server.log" 2>&1 &
     SERVER_PID=$!
     wait_port 8092 15 || { log "socketio not listening"; return 1; }
     SERVER_PORT=8092
@@ -238,7 +310,7 @@ start_mock() {
     (cd "$BENCH/peers/mockchat" \
      && exec env PORT=8093 SECRET_FILE="$SECRET_FILE" \
         taskset -c "$SERVER_CPUS" node server.js) \
-        > "$OUT/logs/mock-server.log" 2>&1 &
+        > "$RAW/logs/mock-server.log" 2>&1 &
     SERVER_PID=$!
     wait_port 8093 15 || { log "mockchat not listening"; return 1; }
     SERVER_PORT=8093
@@ -286,13 +358,13 @@ run_one() {         # mode scenario size rep
         --port "$SERVER_PORT" --conns "$conns" --workers "$workers" \
         --src "$SRC" --pin "$GEN_CPUS" --rate "$rate" --size "$size" \
         --duration "$DURATION" --warmup "$WARMUP" --drain "$DRAIN" \
-        --server-ppid "$SERVER_PID" --out "$OUT" --tag "$tag" \
+        --server-ppid "$SERVER_PID" --out "$RAW" --tag "$tag" \
         "${GEN_EXTRA[@]}" "${extra[@]}" \
-        > "$OUT/logs/$tag.txt" 2>&1
+        > "$RAW/logs/$tag.txt" 2>&1
     rc=$?
     grep -E 'result|latency e2e|integrity|connect |server rss' \
-        "$OUT/logs/$tag.txt" | sed 's/^/    /' | tee -a "$OUT/run.log"
-    [ $rc = 0 ] || log "run $tag exited $rc (see $OUT/logs/$tag.txt)"
+        "$RAW/logs/$tag.txt" | sed 's/^/    /' | tee -a "$OUT/run.log"
+    [ $rc = 0 ] || log "run $tag exited $rc (see $RAW/logs/$tag.txt)"
     sleep 1
 }
 
@@ -300,7 +372,7 @@ run_one() {         # mode scenario size rep
 ensure_deps
 tune_kernel
 
-SECRET_FILE="${CHAT_SECRET_FILE:-$OUT/secret}"
+SECRET_FILE="$RAW/secret"
 if [ ! -f "$SECRET_FILE" ]; then
     head -c 32 /dev/urandom | base64 | tr -d '\n=' > "$SECRET_FILE"
     echo >> "$SECRET_FILE"
@@ -356,5 +428,6 @@ for mode in ${MODES//,/ }; do
 done
 
 log "aggregating"
-python3 "$BENCH/report.py" "$OUT" | tee -a "$OUT/run.log"
+cp "$RAW/runs.csv" "$OUT/runs.csv" 2> /dev/null
+python3 "$BENCH/report.py" "$RAW" "$OUT" | tee -a "$OUT/run.log"
 log "done: $OUT/summary.md"

@@ -106,10 +106,6 @@ static void ngx_chat_db_notice(void *arg, const PGresult *res);
 static ngx_str_t *ngx_chat_db_text(const char *msg);
 
 
-/* ngx_chat_store.c; the declaration went missing from the shared header */
-void ngx_chat_store_on_ready(void);
-
-
 static ngx_chat_db_t  ngx_chat_db;
 
 

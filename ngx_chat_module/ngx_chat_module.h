@@ -379,6 +379,7 @@ struct ngx_chat_send_s {
     u_char                    *mem;              /* extra bytes, for input */
 };
 
+void ngx_chat_store_on_ready(void);
 ngx_chat_send_t *ngx_chat_store_send_alloc(size_t extra);
 ngx_int_t ngx_chat_store_send(ngx_chat_send_t *snd);
 ngx_chat_query_t *ngx_chat_query_alloc(ngx_uint_t stmt, size_t extra);

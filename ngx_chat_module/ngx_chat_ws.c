@@ -141,8 +141,7 @@ static u_char *ngx_chat_ws_state_ignore(ngx_chat_ws_ctx_t *ctx, u_char *pos,
     u_char *end);
 static u_char *ngx_chat_ws_state_save(ngx_chat_ws_ctx_t *ctx, u_char *pos,
     u_char *end, ngx_chat_ws_handler_pt handler);
-static u_char *ngx_chat_ws_peer_close(ngx_chat_ws_ctx_t *ctx, u_char *pos,
-    u_char *end);
+static u_char *ngx_chat_ws_peer_close(ngx_chat_ws_ctx_t *ctx, u_char *end);
 static u_char *ngx_chat_ws_error(ngx_chat_ws_ctx_t *ctx, u_char *end,
     ngx_uint_t code, char *reason);
 static void ngx_chat_ws_deliver(ngx_chat_ws_ctx_t *ctx, u_char *data,
@@ -1144,7 +1143,7 @@ ngx_chat_ws_state_control(ngx_chat_ws_ctx_t *ctx, u_char *pos, u_char *end)
         return pos;
 
     default: /* NGX_CHAT_WS_OP_CLOSE */
-        return ngx_chat_ws_peer_close(ctx, pos, end);
+        return ngx_chat_ws_peer_close(ctx, end);
     }
 }
 
@@ -1203,7 +1202,7 @@ ngx_chat_ws_state_save(ngx_chat_ws_ctx_t *ctx, u_char *pos, u_char *end,
 
 
 static u_char *
-ngx_chat_ws_peer_close(ngx_chat_ws_ctx_t *ctx, u_char *pos, u_char *end)
+ngx_chat_ws_peer_close(ngx_chat_ws_ctx_t *ctx, u_char *end)
 {
     ngx_uint_t          code;
     ngx_chat_ws_utf8_t  utf8;

@@ -104,6 +104,7 @@ typedef struct {
     pid_t           server_pids[CB_MAX_PIDS];
     int             nserver_pids;
     pid_t           server_ppid;
+    char            server_match[128];
 
     char            out_dir[256];
     char            tag[128];
@@ -208,6 +209,7 @@ void cb_ws_accept(const char *key, char *out);
 uint64_t cb_rand(uint64_t *s);
 long cb_rss_kb(pid_t pid);
 int cb_children(pid_t ppid, pid_t *out, int max);
+int cb_match_procs(const char *pattern, pid_t *out, int max);
 
 /* minimal JSON: find the value at a dotted path of object keys */
 typedef struct {

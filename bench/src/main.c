@@ -61,8 +61,11 @@ cb_usage(void)
 "  --auth header|hello   chat: token in Authorization or hello (header)\n"
 "  --token-ttl S     (3600)   --user-prefix P (bench_<run>_)\n"
 "  --self-echo 0|1   sender receives its own message (mode default)\n"
-"  --server-pids LIST | --server-ppid PID   server processes for RSS\n"
-"  --out DIR (results)  --tag NAME   --check   --verbose\n"
+"  --server-pids LIST | --server-ppid PID (its children, e.g. nginx\n"
+"                    workers) | --server-match STR (like pgrep -f STR)\n"
+"                    server processes whose VmRSS is read\n"
+"  --out DIR (bench/results)  --tag NAME   --verbose\n"
+"  --check           exit 3 unless loss/dup/order/errors are all zero\n"
 "  --cpu-limit PCT   a generator process above PCT%% of a core makes the\n"
 "                    run INVALID (90)\n"
 "  --quickack        diagnostic: TCP_QUICKACK after every read (no delayed\n"
@@ -184,6 +187,33 @@ cb_read_secret(cb_opt_t *o)
 }
 
 
+/* bench/results, next to bench/build/chatbench */
+static void
+cb_default_out(cb_opt_t *o)
+{
+    char     exe[200];
+    char    *p;
+    ssize_t  n;
+
+    n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n > 0) {
+        exe[n] = '\0';
+        p = strrchr(exe, '/');
+        if (p != NULL) {
+            *p = '\0';
+            p = strrchr(exe, '/');
+            if (p != NULL && strcmp(p, "/build") == 0) {
+                *p = '\0';
+                snprintf(o->out_dir, sizeof(o->out_dir), "%s/results", exe);
+                return;
+            }
+        }
+    }
+
+    snprintf(o->out_dir, sizeof(o->out_dir), "results");
+}
+
+
 static int
 cb_options(cb_opt_t *o, int argc, char **argv)
 {
@@ -208,6 +238,7 @@ cb_options(cb_opt_t *o, int argc, char **argv)
         { "tag", 1, 0, 't' }, { "check", 0, 0, 17 },
         { "verbose", 0, 0, 'v' }, { "help", 0, 0, 18 },
         { "quickack", 0, 0, 19 }, { "cpu-limit", 1, 0, 20 },
+        { "server-match", 1, 0, 21 },
         { 0, 0, 0, 0 }
     };
 
@@ -241,7 +272,7 @@ cb_options(cb_opt_t *o, int argc, char **argv)
     o->rest_parallel = 8;
     o->token_ttl = 3600;
     o->cpu_limit = 90;
-    snprintf(o->out_dir, sizeof(o->out_dir), "results");
+    cb_default_out(o);
     hold_set = 0;
     path_set = 0;
     echo = -1;
@@ -388,6 +419,10 @@ cb_options(cb_opt_t *o, int argc, char **argv)
         case 20:
             o->cpu_limit = atof(optarg);
             break;
+        case 21:
+            snprintf(o->server_match, sizeof(o->server_match), "%s",
+                     optarg);
+            break;
         default:
             cb_usage();
             return -1;
@@ -488,6 +523,10 @@ cb_server_pids(const cb_opt_t *o, pid_t *out)
 
     for (i = 0; i < o->nserver_pids; i++) {
         out[n++] = o->server_pids[i];
+    }
+
+    if (o->server_match[0] != '\0') {
+        n += cb_match_procs(o->server_match, out + n, CB_MAX_PIDS - n);
     }
 
     if (o->server_ppid > 0) {

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <sys/resource.h>
 
 #include <openssl/evp.h>
@@ -262,6 +263,61 @@ cb_children(pid_t ppid, pid_t *out, int max)
     closedir(d);
 
     return n;
+}
+
+
+/* like pgrep -f: processes whose command line contains pattern */
+int
+cb_match_procs(const char *pattern, pid_t *out, int max)
+{
+    DIR            *d;
+    FILE           *f;
+    struct dirent  *de;
+    char            path[300], buf[4096];
+    size_t          n, i;
+    int             cnt;
+    pid_t           self;
+
+    d = opendir("/proc");
+    if (d == NULL) {
+        return 0;
+    }
+
+    cnt = 0;
+    self = getpid();
+
+    while (cnt < max && (de = readdir(d)) != NULL) {
+        if (!isdigit((unsigned char) de->d_name[0])
+            || atoi(de->d_name) == (int) self)
+        {
+            continue;
+        }
+
+        snprintf(path, sizeof(path), "/proc/%s/cmdline", de->d_name);
+
+        f = fopen(path, "r");
+        if (f == NULL) {
+            continue;
+        }
+
+        n = fread(buf, 1, sizeof(buf) - 1, f);
+        fclose(f);
+
+        for (i = 0; i < n; i++) {
+            if (buf[i] == '\0') {
+                buf[i] = ' ';
+            }
+        }
+        buf[n] = '\0';
+
+        if (n > 0 && strstr(buf, pattern) != NULL) {
+            out[cnt++] = (pid_t) atoi(de->d_name);
+        }
+    }
+
+    closedir(d);
+
+    return cnt;
 }
 
 
