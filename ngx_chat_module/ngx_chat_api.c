@@ -465,7 +465,6 @@ ngx_chat_api_create_conversation(ngx_http_request_t *r, json_t *body)
     char                *context;
     size_t               i, len;
     json_t              *members, *m, *ctxj;
-    ngx_int_t            rc;
     ngx_str_t            kind, title, user;
     ngx_uint_t           self, count;
     ngx_chat_buf_t       mb;
@@ -626,13 +625,8 @@ ngx_chat_api_create_conversation(ngx_http_request_t *r, json_t *body)
 
     q->handler = ngx_chat_api_create_done;
 
-    rc = ngx_chat_api_query(r, q);
-
-    if (rc == NGX_DONE) {
-        r->main->count++;
-    }
-
-    return rc;
+    /* the body reader's reference keeps the request until we finalize */
+    return ngx_chat_api_query(r, q);
 
 failed:
 

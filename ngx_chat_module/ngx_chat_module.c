@@ -409,7 +409,27 @@ ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_chat_loc_conf_t *prev = parent;
     ngx_chat_loc_conf_t *conf = child;
 
+    ngx_chat_main_conf_t      *cmcf;
+    ngx_http_core_loc_conf_t  *clcf;
+
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
+
+    if (!conf->enable) {
+        return NGX_CONF_OK;
+    }
+
+    /*
+     * REST bodies are read into memory: nginx would write a body larger
+     * than its buffer to a temporary file, with blocking file I/O
+     */
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_chat_module);
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (cmcf->max_message != NGX_CONF_UNSET_SIZE
+        && clcf->client_body_buffer_size < cmcf->max_message)
+    {
+        clcf->client_body_buffer_size = cmcf->max_message;
+    }
 
     return NGX_CONF_OK;
 }
