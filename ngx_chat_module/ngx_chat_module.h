@@ -254,6 +254,7 @@ struct ngx_chat_session_s {
     unsigned                   pending_close:1;
     unsigned                   has_cursor:1;
     unsigned                   bad_cursor:1;
+    unsigned                   catchup_stale:1;
 };
 
 

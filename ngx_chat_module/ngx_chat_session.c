@@ -365,7 +365,7 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
     rc = ngx_chat_json_str(root, "token", &token, 8192, 0);
 
     if (rc == NGX_ERROR
-        || ngx_chat_json_str(root, "cursor", &cursor, 64, 0) == NGX_ERROR
+        || ngx_chat_json_str(root, "cursor", &cursor, 1024, 0) == NGX_ERROR
         || ngx_chat_json_str(root, "device_id", &device, 128, 0)
            == NGX_ERROR)
     {
@@ -788,6 +788,13 @@ ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
 
     s->catchup_busy = 0;
 
+    if (s->catchup_stale) {
+        /* a sync rewound the cursor while this page was on its way */
+        s->catchup_stale = 0;
+        ngx_chat_session_catchup(s);
+        return;
+    }
+
     if (rc != NGX_OK) {
         ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
                                "store unavailable");
@@ -1102,7 +1109,7 @@ ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
     ngx_str_t   cursor;
     u_char      result[NGX_CHAT_CURSOR_LEN + 16];
 
-    if (ngx_chat_json_str(root, "cursor", &cursor, 64, 1) != NGX_OK) {
+    if (ngx_chat_json_str(root, "cursor", &cursor, 1024, 1) != NGX_OK) {
         ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
                              "\"cursor\" is required", 0);
         return;
@@ -1144,6 +1151,13 @@ ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
     if (want < s->cursor) {
         s->cursor = want;
         s->state = NGX_CHAT_SESSION_CATCHUP;
+        s->wait_drain = 0;
+
+        if (s->catchup_busy) {
+            s->catchup_stale = 1;
+            return;
+        }
+
         ngx_chat_session_catchup(s);
     }
 }
