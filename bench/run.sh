@@ -59,12 +59,18 @@ if [ "$QUICK" = 1 ]; then
     MIXED_CONNS=200;  MIXED_RATE=300
     DURATION=3; WARMUP=1; DRAIN=2; HOLD=2
 else
+    # every value can be overridden from the environment; the defaults fit
+    # one server process (Socket.IO is one Node process: < 20,000 files;
+    # conf.example has worker_connections 16384)
     REPS="${REPS:-3}"
-    IDLE_CONNS=18000; STORM_CONNS=10000; STORM_RATE=2000
-    DM_CONNS=10000;   DM_RATE=5000
-    GROUP_CONNS=10000; GROUP_K=50;      GROUP_RATE=500
-    MIXED_CONNS=10000; MIXED_RATE=3000
-    DURATION=20; WARMUP=3; DRAIN=5; HOLD=10
+    IDLE_CONNS="${IDLE_CONNS:-15000}"
+    STORM_CONNS="${STORM_CONNS:-10000}"; STORM_RATE="${STORM_RATE:-2000}"
+    DM_CONNS="${DM_CONNS:-10000}";       DM_RATE="${DM_RATE:-5000}"
+    GROUP_CONNS="${GROUP_CONNS:-10000}"; GROUP_K="${GROUP_K:-50}"
+    GROUP_RATE="${GROUP_RATE:-500}"
+    MIXED_CONNS="${MIXED_CONNS:-10000}"; MIXED_RATE="${MIXED_RATE:-3000}"
+    DURATION="${DURATION:-20}"; WARMUP="${WARMUP:-3}"; DRAIN="${DRAIN:-5}"
+    HOLD="${HOLD:-10}"
 fi
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"

@@ -92,6 +92,7 @@ typedef struct {
     uint32_t        read_every;         /* mixed: read receipt per N msgs */
     uint32_t        retries;            /* chat: retries of unavailable */
     uint32_t        rest_parallel;      /* chat: REST connections/worker */
+    int             rest_keepalive;     /* chat: reuse REST connections */
 
     char            secret_file[256];
     unsigned char   secret[1024];

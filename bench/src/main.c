@@ -57,6 +57,8 @@ cb_usage(void)
 "  --read-every N    mixed: read receipt every N deliveries (5)\n"
 "  --retries N       chat: retries of unavailable/rate_limited (3)\n"
 "  --rest-parallel N chat: REST connections per worker (8)\n"
+"  --rest-keepalive  chat: reuse REST connections (default: one request\n"
+"                    per connection, Connection: close)\n"
 "  --secret-file F   HS256 secret (exact bytes, one trailing \\n dropped)\n"
 "  --auth header|hello   chat: token in Authorization or hello (header)\n"
 "  --token-ttl S     (3600)   --user-prefix P (bench_<run>_)\n"
@@ -238,7 +240,7 @@ cb_options(cb_opt_t *o, int argc, char **argv)
         { "tag", 1, 0, 't' }, { "check", 0, 0, 17 },
         { "verbose", 0, 0, 'v' }, { "help", 0, 0, 18 },
         { "quickack", 0, 0, 19 }, { "cpu-limit", 1, 0, 20 },
-        { "server-match", 1, 0, 21 },
+        { "server-match", 1, 0, 21 }, { "rest-keepalive", 0, 0, 22 },
         { 0, 0, 0, 0 }
     };
 
@@ -418,6 +420,9 @@ cb_options(cb_opt_t *o, int argc, char **argv)
             break;
         case 20:
             o->cpu_limit = atof(optarg);
+            break;
+        case 22:
+            o->rest_keepalive = 1;
             break;
         case 21:
             snprintf(o->server_match, sizeof(o->server_match), "%s",

@@ -150,6 +150,7 @@ typedef struct {
     uint8_t     state;
     uint8_t     writable;
     uint32_t    conv;               /* conversation in flight */
+    uint64_t    t_start;
     cb_buf_t    in;
     cb_buf_t    out;
 } cb_rest_t;
@@ -664,7 +665,7 @@ cb_topology(cb_w_t *w)
 {
     const cb_opt_t  *o = w->o;
     cb_conv_t       *cv;
-    uint32_t         i, j, k, ndm, ngroup, users, base;
+    uint32_t         i, j, k, ndm, ngroup, base;
 
     k = o->group_size;
     ndm = 0;
@@ -731,9 +732,6 @@ cb_topology(cb_w_t *w)
         }
     }
 
-    users = w->n;
-    (void) users;
-
     return 0;
 }
 
@@ -784,10 +782,12 @@ cb_rest_request(cb_w_t *w, cb_rest_t *rc, uint32_t conv)
                  "%s%.*s%s"
                  "Content-Type: application/json\r\n"
                  "Content-Length: %zu\r\n"
+                 "%s"
                  "\r\n",
                  o->api, o->host, o->port,
                  tl ? "Authorization: Bearer " : "", (int) tl, w->token,
-                 tl ? "\r\n" : "", blen);
+                 tl ? "\r\n" : "", blen,
+                 o->rest_keepalive ? "" : "Connection: close\r\n");
 
     if (n <= 0 || (size_t) n >= sizeof(hdr)) {
         return -1;
@@ -800,6 +800,7 @@ cb_rest_request(cb_w_t *w, cb_rest_t *rc, uint32_t conv)
     }
 
     rc->conv = conv;
+    rc->t_start = cb_now();
 
     if (rc->fd < 0) {
         rc->fd = cb_socket(w, w->o->src[0],
@@ -2499,15 +2500,31 @@ cb_start_run(cb_w_t *w, uint64_t t_run)
 static void
 cb_housekeep(cb_w_t *w, uint64_t now)
 {
-    uint64_t   to;
-    uint32_t   i;
+    uint64_t    to;
+    uint32_t    i;
     cb_conn_t  *c;
+    cb_rest_t  *rc;
+
+    to = (uint64_t) (w->o->connect_timeout * 1e9);
+
+    /* REST requests that got no answer in time: retried on a new one */
+    for (i = 0; i < w->nrest; i++) {
+        rc = &w->rest[i];
+
+        if ((rc->state == H_BUSY || rc->state == H_CONNECTING)
+            && now - rc->t_start > to)
+        {
+            fprintf(stderr, "worker %d: create conversation: no response "
+                    "in %.0f s\n", w->w, w->o->connect_timeout);
+            cb_conv_result(w, rc->conv, 0);
+            cb_rest_close(rc);
+            cb_rest_kick(w);
+        }
+    }
 
     if (w->pending == 0) {
         return;
     }
-
-    to = (uint64_t) (w->o->connect_timeout * 1e9);
 
     for (i = 0; i < w->next_connect; i++) {
         c = &w->c[i];
