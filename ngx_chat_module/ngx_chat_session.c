@@ -156,7 +156,8 @@ ngx_chat_session_set_timer(ngx_chat_session_t *s)
         return;
     }
 
-    left = s->exp - ngx_time();
+    /* the same leeway the verifier allowed when it accepted the token */
+    left = s->exp + ngx_chat_worker.cmcf->jwt_leeway - ngx_time();
 
     if (left < 0) {
         left = 0;
@@ -196,7 +197,7 @@ ngx_chat_session_timer(ngx_event_t *ev)
         return;
     }
 
-    if (ngx_time() >= s->exp) {
+    if (ngx_time() >= s->exp + ngx_chat_worker.cmcf->jwt_leeway) {
         ngx_chat_session_close(s, NGX_CHAT_CLOSE_TOKEN_EXPIRED,
                                "token_expired");
         return;

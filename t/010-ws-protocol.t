@@ -495,6 +495,61 @@ is_(request_json(ws, {"type": "ping", "id": 24}), {"type": "pong", "id": 24},
     "connection still open after invalid JSON")
 ws.close()
 
+# many requests in one write: all answered, in order
+ws = connect()
+ws.sendall(b"".join(RawWS.frame(0x1, ('{"type":"ping","id":%d}' % i).encode()) for i in range(500)))
+ids = []
+try:
+    while len(ids) < 500:
+        m = ws.recv_json(timeout=10)
+        if m is None:
+            break
+        ids.append(m.get("id"))
+except socket.timeout:
+    pass
+is_(ids, list(range(500)), "500 requests in one write: 500 pongs in order")
+ws.close()
+
+# a client that half-closes after its close frame still gets the reply
+ws = connect()
+ws.send_close(1000, b"done")
+ws.sock.shutdown(socket.SHUT_WR)
+f, frames = ws.read_until_close()
+ok(f is not None and f.close_code == 1000, "close then half-close: server's close frame arrives (%r)" % (f,))
+ws.close()
+
+# abrupt disconnects in every state (the log check at the end covers them)
+for data in (b"", RawWS.frame(0x1, b'{"type":"ping","id":1}')[:5],
+             RawWS.frame(0x1, b'{"type":"ping"', fin=False),
+             RawWS.frame(0x1, b'{"type":"hello","id":1,"token":"%s"}' % token("zed").encode()),
+             RawWS.frame(0x1, b"x" * 1000)[:600]):
+    ws = connect()
+    if data:
+        ws.sendall(data)
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.close()
+ws = connect()
+is_(request_json(ws, {"type": "ping", "id": 31}), {"type": "pong", "id": 31},
+    "server fine after abrupt disconnects (RST) in every state")
+ws.close()
+
+# default chat_max_message_size (64k): 64-bit length form, read budget
+ws = RawWS(ng_ka, headers=dict(PROTO), timeout=10)
+big = padded_ping(41, 65536)
+ws.send_text(big)
+is_(ws.recv_json(), {"type": "pong", "id": 41}, "64k message (64-bit length form) accepted with the default limit")
+ws.sendall(b"".join(RawWS.frame(0x1, padded_ping(50 + i, 60000)) for i in range(5)))
+got = []
+try:
+    for i in range(5):
+        got.append(ws.recv_json())
+except socket.timeout:
+    pass
+is_([g.get("id") if isinstance(g, dict) else g for g in got], [50, 51, 52, 53, 54],
+    "5 x 60k messages in one write (beyond one read budget): all answered in order")
+ws.send_text(padded_ping(42, 65537))
+expect_close(ws, 1009, "64k + 1 with the default limit")
+
 # --------------------------------------------------------- before hello ----
 
 ws = connect()
@@ -633,6 +688,26 @@ time.sleep(2)
 r = request_json(prompt, {"type": "ping", "id": 8})
 is_(r, {"type": "pong", "id": 8}, "hello'd client still open 2 s later")
 prompt.close()
+
+# credentials on the upgrade count: no hello needed, no auth timeout
+upg = RawWS(ng_auth, headers=dict(PROTO), token=token("carol"), timeout=10)
+is_(upg.status, 101, "upgrade with Authorization: Bearer -> 101")
+time.sleep(2)
+upg.send_json({"type": "ping", "id": 9})
+got = []
+try:
+    while True:
+        m = upg.recv_json(timeout=3)
+        if m is None:
+            break
+        got.append(m)
+        if m.get("type") == "pong":
+            break
+except socket.timeout:
+    pass
+ok({"type": "pong", "id": 9} in got,
+   "Bearer-authenticated client without hello still open after 2 s (auth timeout 1 s) (%r)" % (got,))
+upg.close()
 
 # a hello with a bad token: error reply, then close 1008
 bad = RawWS(ng_auth, headers=dict(PROTO), timeout=10)

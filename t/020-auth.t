@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import json
 import os
-import socket
 import sys
 import time
 
@@ -35,6 +34,28 @@ ec_pub_file = write_file("es256.pub", ec_pub)
 ng_es = Nginx(pg, workers=2, chat_http='chat_db "%s";\nchat_jwt_alg ES256;\nchat_jwt_key %s;'
               % (pg.conninfo, ec_pub_file))
 
+# HS256 secret files: exact bytes, one trailing newline dropped
+sec = b"0123456789abcdef0123456789abcdef-file-secret"
+ng_nl = Nginx(pg, workers=2, jwt_key=write_file("secret-nl", sec + b"\n"))
+ng_nl2 = Nginx(pg, workers=2, jwt_key=write_file("secret-nl2", sec + b"\n\n"))
+
+# RS256 with an X.509 certificate instead of a bare public key
+from cryptography import x509  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+from cryptography.hazmat.primitives import hashes as _hashes, serialization as _ser  # noqa: E402
+import datetime  # noqa: E402
+_cert_key = _ser.load_pem_private_key(rs_priv, None)
+_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chat-test")])
+_now = datetime.datetime.utcnow()
+_cert = (x509.CertificateBuilder().subject_name(_name).issuer_name(_name)
+         .public_key(_cert_key.public_key()).serial_number(1)
+         .not_valid_before(_now - datetime.timedelta(days=1))
+         .not_valid_after(_now + datetime.timedelta(days=1))
+         .sign(_cert_key, _hashes.SHA256()))
+cert_file = write_file("rs256.crt", _cert.public_bytes(_ser.Encoding.PEM))
+ng_cert = Nginx(pg, workers=2, chat_http='chat_db "%s";\nchat_jwt_alg RS256;\nchat_jwt_key %s;'
+                % (pg.conninfo, cert_file))
+
 loop = asyncio.new_event_loop()
 asyncio.set_event_loop(loop)
 
@@ -55,7 +76,7 @@ def raw_jwt(header, claims, secret=None, sig=None):
     """A compact JWS built by hand: HS256 over `secret` (any bytes, PEM
     included -- PyJWT refuses those), or the given signature bytes."""
     signing_input = b64u(json.dumps(header, separators=(",", ":"))) + "." + \
-        b64u(json.dumps(claims, separators=(",", ":")))
+        b64u(claims if isinstance(claims, str) else json.dumps(claims, separators=(",", ":")))
     if secret is not None:
         sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + (b64u(sig) if sig else "")
@@ -168,8 +189,14 @@ async def good_hello():
     ok(isinstance(res.get("session_id"), str) and res["session_id"], "hello result session_id string")
     ok(isinstance(res.get("cursor"), str) and res["cursor"], "hello result cursor string")
     ok(isinstance(res.get("heartbeat_ms"), int), "hello result heartbeat_ms number")
-    r2 = await c.request("hello", token=token("alice"))
-    is_(err_code(r2), "bad_request", "a second hello -> bad_request (%r)" % (r2,))
+    r2 = await c.request("hello", token=token("alice", name="Alice A."))
+    ok(r2 is not None and r2.get("ok") is True
+       and r2["result"].get("session_id") == res.get("session_id"),
+       "a second hello for the same user is answered on the same session (%r)" % (r2,))
+    r3 = await c.request("hello", token=token("mallory"))
+    is_(err_code(r3), "forbidden", "a later hello with another user's token -> forbidden")
+    res3 = await c.wait_closed(5)
+    is_(res3 and res3[0], 1008, "... and close 1008")
     await c.close()
 
 run(good_hello())
@@ -181,6 +208,17 @@ async def bearer_upgrade():
     ok(r is not None and r.get("ok") is True, "Authorization: Bearer on the upgrade, hello without token accepted (%r)" % (r,))
     is_(((r or {}).get("result") or {}).get("user"), {"id": "bob", "name": "Bob", "role": "user"},
         "... as the token's user")
+    await c.close()
+
+    # no hello at all: the upgrade's credentials suffice (PROTOCOL 4)
+    c = await ws_connect(ng, token=token("bob", name="Bob"), bearer=True)
+    w = await c.wait_event(lambda m: m.get("type") == "welcome", timeout=5)
+    ok(w is not None and w.get("user", {}).get("id") == "bob",
+       "Bearer upgrade without hello -> welcome for bob (%r)" % (w,))
+    r = await c.request("send", conversation_id="999999999", client_msg_id="b1", body="x")
+    ok(r is not None and r.get("ok") is False and err_code(r) != "unauthorized",
+       "Bearer upgrade without hello: send is processed, not refused as unauthorized (%r)" % (r,))
+    is_(err_code(r), "not_found", "... send to an unknown conversation -> not_found")
     await c.close()
 
     # a hello token for another user than the upgrade's: forbidden, 1008
@@ -226,6 +264,20 @@ reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"}, claims("carol", role="ad
                         secret=hs_secret()),
             "unauthorized", "unknown role")
 reject_case(ng, "not.a.jwt", "unauthorized", "garbage token")
+now = int(time.time())
+accept_case(ng, token("carol", nbf=now + 3), "carol", "nbf 3 s in the future, within leeway 10 s")
+reject_case(ng, token("carol", iat=now + 120), "unauthorized", "iat 120 s in the future")
+reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"}, {"sub": "carol", "exp": str(now + 3600)},
+                        secret=hs_secret()),
+            "unauthorized", "exp as a string")
+reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"}, {"sub": 42, "exp": now + 3600},
+                        secret=hs_secret()),
+            "unauthorized", "sub as a number")
+reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"},
+                        '{"sub":"carol","exp":%d,"sub":"admin"}' % (now + 3600), secret=hs_secret()),
+            "unauthorized", "duplicate sub claim")
+reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"}, {"exp": now + 3600}, secret=hs_secret()),
+            "unauthorized", "no sub claim")
 
 # ---------------------------------------------------------- RS256 ----
 
@@ -243,6 +295,23 @@ reject_case(ng_rs, token("rsuser", key=other_priv, alg="RS256"), "unauthorized",
             "RS256 signed by another key")
 reject_case(ng_rs, raw_jwt({"alg": "none"}, claims("rsuser")), "unauthorized", "RS256 server, alg none")
 
+accept_case(ng_cert, token("certuser", key=rs_priv, alg="RS256"), "certuser",
+            "RS256 key given as an X.509 certificate, good token")
+reject_case(ng_cert, raw_jwt({"alg": "HS256", "typ": "JWT"}, claims("certuser"),
+                             secret=_cert.public_bytes(_ser.Encoding.PEM)),
+            "unauthorized", "certificate server, HS256 signed with the certificate PEM")
+
+# ---------------------------------------------------- secret files ----
+
+st, body = me(ng_nl, token("nl", key=sec))
+is_(st, 200, "secret file \"S\\n\": token signed with S accepted")
+st, body = me(ng_nl, token("nl", key=sec + b"\n"))
+is_(st, 401, "secret file \"S\\n\": token signed with S\\n refused")
+st, body = me(ng_nl2, token("nl", key=sec + b"\n"))
+is_(st, 200, "secret file \"S\\n\\n\": only one newline dropped, S\\n accepted")
+st, body = me(ng_nl2, token("nl", key=sec))
+is_(st, 401, "secret file \"S\\n\\n\": token signed with S refused")
+
 # ---------------------------------------------------------- ES256 ----
 
 accept_case(ng_es, token("esuser", key=ec_priv, alg="ES256"), "esuser", "ES256 good token")
@@ -252,7 +321,6 @@ reject_case(ng_es, token("esuser", key=rs_priv, alg="RS256"), "unauthorized", "E
 other_ec, _ = ec_keypair()
 reject_case(ng_es, token("esuser", key=other_ec, alg="ES256"), "unauthorized", "ES256 signed by another key")
 # a DER-encoded ECDSA signature is not the JWS form (raw r||s)
-import jwt as _pyjwt  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec as _ec  # noqa: E402
 _k = serialization.load_pem_private_key(ec_priv, None)
@@ -287,6 +355,13 @@ is_(ws.status, 401, "the same ticket a second time -> 401")
 is_(err_code(body_json(ws)), "unauthorized", "... JSON error unauthorized")
 ws.close()
 
+st, hd, body = api("POST", "/chat/api/tickets", token=token("svc", role="service"), nginx=ng)
+ws = upgrade_status(ng, ticket=body.get("ticket") if isinstance(body, dict) else None)
+r = ws.request("hello") if ws.status == 101 else None
+is_(((r or {}).get("result") or {}).get("user", {}).get("role"), "service",
+    "ticket of a service token: the session has role service")
+ws.close()
+
 ws = upgrade_status(ng, ticket="A" * 43)
 is_(ws.status, 401, "an unknown ticket -> 401")
 ws.close()
@@ -309,6 +384,11 @@ for t in tks:
     ws.close()
 is_(sts, [401] * 6, "... and each refused the second time")
 
+# a ticket whose token runs out (beyond leeway) before it is redeemed
+st, hd, body = api("POST", "/chat/api/tickets", token=token("erin", exp_in=-9), nginx=ng)
+tk_lapsed = body.get("ticket") if isinstance(body, dict) else None
+ok(st in (200, 201) and tk_lapsed, "ticket for a token 9 s past exp (leeway 10 s) issued")
+
 st, hd, body = api("POST", "/chat/api/tickets", token=token("erin"), nginx=ng0)
 is_(body.get("expires_in") if isinstance(body, dict) else None, 1, "chat_ticket_ttl 1s -> expires_in 1")
 tk_exp = body.get("ticket") if isinstance(body, dict) else None
@@ -317,10 +397,10 @@ ws = upgrade_status(ng0, ticket=tk_exp)
 is_(ws.status, 401, "ticket used after its ttl (1 s, waited 2 s) -> 401")
 ws.close()
 
-# a ticket issued for a token that has expired meanwhile is refused
-st, hd, body = api("POST", "/chat/api/tickets", token=token("erin", exp_in=1), nginx=ng0)
-tk_short = body.get("ticket") if isinstance(body, dict) else None
-ok(st in (200, 201) and tk_short, "ticket for a token expiring in 1 s issued")
+ws = upgrade_status(ng, ticket=tk_lapsed)
+is_(ws.status, 401, "ticket redeemed after its token expired (beyond leeway) -> 401")
+is_(err_code(body_json(ws)), "token_expired", "... code token_expired (%r)" % (body_json(ws),))
+ws.close()
 
 # ---------------------------------------------------------- refresh ----
 
@@ -332,7 +412,26 @@ async def refresh_and_expiry():
     # expires in 3 s, refreshed after 1 s
     refreshed = await ws_connect(ng0, token=token("frank", exp_in=3))
     ok(refreshed.hello and refreshed.hello.get("ok"), "second session with a 3 s token opened")
+    # a token accepted thanks to the leeway (ng: 10 s): the leeway is clock
+    # skew allowed for exp, so the session lasts until exp + leeway, it is
+    # not closed the moment after its hello was accepted
+    skewed = await ws_connect(ng, token=token("hank", exp_in=-7))
+    ok(skewed.hello and skewed.hello.get("ok"), "token 7 s past exp accepted (leeway 10 s)")
+    # the same two cases for sessions authenticated on the upgrade (no hello)
+    b_lapsing = await ws_connect(ng0, token=token("gina", exp_in=3), bearer=True)
+    b_refreshed = await ws_connect(ng0, token=token("gina", exp_in=3), bearer=True)
     await asyncio.sleep(1)
+    r = await b_refreshed.request("auth", token=token("gina", exp_in=3600))
+    ok(r is not None and r.get("ok") is True, "Bearer session without hello: auth refresh accepted (%r)" % (r,))
+    pong = None
+    try:
+        await skewed.send({"type": "ping", "id": 70})
+        pong = await skewed.wait_event(lambda m: m.get("type") == "pong", timeout=2)
+    except Exception as e:  # closed already
+        note("ping on the skewed session: %r" % (e,))
+    ok(pong == {"type": "pong", "id": 70} and not skewed.closed,
+       "... its session is still open 1 s later, before exp + leeway (closed: %r %r)"
+       % (skewed.close_code, skewed.close_reason))
     new_tok = token("frank", exp_in=3600)
     r = await refreshed.request("auth", token=new_tok)
     ok(r is not None and r.get("ok") is True, "auth with a new token for the same sub accepted (%r)" % (r,))
@@ -355,15 +454,18 @@ async def refresh_and_expiry():
     pong = await refreshed.wait_event(lambda m: m.get("type") == "pong", timeout=5)
     is_(pong, {"type": "pong", "id": 77}, "refreshed session still open after the first token's exp")
     ok(not refreshed.closed, "refreshed session not closed")
-    await refreshed.close()
-    await lapsing.close()
+    res = await skewed.wait_closed(5)
+    is_(res and res[0], 4001, "... and closed with 4001 once exp + leeway has passed")
+    res = await b_lapsing.wait_closed(3)
+    is_(res and res[0], 4001, "Bearer session without hello whose token expires -> 4001")
+    await b_refreshed.send({"type": "ping", "id": 78})
+    pong = await b_refreshed.wait_event(lambda m: m.get("type") == "pong", timeout=5)
+    is_(pong, {"type": "pong", "id": 78}, "refreshed Bearer session still open after the first exp")
+    for c in (refreshed, lapsing, b_lapsing, b_refreshed, skewed):
+        await c.close()
 
 run(refresh_and_expiry())
 
-ws = upgrade_status(ng0, ticket=tk_short)
-is_(ws.status, 401, "ticket whose token expired meanwhile (leeway 0) -> 401")
-is_(err_code(body_json(ws)), "token_expired", "... code token_expired (%r)" % (body_json(ws),))
-ws.close()
 
 # ----------------------------------------------------------- origin ----
 
@@ -395,6 +497,12 @@ is_(err_code(body), "unauthorized", "... error code unauthorized")
 
 st, hd, body = api("GET", "/chat/api/conversations", nginx=ng)
 is_(st, 401, "GET /chat/api/conversations without a token -> 401")
+
+st, hd, body = api("GET", "/chat/api/me", headers={"Authorization": "bearer " + token("ivy")}, nginx=ng)
+is_(st, 200, "REST with the scheme spelled \"bearer\" (case-insensitive) -> 200")
+
+st, hd, body = api("GET", "/chat/api/me?token=" + token("ivy"), nginx=ng)
+is_(st, 401, "a token in the URL (?token=) is not a way to authenticate REST")
 
 st, hd, body = api("GET", "/chat/api/me", headers={"Authorization": "Bearer "}, nginx=ng)
 is_(st, 401, "REST with an empty Bearer -> 401")
