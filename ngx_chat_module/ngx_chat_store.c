@@ -53,6 +53,9 @@ static void ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res,
 static void ngx_chat_store_defer(ngx_chat_send_t *snd);
 static ngx_uint_t ngx_chat_store_deferred(int64_t conv);
 static void ngx_chat_store_hold_pending(void);
+static ngx_uint_t ngx_chat_store_in_batch(ngx_chat_batch_t *b,
+    ngx_chat_send_t *snd);
+static void ngx_chat_store_requeue(ngx_chat_batch_t *b);
 static void ngx_chat_store_fail(ngx_chat_send_t *snd, const char *code,
     const char *msg, ngx_msec_t retry_after);
 static void ngx_chat_store_finish(ngx_chat_send_t *snd);
@@ -264,7 +267,7 @@ static ngx_int_t
 ngx_chat_store_build(ngx_chat_query_t *q)
 {
     ngx_uint_t         max;
-    ngx_queue_t       *qq;
+    ngx_queue_t       *qq, *next;
     ngx_chat_batch_t  *b;
     ngx_chat_store_t  *st;
     ngx_chat_send_t   *snd;
@@ -288,9 +291,20 @@ ngx_chat_store_build(ngx_chat_query_t *q)
         return NGX_ERROR;
     }
 
-    while (b->n < max) {
-        qq = ngx_queue_head(&st->pending);
+    for (qq = ngx_queue_head(&st->pending);
+         qq != ngx_queue_sentinel(&st->pending) && b->n < max;
+         qq = next)
+    {
+        next = ngx_queue_next(qq);
         snd = ngx_queue_data(qq, ngx_chat_send_t, queue);
+
+        /*
+         * A retry that races its original goes into the next batch,
+         * where the store finds the first one and answers "dup".
+         */
+        if (ngx_chat_store_in_batch(b, snd)) {
+            continue;
+        }
 
         if (b->n && ngx_chat_buf_add_lit(&b->json, ",") != NGX_OK) {
             return NGX_ERROR;
@@ -304,6 +318,10 @@ ngx_chat_store_build(ngx_chat_query_t *q)
         qq->next = NULL;
         st->npending--;
         b->items[b->n++] = snd;
+    }
+
+    if (b->n == 0) {
+        return NGX_ERROR;
     }
 
     if (ngx_chat_buf_add(&b->json, "]", 2) != NGX_OK) {
@@ -366,7 +384,7 @@ static void
 ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     int                i, n;
-    char              *status;
+    char              *status, *state;
     int64_t            conv;
     uint64_t           gseq;
     ngx_uint_t         idx, published;
@@ -382,6 +400,14 @@ ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     if (rc != NGX_OK) {
         if (rc == NGX_ERROR && b->n == 0) {
             /* build found nothing to send */
+            goto done;
+        }
+
+        state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+
+        if (rc == NGX_ERROR && state && ngx_strcmp(state, "40001") == 0) {
+            /* a duplicate raced us from another worker: run it again */
+            ngx_chat_store_requeue(b);
             goto done;
         }
 
@@ -531,6 +557,49 @@ ngx_chat_store_deferred(int64_t conv)
     }
 
     return 0;
+}
+
+
+static ngx_uint_t
+ngx_chat_store_in_batch(ngx_chat_batch_t *b, ngx_chat_send_t *snd)
+{
+    ngx_uint_t        i;
+    ngx_chat_send_t  *o;
+
+    for (i = 0; i < b->n; i++) {
+        o = b->items[i];
+
+        if (o->client_msg_id.len == snd->client_msg_id.len
+            && o->sender.len == snd->sender.len
+            && ngx_memcmp(o->client_msg_id.data, snd->client_msg_id.data,
+                          snd->client_msg_id.len) == 0
+            && ngx_memcmp(o->sender.data, snd->sender.data, snd->sender.len)
+               == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/* the items of a failed batch go back to the front, in their order */
+
+static void
+ngx_chat_store_requeue(ngx_chat_batch_t *b)
+{
+    ngx_uint_t         i;
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    for (i = b->n; i > 0; i--) {
+        ngx_queue_insert_head(&st->pending, &b->items[i - 1]->queue);
+        st->npending++;
+    }
+
+    b->n = 0;
 }
 
 

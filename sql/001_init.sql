@@ -81,21 +81,25 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
 $$;
 
+-- Built by concatenation: compact, and cheaper than json_build_object on
+-- the send path.
 CREATE FUNCTION chat_message_json(m chat_messages) RETURNS text
 LANGUAGE sql STABLE AS $$
-    SELECT json_build_object(
-        'id', m.id::text,
-        'conversation_id', m.conversation_id::text,
-        'seq', m.seq,
-        'sender', m.sender,
-        'created_at', chat_ts(m.created_at),
-        'client_msg_id', m.client_msg_id,
-        'body', CASE WHEN m.deleted THEN '' ELSE m.body END,
-        'format', m.format,
-        'reply_to', m.reply_to::text,
-        'attachments', m.attachments,
-        'edited_at', chat_ts(m.edited_at),
-        'deleted', m.deleted)::text
+    SELECT '{"id":"' || m.id
+        || '","conversation_id":"' || m.conversation_id
+        || '","seq":' || m.seq
+        || ',"sender":' || to_json(m.sender)::text
+        || ',"created_at":"' || chat_ts(m.created_at)
+        || '","client_msg_id":' || to_json(m.client_msg_id)::text
+        || ',"body":' || CASE WHEN m.deleted THEN '""'
+                              ELSE to_json(m.body)::text END
+        || ',"format":"' || m.format
+        || '","reply_to":' || coalesce('"' || m.reply_to || '"', 'null')
+        || ',"attachments":' || m.attachments::text
+        || ',"edited_at":' || coalesce('"' || chat_ts(m.edited_at) || '"',
+                                       'null')
+        || ',"deleted":' || m.deleted
+        || '}'
 $$;
 
 CREATE FUNCTION chat_conversation_json(p_id bigint) RETURNS text
@@ -114,10 +118,12 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 
--- Stores a batch of sends in one transaction.  Items (a JSON array) are
+-- Stores a batch of sends in one transaction, set-based: one statement
+-- validates, locks, numbers and inserts them all.  Items (a JSON array) are
 -- {sender, conversation_id, client_msg_id, body, format, reply_to,
--- attachments}, already validated by the module.  Returns one row per
--- item, in item order:
+-- attachments}, already validated by the module, which also never puts
+-- the same (sender, client_msg_id) twice into one batch.  Returns one row
+-- per item, in item order:
 --   ok         stored now: gseq, message, event
 --   dup        (sender, client_msg_id) was stored before: message
 --   conflict   that client_msg_id was used for another conversation
@@ -130,143 +136,124 @@ RETURNS TABLE (o_idx int, o_status text, o_gseq bigint, o_conv bigint,
                o_message text, o_event text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_item    jsonb;
-    v_i       int := 0;
-    v_n       int := 0;
-    v_k       int := 0;
-    v_locked  bigint[];
-    v_conv    bigint;
-    v_sender  text;
-    v_cmid    text;
-    v_reply   bigint;
-    v_seq     bigint;
+    v_want    int;
+    v_got     int;
     v_clk     bigint;
-    v_msg     text;
-    v_m       chat_messages;
-    r_idx     int[] := '{}';
-    r_status  text[] := '{}';
-    r_gseq    bigint[] := '{}';
-    r_conv    bigint[] := '{}';
-    r_msg     text[] := '{}';
-    r_ev      text[] := '{}';
+    r_idx     int[];
+    r_status  text[];
+    r_conv    bigint[];
+    r_seq     bigint[];
+    r_msg     text[];
+    r_gseq    bigint[];
+    r_ev      text[];
 BEGIN
-    SELECT coalesce(array_agg(l.id), '{}') INTO v_locked
-    FROM (SELECT c.id FROM chat_conversations c
-          WHERE c.id IN (SELECT DISTINCT (e ->> 'conversation_id')::bigint
-                         FROM jsonb_array_elements(p_items) e)
-          ORDER BY c.id
-          FOR UPDATE SKIP LOCKED) l;
-
-    FOR v_item IN SELECT value FROM jsonb_array_elements(p_items) LOOP
-        v_i := v_i + 1;
-        v_conv := (v_item ->> 'conversation_id')::bigint;
-        v_sender := v_item ->> 'sender';
-        v_cmid := v_item ->> 'client_msg_id';
-        v_reply := (v_item ->> 'reply_to')::bigint;
-
-        r_idx := r_idx || v_i;
-        r_gseq := r_gseq || NULL::bigint;
-        r_conv := r_conv || v_conv;
-        r_ev := r_ev || NULL::text;
-
-        SELECT * INTO v_m FROM chat_messages m
-        WHERE m.sender = v_sender AND m.client_msg_id = v_cmid;
-
-        IF FOUND THEN
-            IF v_m.conversation_id = v_conv THEN
-                r_status := r_status || 'dup'::text;
-                r_msg := r_msg || chat_message_json(v_m);
-            ELSE
-                r_status := r_status || 'conflict'::text;
-                r_msg := r_msg || NULL::text;
-            END IF;
-            CONTINUE;
-        END IF;
-
-        IF NOT (v_conv = ANY (v_locked)) THEN
-            IF EXISTS (SELECT 1 FROM chat_conversations c
-                       WHERE c.id = v_conv)
-            THEN
-                r_status := r_status || 'busy'::text;
-            ELSE
-                r_status := r_status || 'not_found'::text;
-            END IF;
-            r_msg := r_msg || NULL::text;
-            CONTINUE;
-        END IF;
-
-        IF NOT EXISTS (SELECT 1 FROM chat_members mb
-                       WHERE mb.conversation_id = v_conv
-                         AND mb.user_id = v_sender)
-        THEN
-            r_status := r_status || 'forbidden'::text;
-            r_msg := r_msg || NULL::text;
-            CONTINUE;
-        END IF;
-
-        IF v_reply IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM chat_messages m
-                           WHERE m.id = v_reply
-                             AND m.conversation_id = v_conv)
-        THEN
-            r_status := r_status || 'bad_reply_to'::text;
-            r_msg := r_msg || NULL::text;
-            CONTINUE;
-        END IF;
-
-        UPDATE chat_conversations c
-        SET last_seq = c.last_seq + 1, last_activity = clock_timestamp()
-        WHERE c.id = v_conv
-        RETURNING c.last_seq INTO v_seq;
-
+    WITH items AS (
+        SELECT i.ord::int AS idx,
+               i.e ->> 'sender' AS sender,
+               (i.e ->> 'conversation_id')::bigint AS conv,
+               i.e ->> 'client_msg_id' AS cmid,
+               i.e ->> 'body' AS body,
+               coalesce(i.e ->> 'format', 'text') AS format,
+               (i.e ->> 'reply_to')::bigint AS reply_to,
+               coalesce(i.e -> 'attachments', '[]'::jsonb) AS attachments
+        FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (e, ord)
+    ), locked AS (
+        SELECT c.id, c.last_seq FROM chat_conversations c
+        WHERE c.id IN (SELECT DISTINCT it.conv FROM items it)
+        ORDER BY c.id
+        FOR UPDATE SKIP LOCKED
+    ), prior AS (
+        SELECT it.idx, m AS m FROM items it
+        JOIN chat_messages m
+          ON m.sender = it.sender AND m.client_msg_id = it.cmid
+    ), classified AS (
+        SELECT it.*, l.last_seq, p.m,
+            CASE
+            WHEN p.idx IS NOT NULL THEN
+                CASE WHEN (p.m).conversation_id = it.conv THEN 'dup'
+                     ELSE 'conflict' END
+            WHEN l.id IS NULL THEN
+                CASE WHEN EXISTS (SELECT 1 FROM chat_conversations c
+                                  WHERE c.id = it.conv)
+                     THEN 'busy' ELSE 'not_found' END
+            WHEN NOT EXISTS (SELECT 1 FROM chat_members mb
+                             WHERE mb.conversation_id = it.conv
+                               AND mb.user_id = it.sender)
+                THEN 'forbidden'
+            WHEN it.reply_to IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM chat_messages m
+                                 WHERE m.id = it.reply_to
+                                   AND m.conversation_id = it.conv)
+                THEN 'bad_reply_to'
+            ELSE 'ok' END AS status
+        FROM items it
+        LEFT JOIN prior p ON p.idx = it.idx
+        LEFT JOIN locked l ON l.id = it.conv
+    ), numbered AS (
+        SELECT c.idx, c.conv, c.sender, c.cmid, c.body, c.format, c.reply_to,
+               c.attachments,
+               c.last_seq + row_number() OVER (PARTITION BY c.conv
+                                               ORDER BY c.idx) AS seq
+        FROM classified c WHERE c.status = 'ok'
+    ), ins AS (
         INSERT INTO chat_messages AS m
             (conversation_id, seq, sender, client_msg_id, body, format,
              reply_to, attachments)
-        VALUES (v_conv, v_seq, v_sender, v_cmid, v_item ->> 'body',
-                coalesce(v_item ->> 'format', 'text'), v_reply,
-                coalesce(v_item -> 'attachments', '[]'::jsonb))
+        SELECT n.conv, n.seq, n.sender, n.cmid, n.body, n.format,
+               n.reply_to, n.attachments
+        FROM numbered n ORDER BY n.idx
         ON CONFLICT (sender, client_msg_id) DO NOTHING
-        RETURNING * INTO v_m;
+        RETURNING m.*
+    ), upd AS (
+        UPDATE chat_conversations c
+        SET last_seq = x.top, last_activity = clock_timestamp()
+        FROM (SELECT n.conv, max(n.seq) AS top FROM numbered n
+              GROUP BY n.conv) x
+        WHERE c.id = x.conv
+        RETURNING c.id
+    )
+    SELECT array_agg(c.idx ORDER BY c.idx),
+           array_agg(c.status ORDER BY c.idx),
+           array_agg(c.conv ORDER BY c.idx),
+           array_agg(i.seq ORDER BY c.idx),
+           array_agg(CASE c.status
+                     WHEN 'ok' THEN chat_message_json(ROW(i.*)::chat_messages)
+                     WHEN 'dup' THEN chat_message_json(c.m)
+                     END ORDER BY c.idx),
+           count(*) FILTER (WHERE c.status = 'ok'),
+           count(i.id),
+           (SELECT count(*) FROM upd)
+    INTO r_idx, r_status, r_conv, r_seq, r_msg, v_want, v_got
+    FROM classified c
+    LEFT JOIN ins i
+      ON c.status = 'ok' AND i.sender = c.sender AND i.client_msg_id = c.cmid;
 
-        IF NOT FOUND THEN
-            -- a concurrent transaction (another conversation: this one
-            -- is locked by us) committed the same client_msg_id first
-            UPDATE chat_conversations c SET last_seq = c.last_seq - 1
-            WHERE c.id = v_conv;
+    IF v_got <> v_want THEN
+        -- another conversation's transaction stored the same
+        -- client_msg_id first: let the module retry the batch
+        RAISE EXCEPTION 'chat: concurrent duplicate client_msg_id'
+              USING ERRCODE = '40001';
+    END IF;
 
-            SELECT * INTO v_m FROM chat_messages m
-            WHERE m.sender = v_sender AND m.client_msg_id = v_cmid;
-
-            IF v_m.conversation_id = v_conv THEN
-                r_status := r_status || 'dup'::text;
-                r_msg := r_msg || chat_message_json(v_m);
-            ELSE
-                r_status := r_status || 'conflict'::text;
-                r_msg := r_msg || NULL::text;
-            END IF;
-            CONTINUE;
-        END IF;
-
-        v_msg := chat_message_json(v_m);
-        v_n := v_n + 1;
-        r_status := r_status || 'ok'::text;
-        r_msg := r_msg || v_msg;
-        r_ev[v_i] := '{"kind":"message.new","conversation_id":"'
-                     || v_conv || '","seq":' || v_seq
-                     || ',"message":' || v_msg || '}';
-    END LOOP;
-
-    IF v_n > 0 THEN
+    IF v_want > 0 THEN
         -- the clock is taken last and held to commit: gseq order is
         -- commit order
-        UPDATE chat_clock SET v = v + v_n RETURNING v - v_n INTO v_clk;
+        UPDATE chat_clock SET v = v + v_want RETURNING v - v_want INTO v_clk;
 
-        FOR v_i IN 1 .. array_length(r_idx, 1) LOOP
-            IF r_status[v_i] = 'ok' THEN
-                v_k := v_k + 1;
-                r_gseq[v_i] := v_clk + v_k;
-            END IF;
-        END LOOP;
+        SELECT array_agg(g ORDER BY u.idx), array_agg(ev ORDER BY u.idx)
+        INTO r_gseq, r_ev
+        FROM (SELECT u.idx,
+                     CASE WHEN u.status = 'ok' THEN
+                         v_clk + count(*) FILTER (WHERE u.status = 'ok')
+                                 OVER (ORDER BY u.idx)
+                     END AS g,
+                     CASE WHEN u.status = 'ok' THEN
+                         '{"kind":"message.new","conversation_id":"'
+                         || u.conv || '","seq":' || u.seq
+                         || ',"message":' || u.msg || '}'
+                     END AS ev
+              FROM unnest(r_idx, r_status, r_conv, r_seq, r_msg)
+                   AS u (idx, status, conv, seq, msg)) u;
 
         INSERT INTO chat_events (gseq, conversation_id, kind, payload)
         SELECT g, c, 'message.new', p
