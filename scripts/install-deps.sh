@@ -16,7 +16,23 @@ PACKAGES=(
     openssl curl procps perl        # openssl rand, pgrep, prove
     python3 python3-websockets python3-psycopg2 python3-jwt
     python3-cryptography python3-wsproto
+    chromium                        # browser tests (playwright-core drives it)
 )
+
+# Node.js and npm: the machine image may ship its own; Debian's otherwise.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    PACKAGES+=(nodejs npm)
+fi
+
+# npm packages of the browser client and its tests (client/package-lock.json)
+npm_deps() {
+    local client
+    client="$(cd "$(dirname "$0")/.." && pwd)/client"
+    if [ ! -d "$client/node_modules/playwright-core" ]; then
+        echo "install-deps: npm ci in client/"
+        (cd "$client" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+}
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -26,6 +42,7 @@ done
 
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install-deps: all ${#PACKAGES[@]} packages present"
+    [ "${1:-}" = --check ] || npm_deps
     exit 0
 fi
 
@@ -86,4 +103,5 @@ if [ "$new_nginx" = 1 ]; then
     done
 fi
 
+npm_deps
 echo "install-deps: done"
