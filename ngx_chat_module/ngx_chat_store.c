@@ -56,6 +56,7 @@ static void ngx_chat_store_hold_pending(void);
 static ngx_uint_t ngx_chat_store_in_batch(ngx_chat_batch_t *b,
     ngx_chat_send_t *snd);
 static void ngx_chat_store_requeue(ngx_chat_batch_t *b);
+static ngx_uint_t ngx_chat_store_transient(const char *state);
 static void ngx_chat_store_fail(ngx_chat_send_t *snd, const char *code,
     const char *msg, ngx_msec_t retry_after);
 static void ngx_chat_store_finish(ngx_chat_send_t *snd);
@@ -186,10 +187,13 @@ ngx_chat_store_send(ngx_chat_send_t *snd)
         ngx_queue_init(&st->pending);
         ngx_queue_init(&st->deferred);
 
+        /* data must not be NULL: nginx's debug log reads through it */
         st->flush.handler = ngx_chat_store_flush;
         st->flush.log = ngx_chat_worker.log;
+        st->flush.data = st;
         st->retry.handler = ngx_chat_store_retry;
         st->retry.log = ngx_chat_worker.log;
+        st->retry.data = st;
         st->retry.cancelable = 1;
     }
 
@@ -412,7 +416,7 @@ ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         }
 
         for (idx = 0; idx < b->n; idx++) {
-            if (rc == NGX_DECLINED) {
+            if (rc == NGX_DECLINED || ngx_chat_store_transient(state)) {
                 ngx_chat_store_fail(b->items[idx], "unavailable",
                                     "the store is unavailable",
                                     ngx_chat_db_retry_after());
@@ -581,6 +585,25 @@ ngx_chat_store_in_batch(ngx_chat_batch_t *b, ngx_chat_send_t *snd)
     }
 
     return 0;
+}
+
+
+/*
+ * Failures that pass by themselves: the statement timeout (a lock held
+ * too long), lock and deadlock errors, a connection lost mid-statement.
+ */
+static ngx_uint_t
+ngx_chat_store_transient(const char *state)
+{
+    if (state == NULL) {
+        return 0;
+    }
+
+    return ngx_strcmp(state, "57014") == 0
+           || ngx_strcmp(state, "55P03") == 0
+           || ngx_strcmp(state, "40P01") == 0
+           || ngx_strcmp(state, "57P01") == 0
+           || ngx_strncmp(state, "08", 2) == 0;
 }
 
 

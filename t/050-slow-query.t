@@ -16,6 +16,10 @@
 #     retry_after_ms after about 2 s (while B on the same connection is
 #     answered at once); a retry with the same client_msg_id after the
 #     release stores it exactly once.
+#  5. The same when every commit waits on the clock row past the statement
+#     timeout (PostgreSQL cancels the batch): `unavailable` with
+#     retry_after_ms, not `internal`; the retry stores it exactly once.
+#  6. The deferred-send retry path with error_log at debug level: no crash.
 #
 # Conversations are created with the schema's own chat_create_conversation()
 # before nginx starts (fixtures; REST creation is tested elsewhere).
@@ -373,6 +377,66 @@ async def part_statement_timeout(ng2):
         await c.close()
 
 
+# ------------------------------------------------------------------- 5 ---
+
+async def part_clock_timeout(ng2):
+    """Every commit waits on the clock row (held by the test) longer than
+    chat_db_statement_timeout: PostgreSQL cancels the batch.  That is the
+    store not answering in time, as transient as a held conversation: the
+    sends are answered `unavailable` with retry_after_ms (not `internal`),
+    and the retry after the release stores each exactly once."""
+    c = await connect("bob", nginx=ng2)
+    base = {A: last_seq(A), B: last_seq(B)}
+    lk = pg.conn(autocommit=False)
+    with lk.cursor() as cur:
+        cur.execute("SELECT * FROM chat_clock FOR UPDATE")
+        cur.fetchall()
+    t0 = time.monotonic()
+    tasks = [(conv, cmid, asyncio.ensure_future(c.request("send", timeout=15, **send_fields(conv, cmid))))
+             for conv, cmid in ((A, "clock-a"), (B, "clock-b"))]
+    res = []
+    for conv, cmid, t in tasks:
+        r = await t
+        res.append((conv, cmid, r, time.monotonic() - t0))
+    for conv, cmid, r, dt in res:
+        err = (r or {}).get("error") or {}
+        ok(r is not None and r.get("ok") is False and err.get("code") == "unavailable"
+           and isinstance(err.get("retry_after_ms"), int) and err["retry_after_ms"] > 0,
+           "%s: a send whose commit waits past chat_db_statement_timeout is answered unavailable "
+           "with retry_after_ms (%r)" % (cmid, r))
+        ok(dt <= 6.0, "%s: answered after %.2f s (one or two 2 s timeouts)" % (cmid, dt))
+    await asyncio.sleep(max(0, 6.5 - (time.monotonic() - t0)))
+    lk.rollback()
+    lk.close()
+    for conv, cmid, _, _ in res:
+        r = await c.request("send", timeout=10, **send_fields(conv, cmid))
+        ok(r and r.get("ok") and r["result"]["message"]["seq"] == base[conv] + 1,
+           "%s: the retry after the release is stored (seq %r)"
+           % (cmid, r and r.get("ok") and r["result"]["message"]["seq"]))
+        is_(len(db_rows(conv).get(cmid, [])), 1, "%s: exactly one row" % cmid)
+    await c.close()
+
+
+# ------------------------------------------------------------------- 6 ---
+
+async def part_debug_log(ng3):
+    """The deferred-send retry timer with error_log at debug level (what an
+    operator turns on to look at exactly such stalls): no worker crashes."""
+    pids = sorted(ng3.worker_pids())
+    c = await connect("bob", nginx=ng3)
+    lk = lock_conv(A)
+    t = asyncio.ensure_future(c.request("send", timeout=15, **send_fields(A, "debug-1")))
+    await asyncio.sleep(1.0)             # a few busy retries
+    lk.rollback()
+    lk.close()
+    r = await t
+    ok(r and r.get("ok"), "error_log debug: a send deferred behind a held conversation succeeds (%r)"
+       % ((r or {}).get("error"),))
+    is_(sorted(ng3.worker_pids()), pids, "error_log debug: no worker died (%s)"
+        % [l for l in ng3.error_log().splitlines() if "exited on signal" in l][:1])
+    await c.close()
+
+
 loop = asyncio.new_event_loop()
 asyncio.set_event_loop(loop)
 
@@ -383,4 +447,9 @@ is_(ng.stop(), 0, "nginx (statement timeout 30 s) quits cleanly")
 
 ng2 = Nginx(pg, workers=2, http="chat_db_statement_timeout 2s;")
 loop.run_until_complete(part_statement_timeout(ng2))
+loop.run_until_complete(part_clock_timeout(ng2))
+is_(ng2.stop(), 0, "nginx (statement timeout 2 s) quits cleanly")
+
+ng3 = Nginx(pg, workers=2, log_level="debug")
+loop.run_until_complete(part_debug_log(ng3))
 done()
