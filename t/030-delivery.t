@@ -334,6 +334,22 @@ async def main():
     check_conv(conns, S, "new service group")
     check_conv(conns, DBE, "new direct bob-erin")
 
+    # ---- a sender that vanishes right after sending: whatever was stored
+    # is delivered to every member connection once, seq stays gapless ----
+    for k in range(3):
+        v = await ws_connect(token=token("dave"))
+        for j in range(5):
+            await v.send({"type": "send", "id": j + 1, "conversation_id": G,
+                          "client_msg_id": "vanish-%d-%d" % (k, j), "body": "bye %d" % j})
+        v.ws.transport.abort()
+        await v.wait_closed(5)
+    await asyncio.sleep(1.0)
+    n_g = len(db_messages(G))
+    stored = pg.query("SELECT count(*) FROM chat_messages WHERE client_msg_id LIKE 'vanish-%%'")
+    note("sends of vanished connections stored: %s of 15" % stored[0][0])
+    ok(await wait_all(conns, G, n_g), "group: all member connections received %d" % n_g)
+    check_conv(conns, G, "group after vanished senders")
+
     # ---- 4. non-members got nothing; totals are exact ----
     mal = conns["mallory"]
     foreign = [m for c in mal for m in c.messages

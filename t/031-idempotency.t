@@ -220,6 +220,38 @@ async def main():
     is_(sorted(set(counts.values())), [1],
         "... each exactly once despite the duplicate sends")
 
+    # ---- the lost ack: the connection dies right after the send, the
+    # client retries on another connection (on the other worker) ----
+    before = nmsgs(G)
+    retr = []
+    for k in range(15):
+        v = await ws_connect(token=TA)
+        await v.send({"type": "send", "id": 1, "conversation_id": G,
+                      "client_msg_id": "lost-%d" % k, "body": "lost ack %d" % k})
+        if k % 3:
+            await asyncio.sleep(0.002 * k)
+        v.ws.transport.abort()
+        retr.append(A[k % len(A)].request("send", conversation_id=G,
+                                          client_msg_id="lost-%d" % k,
+                                          body="lost ack %d" % k, timeout=30))
+        await v.wait_closed(5)
+    res = await asyncio.gather(*retr)
+    ok(all(r and r.get("ok") for r in res), "every retry after a lost ack is answered ok")
+    is_(pg.query("SELECT count(*), count(DISTINCT client_msg_id) FROM chat_messages "
+                 "WHERE sender = 'alice' AND client_msg_id LIKE 'lost-%%'"), [(15, 15)],
+        "DB: exactly one row per client_msg_id")
+    is_(sorted(mid(r) for r in res) == sorted(
+        (str(i), s_) for i, s_ in pg.query(
+            "SELECT id, seq FROM chat_messages WHERE client_msg_id LIKE 'lost-%%'")), True,
+        "the retries' replies name the stored messages")
+    is_(nmsgs(G) - before, 15, "DB: the conversation grew by 15")
+    lost = ["lost-%d" % k for k in range(15)]
+    ok(await until(lambda: all(len(msg_events(c, G, w)) >= 1 for c in A + B for w in lost), 20),
+       "every member connection got the 15 messages")
+    await asyncio.sleep(0.5)
+    is_(sorted({len(msg_events(c, G, w)) for c in A + B for w in lost}), [1],
+        "... each exactly once")
+
     # ---- conflict: the client_msg_id used for another conversation ----
     rc = await a0.request("send", conversation_id=D2, client_msg_id="dup-1", body="x")
     is_(err_code(rc), "conflict", "WS: client_msg_id reused for another conversation -> conflict")
@@ -346,6 +378,15 @@ async def main():
     ok(r and r.get("ok"), "a 60000-byte body fits")
     is_(pg.query("SELECT length(body) FROM chat_messages WHERE client_msg_id = 'big-ok'"),
         [(60000,)], "DB: stored whole")
+    # REST takes the same bodies as WebSocket (PROTOCOL 6: "same body"; README:
+    # chat_max_message_size is the REST body limit)
+    for n in (30000, 60000):
+        st, _, b = post_msg(D, TA, {"client_msg_id": "big-rest-%d" % n, "body": "r" * n})
+        if not is_(st, 201, "REST: a %d-byte body (under chat_max_message_size 64k) is "
+                   "stored: 201" % n):
+            diag("  answer: %r" % (b,))
+    is_(pg.query("SELECT length(body) FROM chat_messages WHERE client_msg_id LIKE "
+                 "'big-rest-%%' ORDER BY 1"), [(30000,), (60000,)], "DB: stored whole")
     st, _, b = post_msg(D, TA, {"client_msg_id": "big-rest", "body": "r" * 70000})
     is_(st, 413, "REST: oversize body -> 413")
     is_((b or {}).get("error", {}).get("code") if isinstance(b, dict) else None, "too_large",

@@ -90,7 +90,8 @@ pg = PgCluster()
 pg.psql("DELETE FROM chat_schema_version")
 is_(pg.psql("SELECT coalesce(max(version), 0) FROM chat_schema_version"), [["0"]],
     "schema version is 0 before nginx starts")
-ng = Nginx(pg, workers=2, allow=[])
+t_started = time.monotonic()
+ng = Nginx(pg, workers=2)
 m = ng.wait_log(r"\[(error|emerg|crit|alert)\].*schema.*", timeout=10)
 ok(m, "error.log has an error about the schema")
 like(m.group(0) if m else None, r"version 0 .*behind.*1.*migrations",
@@ -100,6 +101,8 @@ time.sleep(1.5)   # let the module retry a few times
 n = len(re.findall(r"schema version 0 is behind", ng.error_log()))
 ok(1 <= n <= 2, "the error is logged once per worker, not on every retry (%d)" % n)
 check_unavailable(ng, "version 0, still")
+# long enough for the reconnect backoff to reach its ceiling (5 s by default)
+time.sleep(max(0, 8 - (time.monotonic() - t_started)))
 
 pg.psql("INSERT INTO chat_schema_version (version) VALUES (1)")
 t = recovered(ng, 20)

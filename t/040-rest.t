@@ -7,7 +7,6 @@
 import http.client
 import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
@@ -120,6 +119,11 @@ st, h, b = post("/conversations", TA, {"kind": "group", "members": ["bob"],
 is_json_error(st, h, b, 400, "group with a non-object context", "bad_request")
 st, h, b = post("/conversations", TA, {"kind": "group", "members": ["bob"], "title": 5})
 is_json_error(st, h, b, 400, "group with a numeric title", "bad_request")
+st, h, b = post("/conversations", TA, {"kind": "group", "members": ["bob"], "title": "t" * 201})
+is_json_error(st, h, b, 400, "group with a 201-byte title", "bad_request")
+st, h, b = post("/conversations", TA, {"kind": "group", "members": ["bob"],
+                                       "context": {"pad": "c" * 5000}})
+is_json_error(st, h, b, 413, "group with a 5000-byte context", "too_large")
 
 # -------------------------------------------------------- service role ----
 
