@@ -4,15 +4,21 @@
  *
  * WebSocket transport (RFC 6455, server side).
  *
- * The request is taken over after "101 Switching Protocols": the
- * connection's read and write handlers become ours.  Input is read into
- * one static per-worker buffer and parsed by a resumable state machine;
- * a partial frame header is kept in the context, a message that spans
- * reads or frames is assembled in a buffer allocated on demand, and a
- * message that arrives whole is unmasked and delivered in place.  Output
- * frames go to one per-connection buffer, allocated on demand, capped at
- * max_queue and freed once written; sends of one event loop turn are
- * coalesced into one write by posting the write event.
+ * Once "101 Switching Protocols" is flushed the connection is detached
+ * from HTTP: the request is logged and freed (access log line at the
+ * upgrade, with the 101 and the handshake's bytes), the header buffers
+ * go, and a plain connection gives back its pool too, so an idle
+ * WebSocket holds only this context and its session.  c->data is then
+ * the context and c->log a log of its own; closing is ours as well.
+ *
+ * Input is read into one static per-worker buffer and parsed by a
+ * resumable state machine; a partial frame header is kept in the
+ * context, a message that spans reads or frames is assembled in a buffer
+ * allocated on demand, and a message that arrives whole is unmasked and
+ * delivered in place.  Output frames go to one per-connection buffer,
+ * allocated on demand, capped at max_queue and freed once written; sends
+ * of one event loop turn are coalesced into one write by posting the
+ * write event.
  */
 
 
@@ -69,11 +75,21 @@ typedef struct {
 
 
 struct ngx_chat_ws_ctx_s {
-    ngx_http_request_t        *request;
+    ngx_connection_t          *connection;
     ngx_chat_session_t        *session;
+
+    /* until detached */
+    ngx_http_request_t        *request;
+    ngx_chat_identity_t       *identity;        /* in r->pool */
+
+    ngx_http_core_loc_conf_t  *clcf;            /* tcp and lingering */
+    ngx_str_t                 *server_name;     /* for the error log */
 
     ngx_chat_ws_handler_pt     handler;
     uint64_t                   length;          /* payload left in frame */
+
+    u_char                    *in;              /* sent with the handshake */
+    size_t                     in_len;
 
     u_char                    *msg;             /* message being assembled */
     size_t                     msg_len;
@@ -86,6 +102,10 @@ struct ngx_chat_ws_ctx_s {
     size_t                     out_frame;       /* rest of a partly sent one */
 
     ngx_msec_t                 last_recv;
+    time_t                     lingering_time;
+
+    u_char                    *addr;            /* no pool: peer address */
+    ngx_log_t                  log;
 
     ngx_chat_ws_utf8_t         utf8;
     u_char                     opcode;
@@ -118,8 +138,13 @@ static ngx_int_t ngx_chat_ws_add_header(ngx_http_request_t *r, char *name,
     size_t len, ngx_str_t *value);
 static ngx_int_t ngx_chat_ws_accept(ngx_http_request_t *r, ngx_str_t *key,
     ngx_uint_t protocol);
-static void ngx_chat_ws_takeover(ngx_http_request_t *r,
-    ngx_chat_ws_ctx_t *ctx, ngx_chat_identity_t *id);
+static void ngx_chat_ws_handshake_handler(ngx_http_request_t *r);
+static void ngx_chat_ws_detach(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx);
+static void ngx_chat_ws_release(ngx_chat_ws_ctx_t *ctx, ngx_connection_t *c,
+    ngx_http_connection_t *hc);
+static ngx_int_t ngx_chat_ws_keep_addr(ngx_chat_ws_ctx_t *ctx,
+    ngx_connection_t *c);
+static u_char *ngx_chat_ws_log_error(ngx_log_t *log, u_char *buf, size_t len);
 
 static void ngx_chat_ws_read_handler(ngx_event_t *rev);
 static void ngx_chat_ws_write_handler(ngx_event_t *wev);
@@ -165,6 +190,9 @@ static void ngx_chat_ws_start_close(ngx_chat_ws_ctx_t *ctx, ngx_uint_t code,
 static ngx_int_t ngx_chat_ws_flush(ngx_chat_ws_ctx_t *ctx);
 static ngx_int_t ngx_chat_ws_done(ngx_chat_ws_ctx_t *ctx);
 static void ngx_chat_ws_finalize(ngx_chat_ws_ctx_t *ctx, ngx_int_t rc);
+static void ngx_chat_ws_set_lingering_close(ngx_connection_t *c);
+static void ngx_chat_ws_lingering_close_handler(ngx_event_t *rev);
+static void ngx_chat_ws_close_connection(ngx_chat_ws_ctx_t *ctx);
 static void ngx_chat_ws_free(ngx_chat_ws_ctx_t *ctx);
 static void ngx_chat_ws_cleanup(void *data);
 
@@ -250,21 +278,25 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
                                    "internal", "authentication failed", 0);
     }
 
-    ctx = ngx_pcalloc(r->pool, sizeof(ngx_chat_ws_ctx_t));
-    if (ctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
     cln = ngx_http_cleanup_add(r, 0);
     if (cln == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    ctx->request = r;
-    ctx->handler = ngx_chat_ws_state_head;
+    /* outlives the request: not from r->pool */
+
+    ctx = ngx_calloc(sizeof(ngx_chat_ws_ctx_t), r->connection->log);
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     cln->handler = ngx_chat_ws_cleanup;
     cln->data = ctx;
+
+    ctx->connection = r->connection;
+    ctx->request = r;
+    ctx->identity = id;
+    ctx->handler = ngx_chat_ws_state_head;
 
     ngx_http_set_ctx(r, ctx, ngx_chat_module);
 
@@ -287,7 +319,19 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
-    ngx_chat_ws_takeover(r, ctx, id);
+    /*
+     * The request cannot be freed from its content handler: its caller
+     * finalizes it.  A posted request runs as soon as that has unwound,
+     * with this reference the only one left.
+     */
+
+    r->main->count++;
+    r->write_event_handler = ngx_chat_ws_handshake_handler;
+
+    if (ngx_http_post_request(r, NULL) != NGX_OK) {
+        r->main->count--;
+        return NGX_ERROR;
+    }
 
     return NGX_DONE;
 }
@@ -574,37 +618,172 @@ ngx_chat_ws_accept(ngx_http_request_t *r, ngx_str_t *key, ngx_uint_t protocol)
 }
 
 
+/*
+ * r->write_event_handler until the 101 is out (ngx_http_writer() for a
+ * response without a body), then the detach
+ */
+
 static void
-ngx_chat_ws_takeover(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx,
-    ngx_chat_identity_t *id)
+ngx_chat_ws_handshake_handler(ngx_http_request_t *r)
 {
-    ngx_connection_t          *c;
-    ngx_chat_session_t        *s;
-    ngx_http_core_loc_conf_t  *clcf;
+    ngx_event_t           *wev;
+    ngx_connection_t      *c;
+    ngx_chat_ws_ctx_t     *ctx;
+    ngx_chat_main_conf_t  *cmcf;
 
     c = r->connection;
+    wev = c->write;
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    cmcf = ngx_chat_worker.cmcf;
 
-    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0, "chat ws upgraded");
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0, "chat ws handshake handler");
 
-    c->log->action = "serving websocket";
+    if (wev->timedout) {
+        ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT,
+                      "client timed out");
+        c->timedout = 1;
+        ngx_http_finalize_request(r, NGX_HTTP_REQUEST_TIME_OUT);
+        return;
+    }
 
-    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+    if (wev->delayed) {
+        /* limit_rate: its timer is set */
 
-    if (clcf->tcp_nodelay && ngx_tcp_nodelay(c) != NGX_OK) {
+        if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+            ngx_http_finalize_request(r, NGX_ERROR);
+        }
+
+        return;
+    }
+
+    if (r->out || r->buffered || c->buffered) {
+
+        if (ngx_http_output_filter(r, NULL) == NGX_ERROR) {
+            ngx_http_finalize_request(r, NGX_ERROR);
+            return;
+        }
+
+        if (r->out || r->buffered || c->buffered) {
+
+            if (!wev->delayed && cmcf->send_timeout) {
+                ngx_add_timer(wev, cmcf->send_timeout);
+            }
+
+            if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+                ngx_http_finalize_request(r, NGX_ERROR);
+            }
+
+            return;
+        }
+    }
+
+    if (wev->timer_set) {
+        wev->delayed = 0;
+        ngx_del_timer(wev);
+    }
+
+    if (r->main->count != 1 || r->blocked || r->postponed) {
+        ngx_log_error(NGX_LOG_ALERT, c->log, 0,
+                      "chat ws cannot detach: count:%d blk:%d",
+                      r->main->count, r->blocked);
+        ngx_http_finalize_request(r, NGX_ERROR);
+        return;
+    }
+
+    ngx_chat_ws_detach(r, ctx);
+}
+
+
+/*
+ * Frees the request and what HTTP kept for the connection, the way
+ * ngx_http_set_keepalive() does for an idle keep-alive connection; the
+ * connection becomes ours.
+ */
+
+static void
+ngx_chat_ws_detach(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx)
+{
+    ngx_buf_t                 *b;
+    ngx_connection_t          *c;
+    ngx_http_cleanup_t        *cln;
+    ngx_http_connection_t     *hc;
+    ngx_http_core_srv_conf_t  *cscf;
+
+    c = r->connection;
+    hc = r->http_connection;
+    b = r->header_in;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0, "chat ws detach");
+
+    /* frames the client sent right behind its handshake */
+
+    if (b->pos < b->last) {
+        ctx->in_len = b->last - b->pos;
+
+        ctx->in = ngx_alloc(ctx->in_len, c->log);
+        if (ctx->in == NULL) {
+            ngx_http_finalize_request(r, NGX_ERROR);
+            return;
+        }
+
+        ngx_memcpy(ctx->in, b->pos, ctx->in_len);
+        b->pos = b->last;
+    }
+
+    ctx->clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    cscf = ngx_http_get_module_srv_conf(r, ngx_http_core_module);
+    ctx->server_name = &cscf->server_name;
+
+    if (ctx->clcf->tcp_nodelay && ngx_tcp_nodelay(c) != NGX_OK) {
         ctx->drop = 1;
     }
 
-    /* handled here and not by ngx_http_request_handler(): see c->close */
+    ctx->log = *c->log;
+    ctx->log.handler = ngx_chat_ws_log_error;
+    ctx->log.data = ctx;
+    ctx->log.action = "serving websocket";
 
-    r->read_event_handler = ngx_http_request_empty_handler;
-    r->write_event_handler = ngx_http_request_empty_handler;
+    /* the identity lives in r->pool: the session copies it */
+
+    if (!ngx_exiting && !ctx->drop) {
+        ctx->session = ngx_chat_session_create(&ngx_chat_ws_transport, ctx,
+                                               &ctx->log, ctx->identity);
+        if (ctx->session == NULL) {
+            ctx->fail = 1;
+        }
+    }
+
+    ctx->identity = NULL;
+    ctx->request = NULL;
+
+    for (cln = r->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_chat_ws_cleanup) {
+            cln->handler = NULL;
+        }
+    }
+
+    /*
+     * Runs the log phase and destroys r->pool.  It also sets c->destroyed,
+     * which is left set: ngx_http_run_posted_requests() up the stack must
+     * not take c->data for a request any more.
+     */
+
+    ngx_http_free_request(r, 0);
+
+    c->data = ctx;
+
+    ngx_chat_ws_release(ctx, c, hc);
+
+    c->log = &ctx->log;
+    c->read->log = c->log;
+    c->write->log = c->log;
+
     c->read->handler = ngx_chat_ws_read_handler;
     c->write->handler = ngx_chat_ws_write_handler;
 
     /* lets ngx_close_idle_connections() start a graceful close on quit */
     c->idle = 1;
-
-    r->main->count++;
 
     ctx->last_recv = ngx_current_msec;
 
@@ -612,45 +791,150 @@ ngx_chat_ws_takeover(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx,
         ngx_chat_ws_start_close(ctx, NGX_CHAT_CLOSE_GOING_AWAY,
                                 "server going away");
 
+    } else if (ctx->session) {
+        ngx_chat_ws_set_timer(ctx);
+
     } else if (!ctx->drop) {
-        s = ngx_chat_session_create(&ngx_chat_ws_transport, ctx, c->log, id);
-
-        if (s == NULL) {
-            ctx->fail = 1;
-            ngx_chat_ws_start_close(ctx, NGX_CHAT_CLOSE_INTERNAL,
-                                    "internal error");
-
-        } else {
-            ctx->session = s;
-
-            if (!ctx->closing) {
-                ngx_chat_ws_set_timer(ctx);
-            }
-        }
+        ngx_chat_ws_start_close(ctx, NGX_CHAT_CLOSE_INTERNAL,
+                                "internal error");
     }
 
-    /* r->header_in may already hold the client's first frames */
+    /* the client's first frames may be in ctx->in or in the socket */
     ngx_post_event(c->read, &ngx_posted_events);
+}
+
+
+/*
+ * A plain connection gives back c->pool (the connection's log, its HTTP
+ * state, the header buffers) once what still points into it is copied.
+ * An SSL connection lives in c->pool: it keeps the pool and frees the
+ * buffers, as an idle keep-alive connection does.
+ */
+
+static void
+ngx_chat_ws_release(ngx_chat_ws_ctx_t *ctx, ngx_connection_t *c,
+    ngx_http_connection_t *hc)
+{
+    ngx_chain_t  *cl, *ln;
+
+#if (NGX_HTTP_SSL)
+    if (c->ssl) {
+        ngx_ssl_free_buffer(c);
+        goto keep;
+    }
+#endif
+
+    if (ngx_chat_ws_keep_addr(ctx, c) != NGX_OK) {
+        goto keep;
+    }
+
+    c->buffer = NULL;
+    c->proxy_protocol = NULL;
+
+    ngx_destroy_pool(c->pool);
+    c->pool = NULL;
+
+    return;
+
+keep:
+
+    if (c->buffer) {
+        (void) ngx_pfree(c->pool, c->buffer->start);
+        c->buffer = NULL;
+    }
+
+    for (cl = hc->free; cl; /* void */) {
+        ln = cl;
+        cl = cl->next;
+        (void) ngx_pfree(c->pool, ln->buf->start);
+        ngx_free_chain(c->pool, ln);
+    }
+
+    hc->free = NULL;
+
+    for (cl = hc->busy; cl; /* void */) {
+        ln = cl;
+        cl = cl->next;
+        (void) ngx_pfree(c->pool, ln->buf->start);
+        ngx_free_chain(c->pool, ln);
+    }
+
+    hc->busy = NULL;
+    hc->nbusy = 0;
+}
+
+
+/* the request is gone: realip, if any, gave back the peer's address */
+
+static ngx_int_t
+ngx_chat_ws_keep_addr(ngx_chat_ws_ctx_t *ctx, ngx_connection_t *c)
+{
+    u_char  *p;
+    size_t   size, local;
+
+    size = ngx_align(c->socklen, sizeof(void *));
+    local = 0;
+
+    if (c->local_sockaddr && c->local_sockaddr != c->listening->sockaddr) {
+        local = ngx_align(c->local_socklen, sizeof(void *));
+    }
+
+    p = ngx_alloc(size + local + c->addr_text.len, c->log);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    ctx->addr = p;
+
+    ngx_memcpy(p, c->sockaddr, c->socklen);
+    c->sockaddr = (struct sockaddr *) p;
+    p += size;
+
+    if (local) {
+        ngx_memcpy(p, c->local_sockaddr, c->local_socklen);
+        c->local_sockaddr = (struct sockaddr *) p;
+        p += local;
+    }
+
+    ngx_memcpy(p, c->addr_text.data, c->addr_text.len);
+    c->addr_text.data = p;
+
+    return NGX_OK;
+}
+
+
+static u_char *
+ngx_chat_ws_log_error(ngx_log_t *log, u_char *buf, size_t len)
+{
+    u_char             *p;
+    ngx_chat_ws_ctx_t  *ctx;
+
+    p = buf;
+
+    if (log->action) {
+        p = ngx_snprintf(buf, len, " while %s", log->action);
+        len -= p - buf;
+    }
+
+    ctx = log->data;
+
+    return ngx_snprintf(p, len, ", client: %V, server: %V",
+                        &ctx->connection->addr_text, ctx->server_name);
 }
 
 
 static void
 ngx_chat_ws_read_handler(ngx_event_t *rev)
 {
-    u_char              *p, *end;
-    size_t               budget;
-    ssize_t              n;
-    ngx_int_t            rc;
-    ngx_buf_t           *b;
-    ngx_connection_t    *c;
-    ngx_chat_ws_ctx_t   *ctx;
-    ngx_http_request_t  *r;
+    u_char             *p, *end;
+    size_t              budget;
+    ssize_t             n;
+    ngx_int_t           rc;
+    ngx_connection_t   *c;
+    ngx_chat_ws_ctx_t  *ctx;
 
     c = rev->data;
-    r = c->data;
-    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
-
-    ngx_http_set_log_request(c->log, r);
+    ctx = c->data;
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0, "chat ws read handler");
 
@@ -676,14 +960,14 @@ ngx_chat_ws_read_handler(ngx_event_t *rev)
         return;
     }
 
-    b = r->header_in;
-
-    if (b->pos < b->last) {
-        p = b->pos;
-        b->pos = b->last;
+    if (ctx->in) {
+        p = ctx->in;
 
         ngx_chat_ws_received(ctx);
-        ngx_chat_ws_parse(ctx, p, b->last);
+        ngx_chat_ws_parse(ctx, p, p + ctx->in_len);
+
+        ngx_free(ctx->in);
+        ctx->in = NULL;
     }
 
     budget = NGX_CHAT_WS_READ_BUDGET;
@@ -775,16 +1059,12 @@ ngx_chat_ws_received(ngx_chat_ws_ctx_t *ctx)
 static void
 ngx_chat_ws_write_handler(ngx_event_t *wev)
 {
-    ngx_int_t            rc;
-    ngx_connection_t    *c;
-    ngx_chat_ws_ctx_t   *ctx;
-    ngx_http_request_t  *r;
+    ngx_int_t           rc;
+    ngx_connection_t   *c;
+    ngx_chat_ws_ctx_t  *ctx;
 
     c = wev->data;
-    r = c->data;
-    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
-
-    ngx_http_set_log_request(c->log, r);
+    ctx = c->data;
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0, "chat ws write handler");
 
@@ -817,7 +1097,7 @@ ngx_chat_ws_timer(ngx_chat_ws_ctx_t *ctx)
     if (ctx->closing) {
         /* the client had its chance to read our close frame */
 
-        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ctx->connection->log, 0,
                        "chat ws close timeout, sent:%d", ctx->close_sent);
 
         ngx_chat_ws_finalize(ctx, NGX_ERROR);
@@ -836,7 +1116,7 @@ ngx_chat_ws_timer(ngx_chat_ws_ctx_t *ctx)
     if (cmcf->idle_timeout
         && elapsed >= (ngx_msec_int_t) cmcf->idle_timeout)
     {
-        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ctx->connection->log, 0,
                        "chat ws idle timeout");
 
         ngx_chat_ws_start_close(ctx, NGX_CHAT_CLOSE_GOING_AWAY,
@@ -882,7 +1162,7 @@ ngx_chat_ws_set_timer(ngx_chat_ws_ctx_t *ctx)
         return;
     }
 
-    ngx_add_timer(ctx->request->connection->read,
+    ngx_add_timer(ctx->connection->read,
                   (ngx_msec_t) ngx_max(timer, 1));
 }
 
@@ -972,7 +1252,7 @@ ngx_chat_ws_state_head(ngx_chat_ws_ctx_t *ctx, u_char *pos, u_char *end)
     ctx->length = len;
     ctx->mask_off = 0;
 
-    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, ctx->connection->log, 0,
                    "chat ws frame op:%ui fin:%ui len:%uL", opcode, fin, len);
 
     if (opcode & NGX_CHAT_WS_CONTROL) {
@@ -1185,7 +1465,7 @@ ngx_chat_ws_state_save(ngx_chat_ws_ctx_t *ctx, u_char *pos, u_char *end,
     size = end - pos;
 
     if (size > NGX_CHAT_WS_STATE_SIZE) {
-        ngx_log_error(NGX_LOG_ALERT, ctx->request->connection->log, 0,
+        ngx_log_error(NGX_LOG_ALERT, ctx->connection->log, 0,
                       "chat ws state buffer overflow: %uz bytes", size);
         ctx->drop = 1;
         ctx->handler = ngx_chat_ws_state_ignore;
@@ -1233,7 +1513,7 @@ ngx_chat_ws_peer_close(ngx_chat_ws_ctx_t *ctx, u_char *end)
         }
     }
 
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ctx->connection->log, 0,
                    "chat ws client close frame, code:%ui", code);
 
     ctx->close_received = 1;
@@ -1250,7 +1530,7 @@ static u_char *
 ngx_chat_ws_error(ngx_chat_ws_ctx_t *ctx, u_char *end, ngx_uint_t code,
     char *reason)
 {
-    ngx_log_error(NGX_LOG_INFO, ctx->request->connection->log, 0,
+    ngx_log_error(NGX_LOG_INFO, ctx->connection->log, 0,
                   "client websocket error: %s, closing with %ui",
                   reason, code);
 
@@ -1266,7 +1546,7 @@ ngx_chat_ws_error(ngx_chat_ws_ctx_t *ctx, u_char *end, ngx_uint_t code,
 static void
 ngx_chat_ws_deliver(ngx_chat_ws_ctx_t *ctx, u_char *data, size_t len)
 {
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ctx->connection->log, 0,
                    "chat ws message len:%uz", len);
 
     if (ctx->closing || ctx->session == NULL) {
@@ -1302,7 +1582,7 @@ ngx_chat_ws_msg_reserve(ngx_chat_ws_ctx_t *ctx, size_t size)
     n = ngx_min(n, ngx_chat_worker.cmcf->max_message);
     n = ngx_max(n, need);
 
-    p = ngx_alloc(n, ctx->request->connection->log);
+    p = ngx_alloc(n, ctx->connection->log);
     if (p == NULL) {
         return NGX_ERROR;
     }
@@ -1433,7 +1713,7 @@ ngx_chat_ws_queue(ngx_chat_ws_ctx_t *ctx, ngx_uint_t opcode, u_char *data,
     ngx_uint_t         i;
     ngx_connection_t  *c;
 
-    c = ctx->request->connection;
+    c = ctx->connection;
 
     size = (len < 126) ? 2 : (len < 65536) ? 4 : 10;
     size += len;
@@ -1519,7 +1799,7 @@ ngx_chat_ws_out_reserve(ngx_chat_ws_ctx_t *ctx, size_t size)
     n = ngx_max(n, pending + size);
     n = ngx_max(n, NGX_CHAT_WS_OUT_MIN);
 
-    p = ngx_alloc(n, ctx->request->connection->log);
+    p = ngx_alloc(n, ctx->connection->log);
     if (p == NULL) {
         return NGX_ERROR;
     }
@@ -1576,7 +1856,7 @@ ngx_chat_ws_start_close(ngx_chat_ws_ctx_t *ctx, ngx_uint_t code,
         return;
     }
 
-    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ctx->connection->log, 0,
                    "chat ws close %ui \"%s\"", code, reason ? reason : "");
 
     ctx->closing = 1;
@@ -1605,7 +1885,7 @@ ngx_chat_ws_start_close(ngx_chat_ws_ctx_t *ctx, ngx_uint_t code,
     }
 
     /* replaces the keepalive timer: bounds the whole closing handshake */
-    ngx_add_timer(ctx->request->connection->read, NGX_CHAT_WS_CLOSE_TIMEOUT);
+    ngx_add_timer(ctx->connection->read, NGX_CHAT_WS_CLOSE_TIMEOUT);
 }
 
 
@@ -1617,27 +1897,11 @@ ngx_chat_ws_flush(ngx_chat_ws_ctx_t *ctx)
     ngx_uint_t             sent;
     ngx_event_t           *wev;
     ngx_connection_t      *c;
-    ngx_http_request_t    *r;
     ngx_chat_main_conf_t  *cmcf;
 
-    r = ctx->request;
-    c = r->connection;
+    c = ctx->connection;
     wev = c->write;
     sent = 0;
-
-    if (r->out) {
-        /* the rest of the 101 response goes first */
-
-        if (ngx_http_output_filter(r, NULL) == NGX_ERROR) {
-            return NGX_ERROR;
-        }
-
-        if (r->out) {
-            goto blocked;
-        }
-
-        sent = 1;
-    }
 
     if (ctx->out == NULL) {
         if (wev->timer_set) {
@@ -1743,12 +2007,11 @@ ngx_chat_ws_done(ngx_chat_ws_ctx_t *ctx)
 static void
 ngx_chat_ws_finalize(ngx_chat_ws_ctx_t *ctx, ngx_int_t rc)
 {
-    ngx_connection_t    *c;
-    ngx_chat_session_t  *s;
-    ngx_http_request_t  *r;
+    ngx_connection_t          *c;
+    ngx_chat_session_t        *s;
+    ngx_http_core_loc_conf_t  *clcf;
 
-    r = ctx->request;
-    c = r->connection;
+    c = ctx->connection;
 
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, c->log, 0,
                    "chat ws finalize: %i, sent:%d", rc, ctx->close_sent);
@@ -1764,11 +2027,6 @@ ngx_chat_ws_finalize(ngx_chat_ws_ctx_t *ctx, ngx_int_t rc)
     }
 
     ngx_chat_ws_free(ctx);
-
-    if (rc == NGX_DONE && !ctx->close_received) {
-        /* the client may still be sending: do not reset our close frame */
-        r->lingering_close = 1;
-    }
 
     if (c->read->timer_set) {
         ngx_del_timer(c->read);
@@ -1786,8 +2044,210 @@ ngx_chat_ws_finalize(ngx_chat_ws_ctx_t *ctx, ngx_int_t rc)
         ngx_delete_posted_event(c->write);
     }
 
-    ngx_http_finalize_request(r, rc);
-    ngx_http_run_posted_requests(c);
+    /* as ngx_http_finalize_connection() decides, with our close frame */
+
+    clcf = ctx->clcf;
+
+    if (rc == NGX_DONE
+        && !c->read->eof
+        && (clcf->lingering_close == NGX_HTTP_LINGERING_ALWAYS
+            || (clcf->lingering_close == NGX_HTTP_LINGERING_ON
+                && (!ctx->close_received || c->read->ready))))
+    {
+        /* the client may still be sending: do not reset our close frame */
+        ngx_chat_ws_set_lingering_close(c);
+        return;
+    }
+
+    ngx_chat_ws_close_connection(ctx);
+}
+
+
+/* ngx_http_set_lingering_close() and its handler, without a request */
+
+static void
+ngx_chat_ws_set_lingering_close(ngx_connection_t *c)
+{
+    ngx_event_t        *rev, *wev;
+    ngx_chat_ws_ctx_t  *ctx;
+
+    ctx = c->data;
+
+    if (ctx->lingering_time == 0) {
+        ctx->lingering_time = ngx_time()
+                              + (time_t) (ctx->clcf->lingering_time / 1000);
+    }
+
+#if (NGX_HTTP_SSL)
+    if (c->ssl) {
+        ngx_int_t  rc;
+
+        c->ssl->shutdown_without_free = 1;
+
+        rc = ngx_ssl_shutdown(c);
+
+        if (rc == NGX_ERROR) {
+            ngx_chat_ws_close_connection(ctx);
+            return;
+        }
+
+        if (rc == NGX_AGAIN) {
+            c->ssl->handler = ngx_chat_ws_set_lingering_close;
+            return;
+        }
+    }
+#endif
+
+    rev = c->read;
+    rev->handler = ngx_chat_ws_lingering_close_handler;
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_chat_ws_close_connection(ctx);
+        return;
+    }
+
+    wev = c->write;
+    wev->handler = ngx_http_empty_handler;
+
+    if (wev->active && (ngx_event_flags & NGX_USE_LEVEL_EVENT)) {
+        if (ngx_del_event(wev, NGX_WRITE_EVENT, 0) != NGX_OK) {
+            ngx_chat_ws_close_connection(ctx);
+            return;
+        }
+    }
+
+    if (ngx_shutdown_socket(c->fd, NGX_WRITE_SHUTDOWN) == -1) {
+        ngx_connection_error(c, ngx_socket_errno,
+                             ngx_shutdown_socket_n " failed");
+        ngx_chat_ws_close_connection(ctx);
+        return;
+    }
+
+    c->close = 0;
+    ngx_reusable_connection(c, 1);
+
+    ngx_add_timer(rev, ctx->clcf->lingering_timeout);
+
+    if (rev->ready) {
+        ngx_chat_ws_lingering_close_handler(rev);
+    }
+}
+
+
+static void
+ngx_chat_ws_lingering_close_handler(ngx_event_t *rev)
+{
+    ssize_t             n;
+    ngx_msec_t          timer;
+    ngx_connection_t   *c;
+    ngx_chat_ws_ctx_t  *ctx;
+
+    c = rev->data;
+    ctx = c->data;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                   "chat ws lingering close handler");
+
+    if (rev->timedout || c->close) {
+        ngx_chat_ws_close_connection(ctx);
+        return;
+    }
+
+    timer = (ngx_msec_t) ctx->lingering_time - (ngx_msec_t) ngx_time();
+
+    if ((ngx_msec_int_t) timer <= 0) {
+        ngx_chat_ws_close_connection(ctx);
+        return;
+    }
+
+    do {
+        n = c->recv(c, ngx_chat_ws_buffer, NGX_CHAT_WS_RECV_SIZE);
+
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                       "chat ws lingering read: %z", n);
+
+        if (n == NGX_AGAIN) {
+            break;
+        }
+
+        if (n == NGX_ERROR || n == 0) {
+            ngx_chat_ws_close_connection(ctx);
+            return;
+        }
+
+    } while (rev->ready);
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_chat_ws_close_connection(ctx);
+        return;
+    }
+
+    timer *= 1000;
+
+    if (timer > ctx->clcf->lingering_timeout) {
+        timer = ctx->clcf->lingering_timeout;
+    }
+
+    ngx_add_timer(rev, timer);
+}
+
+
+/* what ngx_http_free_request() and ngx_http_close_connection() did */
+
+static void
+ngx_chat_ws_close_connection(ngx_chat_ws_ctx_t *ctx)
+{
+    u_char            *addr;
+    struct linger      linger;
+    ngx_connection_t  *c;
+
+    c = ctx->connection;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                   "chat ws close connection: %d", c->fd);
+
+    if (c->timedout && ctx->clcf->reset_timedout_connection) {
+        linger.l_onoff = 1;
+        linger.l_linger = 0;
+
+        if (setsockopt(c->fd, SOL_SOCKET, SO_LINGER,
+                       (const void *) &linger, sizeof(struct linger)) == -1)
+        {
+            ngx_log_error(NGX_LOG_ALERT, c->log, ngx_socket_errno,
+                          "setsockopt(SO_LINGER) failed");
+        }
+    }
+
+    if (c->pool) {
+        /*
+         * An SSL connection kept its pool, and with it its own log, which
+         * outlives us if the SSL shutdown has to wait for the peer.
+         */
+
+        c->log = c->pool->log;
+        c->read->log = c->log;
+        c->write->log = c->log;
+        c->data = NULL;
+
+        ngx_free(ctx);
+
+        ngx_http_close_connection(c);
+        return;
+    }
+
+#if (NGX_STAT_STUB)
+    (void) ngx_atomic_fetch_add(ngx_stat_active, -1);
+#endif
+
+    c->destroyed = 1;
+
+    addr = ctx->addr;
+
+    /* logs with c->log, our ctx->log, until the connection is freed */
+    ngx_close_connection(c);
+
+    ngx_free(addr);
+    ngx_free(ctx);
 }
 
 
@@ -1809,6 +2269,11 @@ ngx_chat_ws_free(ngx_chat_ws_ctx_t *ctx)
 {
     ngx_chat_ws_msg_free(ctx);
 
+    if (ctx->in) {
+        ngx_free(ctx->in);
+        ctx->in = NULL;
+    }
+
     if (ctx->out) {
         ngx_free(ctx->out);
         ctx->out = NULL;
@@ -1820,25 +2285,17 @@ ngx_chat_ws_free(ngx_chat_ws_ctx_t *ctx)
 }
 
 
+/* the request ended before it was detached: nothing else to undo */
+
 static void
 ngx_chat_ws_cleanup(void *data)
 {
-    ngx_chat_ws_ctx_t   *ctx;
-    ngx_chat_session_t  *s;
+    ngx_chat_ws_ctx_t  *ctx;
 
     ctx = data;
 
-    ctx->closing = 1;
-    ctx->drop = 1;
-
-    s = ctx->session;
-
-    if (s) {
-        ctx->session = NULL;
-        ngx_chat_session_closed(s);
-    }
-
     ngx_chat_ws_free(ctx);
+    ngx_free(ctx);
 }
 
 
