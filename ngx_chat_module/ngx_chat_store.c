@@ -4,11 +4,12 @@
  *
  * The SQL the module runs, and batched sends.
  *
- * Sends that arrive while a batch is in flight wait in one queue and go
+ * Sends that arrive while batches are in flight wait in one queue and go
  * out together as one call of chat_send_batch(): one round trip and one
- * commit for many messages.  A worker keeps at most one send batch in
- * flight, so the sends of one connection are stored in the order they
- * were made.  A conversation that somebody else holds locked comes back
+ * commit for many messages.  Several batches may be in flight (one pool
+ * connection is left for everything else), but a conversation is carried
+ * by one batch at a time: its later sends wait, so the sends of one
+ * connection are stored in the order they were made.  A conversation that somebody else holds locked comes back
  * "busy"; its sends wait in a deferred queue (newer sends to it queue up
  * behind them) and are retried on a timer, so one stalled conversation
  * never holds up the batch that carries everybody else.
@@ -31,12 +32,23 @@ typedef struct {
 } ngx_chat_batch_t;
 
 
+/* a conversation carried by a batch in flight */
+typedef struct {
+    ngx_rbtree_node_t          node;             /* key: conversation id */
+    ngx_chat_batch_t          *owner;
+    ngx_uint_t                 count;
+} ngx_chat_carried_t;
+
+
 typedef struct {
     ngx_queue_t                pending;
     ngx_uint_t                 npending;
     ngx_queue_t                deferred;
     ngx_uint_t                 ndeferred;
     ngx_uint_t                 inflight;
+    ngx_uint_t                 queued;           /* submitted, not built */
+    ngx_rbtree_t               carried;
+    ngx_rbtree_node_t          carried_sentinel;
     ngx_msec_t                 retry_delay;
     ngx_event_t                flush;
     ngx_event_t                retry;
@@ -57,6 +69,11 @@ static ngx_uint_t ngx_chat_store_in_batch(ngx_chat_batch_t *b,
     ngx_chat_send_t *snd);
 static void ngx_chat_store_requeue(ngx_chat_batch_t *b);
 static ngx_uint_t ngx_chat_store_transient(const char *state);
+static ngx_chat_carried_t *ngx_chat_store_carried(int64_t conv);
+static ngx_int_t ngx_chat_store_carry(ngx_chat_batch_t *b, int64_t conv);
+static void ngx_chat_store_release(ngx_chat_batch_t *b);
+static ngx_uint_t ngx_chat_store_max_inflight(void);
+static ngx_uint_t ngx_chat_store_eligible(void);
 static void ngx_chat_store_fail(ngx_chat_send_t *snd, const char *code,
     const char *msg, ngx_msec_t retry_after);
 static void ngx_chat_store_finish(ngx_chat_send_t *snd);
@@ -147,8 +164,7 @@ ngx_chat_store_on_ready(void)
 
     ngx_chat_bus_on_db_ready();
 
-    if (st->flush.handler && !st->inflight && st->npending
-        && !st->flush.posted)
+    if (st->flush.handler && st->npending && !st->flush.posted)
     {
         ngx_post_event(&st->flush, &ngx_posted_events);
     }
@@ -195,6 +211,9 @@ ngx_chat_store_send(ngx_chat_send_t *snd)
         st->retry.log = ngx_chat_worker.log;
         st->retry.data = st;
         st->retry.cancelable = 1;
+
+        ngx_rbtree_init(&st->carried, &st->carried_sentinel,
+                        ngx_rbtree_insert_value);
     }
 
     if (!ngx_chat_db_ready()
@@ -216,7 +235,7 @@ ngx_chat_store_send(ngx_chat_send_t *snd)
     ngx_queue_insert_tail(&st->pending, &snd->queue);
     st->npending++;
 
-    if (!st->inflight && !st->flush.posted) {
+    if (!st->flush.posted) {
         ngx_post_event(&st->flush, &ngx_posted_events);
     }
 
@@ -232,7 +251,10 @@ ngx_chat_store_flush(ngx_event_t *ev)
 
     st = &ngx_chat_store;
 
-    if (st->inflight || st->npending == 0) {
+    if (st->queued || st->npending == 0
+        || st->inflight >= ngx_chat_store_max_inflight()
+        || !ngx_chat_store_eligible())
+    {
         return;
     }
 
@@ -261,7 +283,8 @@ ngx_chat_store_flush(ngx_event_t *ev)
         return;
     }
 
-    st->inflight = 1;
+    st->inflight++;
+    st->queued = 1;
 }
 
 
@@ -270,14 +293,16 @@ ngx_chat_store_flush(ngx_event_t *ev)
 static ngx_int_t
 ngx_chat_store_build(ngx_chat_query_t *q)
 {
-    ngx_uint_t         max;
-    ngx_queue_t       *qq, *next;
-    ngx_chat_batch_t  *b;
-    ngx_chat_store_t  *st;
-    ngx_chat_send_t   *snd;
+    ngx_uint_t           max;
+    ngx_queue_t         *qq, *next;
+    ngx_chat_batch_t    *b;
+    ngx_chat_store_t    *st;
+    ngx_chat_send_t     *snd;
+    ngx_chat_carried_t  *carried;
 
     b = q->data;
     st = &ngx_chat_store;
+    st->queued = 0;
 
     max = ngx_min(st->npending, ngx_chat_worker.cmcf->db_batch_size);
 
@@ -310,6 +335,13 @@ ngx_chat_store_build(ngx_chat_query_t *q)
             continue;
         }
 
+        /* another batch carries this conversation: wait for it */
+        carried = ngx_chat_store_carried(snd->conversation);
+
+        if (carried && carried->owner != b) {
+            continue;
+        }
+
         if (b->n && ngx_chat_buf_add_lit(&b->json, ",") != NGX_OK) {
             return NGX_ERROR;
         }
@@ -322,6 +354,15 @@ ngx_chat_store_build(ngx_chat_query_t *q)
         qq->next = NULL;
         st->npending--;
         b->items[b->n++] = snd;
+
+        if (ngx_chat_store_carry(b, snd->conversation) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    /* what this batch could not take may go out in another one */
+    if (st->npending && !st->flush.posted) {
+        ngx_post_event(&st->flush, &ngx_posted_events);
     }
 
     if (b->n == 0) {
@@ -398,8 +439,15 @@ ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     b = q->data;
     st = &ngx_chat_store;
-    st->inflight = 0;
+    st->inflight--;
     published = 0;
+
+    if (b->n == 0) {
+        /* never built: the query was failed before a connection took it */
+        st->queued = 0;
+    }
+
+    ngx_chat_store_release(b);
 
     if (rc != NGX_OK) {
         if (rc == NGX_ERROR && b->n == 0) {
@@ -607,6 +655,115 @@ ngx_chat_store_transient(const char *state)
 }
 
 
+static ngx_uint_t
+ngx_chat_store_max_inflight(void)
+{
+    ngx_uint_t  n;
+
+    n = ngx_chat_worker.cmcf->db_pool_size;
+
+    return (n > 1) ? n - 1 : 1;
+}
+
+
+/*
+ * Whether a new batch would find anything to take: without this, a batch
+ * built empty would post the next flush at once and the worker would
+ * spin on posted events instead of reading the answers it waits for.
+ */
+static ngx_uint_t
+ngx_chat_store_eligible(void)
+{
+    ngx_queue_t      *q;
+    ngx_chat_send_t  *snd;
+
+    if (ngx_chat_store.carried.root == ngx_chat_store.carried.sentinel) {
+        return 1;
+    }
+
+    for (q = ngx_queue_head(&ngx_chat_store.pending);
+         q != ngx_queue_sentinel(&ngx_chat_store.pending);
+         q = ngx_queue_next(q))
+    {
+        snd = ngx_queue_data(q, ngx_chat_send_t, queue);
+
+        if (ngx_chat_store_carried(snd->conversation) == NULL) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+static ngx_chat_carried_t *
+ngx_chat_store_carried(int64_t conv)
+{
+    ngx_rbtree_key_t    key;
+    ngx_rbtree_node_t  *node, *sentinel;
+
+    key = (ngx_rbtree_key_t) conv;
+    node = ngx_chat_store.carried.root;
+    sentinel = ngx_chat_store.carried.sentinel;
+
+    while (node != sentinel) {
+        if (key != node->key) {
+            node = (key < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        return (ngx_chat_carried_t *) node;
+    }
+
+    return NULL;
+}
+
+
+static ngx_int_t
+ngx_chat_store_carry(ngx_chat_batch_t *b, int64_t conv)
+{
+    ngx_chat_carried_t  *c;
+
+    c = ngx_chat_store_carried(conv);
+
+    if (c == NULL) {
+        c = ngx_calloc(sizeof(ngx_chat_carried_t), ngx_chat_worker.log);
+        if (c == NULL) {
+            return NGX_ERROR;
+        }
+
+        c->node.key = (ngx_rbtree_key_t) conv;
+        c->owner = b;
+        ngx_rbtree_insert(&ngx_chat_store.carried, &c->node);
+    }
+
+    c->count++;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_store_release(ngx_chat_batch_t *b)
+{
+    ngx_uint_t           i;
+    ngx_chat_carried_t  *c;
+
+    for (i = 0; i < b->n; i++) {
+        c = ngx_chat_store_carried(b->items[i]->conversation);
+
+        if (c == NULL || c->owner != b) {
+            continue;
+        }
+
+        if (--c->count == 0) {
+            ngx_rbtree_delete(&ngx_chat_store.carried, &c->node);
+            ngx_free(c);
+        }
+    }
+}
+
+
 /* the items of a failed batch go back to the front, in their order */
 
 static void
@@ -683,7 +840,7 @@ ngx_chat_store_retry(ngx_event_t *ev)
     st->npending += st->ndeferred;
     st->ndeferred = 0;
 
-    if (!st->inflight && !st->flush.posted) {
+    if (!st->flush.posted) {
         ngx_post_event(&st->flush, &ngx_posted_events);
     }
 }

@@ -1,0 +1,34 @@
+set terminal pngcairo size 1600,1000 font ',10'
+set termoption noenhanced
+set output 'bench/results/soak-20261122T230809Z/soak.png'
+set datafile separator ','
+set datafile missing ''
+set key outside right top
+set grid
+set xlabel 'minutes since load start'
+set multiplot layout 2,2 title 'ngx_chat_module soak: soak-20261122T230809Z'
+set arrow 1 from 1.250000, graph 0 to 1.250000, graph 1 nohead dt 3 lc rgb 'gray'
+set arrow 2 from 2.500000, graph 0 to 2.500000, graph 1 nohead dt 3 lc rgb 'gray'
+set title 'worker memory (MiB); second-half fit'
+set ylabel 'MiB'
+set samples 400
+plot 'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:6 with lines lw 2 lc 1 title 'w22011 RssAnon', \
+     'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:7 with lines dt 2 lc 1 title 'w22011 VmRSS', \
+     (x >= 1.250000 && x <= 2.500000) ? (44000.728995 + -205.249852 * x) / 1024.0 : 1/0 with lines lw 1 lc rgb 'black' title sprintf('w22011 fit %.1f KiB/min', -205.249852), \
+     'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:10 with lines lw 2 lc 2 title 'w22012 RssAnon', \
+     'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:11 with lines dt 2 lc 2 title 'w22012 VmRSS', \
+     (x >= 1.250000 && x <= 2.500000) ? (44183.370867 + -115.240352 * x) / 1024.0 : 1/0 with lines lw 1 lc rgb 'black' title sprintf('w22012 fit %.1f KiB/min', -115.240352)
+set title 'open files per worker'
+set ylabel 'fds'
+plot 'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:8 with lines lw 2 lc 1 title 'w22011 fds', \
+     'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:12 with lines lw 2 lc 2 title 'w22012 fds', \
+     'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:5 with lines lc rgb 'gray' title 'established (all workers)'
+set title 'shared zone ngx_chat_module'
+set ylabel 'MiB'
+plot 'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:2 with lines lw 2 lc rgb 'dark-red' title 'slab pages used (MiB)', \
+     'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:9 with lines dt 2 lc 1 title 'w22011 zone Rss (MiB)', \
+     'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:13 with lines dt 2 lc 2 title 'w22012 zone Rss (MiB)'
+set title 'PostgreSQL client backends'
+set ylabel 'connections'
+plot 'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:3 with lines lw 2 title 'all', 'bench/results/soak-20261122T230809Z/soak-wide.csv' skip 1 using 1:4 with lines lw 2 title 'nginx chat'
+unset multiplot
