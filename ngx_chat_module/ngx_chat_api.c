@@ -989,98 +989,24 @@ ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 static ngx_int_t
 ngx_chat_api_post_message(ngx_http_request_t *r, json_t *body)
 {
-    u_char              *p;
-    char                *att;
-    size_t               attlen;
-    json_t              *a;
-    int64_t              reply_to;
-    ngx_str_t            cmid, text, format;
+    const char          *code, *msg;
     ngx_chat_send_t     *snd;
     ngx_chat_api_ctx_t  *ctx;
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
 
-    att = NULL;
-    attlen = 0;
-    reply_to = 0;
-    format.len = 0;
-    text.data = NULL;
-
-    if (ngx_chat_json_str(body, "client_msg_id", &cmid, 128, 1) != NGX_OK
-        || ngx_chat_json_str(body, "body", &text,
-                             ngx_chat_worker.cmcf->max_message, 1)
-           == NGX_ERROR
-        || text.data == NULL
-        || ngx_chat_json_str(body, "format", &format, 16, 0) == NGX_ERROR
-        || (format.len
-            && !(format.len == 4 && ngx_strncmp(format.data, "text", 4) == 0)
-            && !(format.len == 8
-                 && ngx_strncmp(format.data, "markdown", 8) == 0))
-        || ngx_chat_json_id(body, "reply_to", &reply_to, 0) == NGX_ERROR)
-    {
-        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
-                                   "need \"client_msg_id\" and \"body\" "
-                                   "strings; \"format\" text or markdown; "
-                                   "\"reply_to\" a message id", 0);
-    }
-
-    a = json_object_get(body, "attachments");
-
-    if (a && !json_is_null(a)) {
-        if (!json_is_array(a) || json_array_size(a) > 16) {
-            return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST,
-                                       "bad_request", "\"attachments\" must "
-                                       "be an array of at most 16 items", 0);
-        }
-
-        att = json_dumps(a, JSON_COMPACT);
-        if (att == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        attlen = ngx_strlen(att);
-
-        if (attlen > 4096) {
-            free(att);
-            return ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
-                                       "too_large", "\"attachments\" is too "
-                                       "large", 0);
-        }
-    }
-
-    snd = ngx_chat_store_send_alloc(ctx->id.user.len + cmid.len + text.len
-                                    + format.len + attlen);
+    snd = ngx_chat_store_send_from_json(body, &ctx->id.user,
+                                        ctx->conversation, 0, &code, &msg);
     if (snd == NULL) {
-        free(att);
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return ngx_chat_http_error(r,
+                                   code[0] == 't'
+                                   ? NGX_HTTP_REQUEST_ENTITY_TOO_LARGE
+                                   : (code[0] == 'i'
+                                      ? NGX_HTTP_INTERNAL_SERVER_ERROR
+                                      : NGX_HTTP_BAD_REQUEST),
+                                   code, msg, 0);
     }
 
-    p = snd->mem;
-
-    snd->sender.data = p;
-    snd->sender.len = ctx->id.user.len;
-    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
-
-    snd->client_msg_id.data = p;
-    snd->client_msg_id.len = cmid.len;
-    p = ngx_cpymem(p, cmid.data, cmid.len);
-
-    snd->body.data = p;
-    snd->body.len = text.len;
-    p = ngx_cpymem(p, text.data, text.len);
-
-    snd->format.data = p;
-    snd->format.len = format.len;
-    p = ngx_cpymem(p, format.data, format.len);
-
-    snd->attachments.data = p;
-    snd->attachments.len = attlen;
-    p = ngx_cpymem(p, att, attlen);
-
-    free(att);
-
-    snd->conversation = ctx->conversation;
-    snd->reply_to = reply_to;
     snd->handler = ngx_chat_api_post_done;
     snd->data = r;
 

@@ -382,6 +382,9 @@ struct ngx_chat_send_s {
 
 void ngx_chat_store_on_ready(void);
 ngx_chat_send_t *ngx_chat_store_send_alloc(size_t extra);
+ngx_chat_send_t *ngx_chat_store_send_from_json(json_t *root,
+    ngx_str_t *sender, int64_t conv, size_t extra, const char **code,
+    const char **msg);
 ngx_int_t ngx_chat_store_send(ngx_chat_send_t *snd);
 ngx_chat_query_t *ngx_chat_query_alloc(ngx_uint_t stmt, size_t extra);
 void ngx_chat_query_free(ngx_chat_query_t *q);

@@ -875,126 +875,19 @@ static void
 ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid)
 {
-    u_char            *p;
-    char              *att;
-    size_t             attlen;
-    json_t            *a;
-    int64_t            conv, reply_to;
-    ngx_str_t          cmid, body, format;
-    ngx_chat_send_t   *snd;
+    const char       *code, *msg;
+    ngx_chat_send_t  *snd;
 
-    att = NULL;
-    attlen = 0;
-    reply_to = 0;
-    format.len = 0;
-
-    if (ngx_chat_json_id(root, "conversation_id", &conv, 1) != NGX_OK) {
-        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
-                             "\"conversation_id\" must be an id string", 0);
-        return;
-    }
-
-    if (ngx_chat_json_str(root, "client_msg_id", &cmid, 128, 1) != NGX_OK) {
-        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
-                             "\"client_msg_id\" must be a string of 1 to "
-                             "128 bytes", 0);
-        return;
-    }
-
-    if (ngx_chat_json_str(root, "body", &body,
-                          ngx_chat_worker.cmcf->max_message, 0)
-        == NGX_ERROR)
-    {
-        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
-                             "\"body\" must be a string", 0);
-        return;
-    }
-
-    if (body.data == NULL) {
-        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
-                             "\"body\" is required", 0);
-        return;
-    }
-
-    if (ngx_chat_json_str(root, "format", &format, 16, 0) == NGX_ERROR
-        || (format.len
-            && !(format.len == 4 && ngx_strncmp(format.data, "text", 4) == 0)
-            && !(format.len == 8
-                 && ngx_strncmp(format.data, "markdown", 8) == 0)))
-    {
-        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
-                             "\"format\" must be \"text\" or \"markdown\"", 0);
-        return;
-    }
-
-    if (ngx_chat_json_id(root, "reply_to", &reply_to, 0) == NGX_ERROR) {
-        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
-                             "\"reply_to\" must be a message id string", 0);
-        return;
-    }
-
-    a = json_object_get(root, "attachments");
-
-    if (a && !json_is_null(a)) {
-        if (!json_is_array(a) || json_array_size(a) > 16) {
-            ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
-                                 "\"attachments\" must be an array of at "
-                                 "most 16 items", 0);
-            return;
-        }
-
-        att = json_dumps(a, JSON_COMPACT);
-        if (att == NULL) {
-            return;
-        }
-
-        attlen = ngx_strlen(att);
-
-        if (attlen > 4096) {
-            free(att);
-            ngx_chat_reply_error(s, rid->data, rid->len, "too_large",
-                                 "\"attachments\" is too large", 0);
-            return;
-        }
-    }
-
-    snd = ngx_chat_store_send_alloc(s->user.len + cmid.len + body.len
-                                    + format.len + attlen + rid->len);
+    snd = ngx_chat_store_send_from_json(root, &s->user, 0, rid->len, &code,
+                                        &msg);
     if (snd == NULL) {
-        free(att);
+        ngx_chat_reply_error(s, rid->data, rid->len, code, msg, 0);
         return;
     }
 
-    p = snd->mem;
-
-    snd->sender.data = p;
-    snd->sender.len = s->user.len;
-    p = ngx_cpymem(p, s->user.data, s->user.len);
-
-    snd->client_msg_id.data = p;
-    snd->client_msg_id.len = cmid.len;
-    p = ngx_cpymem(p, cmid.data, cmid.len);
-
-    snd->body.data = p;
-    snd->body.len = body.len;
-    p = ngx_cpymem(p, body.data, body.len);
-
-    snd->format.data = p;
-    snd->format.len = format.len;
-    p = ngx_cpymem(p, format.data, format.len);
-
-    snd->attachments.data = p;
-    snd->attachments.len = attlen;
-    p = ngx_cpymem(p, att, attlen);
-
-    free(att);
-
-    snd->req_id = p;
     snd->req_id_len = rid->len;
-    ngx_memcpy(p, rid->data, rid->len);
+    ngx_memcpy(snd->req_id, rid->data, rid->len);
 
-    snd->conversation = conv;
-    snd->reply_to = reply_to;
     snd->handler = ngx_chat_session_send_done;
     snd->data = s;
 

@@ -188,6 +188,132 @@ ngx_chat_store_send_alloc(size_t extra)
 
 
 /*
+ * Validates a send request -- a WebSocket "send" or a REST body, one set of
+ * rules for both -- and makes the store item with copies of its fields.
+ * conv 0 takes "conversation_id" from the request.  extra bytes are left
+ * at snd->req_id for the caller.  NULL: *code and *msg say why.
+ */
+ngx_chat_send_t *
+ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
+    size_t extra, const char **code, const char **msg)
+{
+    u_char           *p;
+    char             *att;
+    size_t            attlen;
+    json_t           *a;
+    int64_t           reply_to;
+    ngx_str_t         cmid, body, format;
+    ngx_chat_send_t  *snd;
+
+    *code = "bad_request";
+
+    if (conv == 0
+        && ngx_chat_json_id(root, "conversation_id", &conv, 1) != NGX_OK)
+    {
+        *msg = "\"conversation_id\" must be an id string";
+        return NULL;
+    }
+
+    if (ngx_chat_json_str(root, "client_msg_id", &cmid, 128, 1) != NGX_OK) {
+        *msg = "\"client_msg_id\" must be a string of 1 to 128 bytes";
+        return NULL;
+    }
+
+    if (ngx_chat_json_str(root, "body", &body,
+                          ngx_chat_worker.cmcf->max_message, 0)
+        == NGX_ERROR
+        || body.data == NULL)
+    {
+        *msg = "\"body\" must be a string";
+        return NULL;
+    }
+
+    if (ngx_chat_json_str(root, "format", &format, 16, 0) == NGX_ERROR
+        || (format.len
+            && !(format.len == 4 && ngx_strncmp(format.data, "text", 4) == 0)
+            && !(format.len == 8
+                 && ngx_strncmp(format.data, "markdown", 8) == 0)))
+    {
+        *msg = "\"format\" must be \"text\" or \"markdown\"";
+        return NULL;
+    }
+
+    reply_to = 0;
+
+    if (ngx_chat_json_id(root, "reply_to", &reply_to, 0) == NGX_ERROR) {
+        *msg = "\"reply_to\" must be a message id string";
+        return NULL;
+    }
+
+    att = NULL;
+    attlen = 0;
+    a = json_object_get(root, "attachments");
+
+    if (a && !json_is_null(a)) {
+        if (!json_is_array(a) || json_array_size(a) > 16) {
+            *msg = "\"attachments\" must be an array of at most 16 items";
+            return NULL;
+        }
+
+        att = json_dumps(a, JSON_COMPACT);
+        if (att == NULL) {
+            *code = "internal";
+            *msg = "out of memory";
+            return NULL;
+        }
+
+        attlen = ngx_strlen(att);
+
+        if (attlen > 4096) {
+            free(att);
+            *code = "too_large";
+            *msg = "\"attachments\" is too large";
+            return NULL;
+        }
+    }
+
+    snd = ngx_chat_store_send_alloc(sender->len + cmid.len + body.len
+                                    + format.len + attlen + extra);
+    if (snd == NULL) {
+        free(att);
+        *code = "internal";
+        *msg = "out of memory";
+        return NULL;
+    }
+
+    p = snd->mem;
+
+    snd->sender.data = p;
+    snd->sender.len = sender->len;
+    p = ngx_cpymem(p, sender->data, sender->len);
+
+    snd->client_msg_id.data = p;
+    snd->client_msg_id.len = cmid.len;
+    p = ngx_cpymem(p, cmid.data, cmid.len);
+
+    snd->body.data = p;
+    snd->body.len = body.len;
+    p = ngx_cpymem(p, body.data, body.len);
+
+    snd->format.data = p;
+    snd->format.len = format.len;
+    p = ngx_cpymem(p, format.data, format.len);
+
+    snd->attachments.data = p;
+    snd->attachments.len = attlen;
+    p = ngx_cpymem(p, att, attlen);
+
+    free(att);
+
+    snd->req_id = p;
+    snd->conversation = conv;
+    snd->reply_to = reply_to;
+
+    return snd;
+}
+
+
+/*
  * NGX_OK: the handler will be called.  NGX_DECLINED: the store cannot take
  * it now (unavailable, or the queue is full); the caller answers at once
  * and still owns snd.
