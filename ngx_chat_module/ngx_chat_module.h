@@ -364,6 +364,7 @@ struct ngx_chat_send_s {
     int64_t                    reply_to;         /* 0: none */
     ngx_str_t                  attachments;      /* JSON text or empty */
     ngx_msec_t                 deadline;         /* give up "busy" retries */
+    ngx_msec_t                 busy_since;       /* first found busy */
 
     /* result */
     ngx_int_t                  rc;               /* NGX_OK or error */

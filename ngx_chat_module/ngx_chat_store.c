@@ -20,8 +20,8 @@
 #include "ngx_chat_json.h"
 
 
-#define NGX_CHAT_RETRY_MIN     5
-#define NGX_CHAT_RETRY_MAX     250
+#define NGX_CHAT_RETRY_MIN     2
+#define NGX_CHAT_RETRY_MAX     100
 
 
 typedef struct {
@@ -707,10 +707,19 @@ ngx_chat_store_defer(ngx_chat_send_t *snd)
     ngx_queue_insert_tail(&st->deferred, &snd->queue);
     st->ndeferred++;
 
+    if (snd->busy_since == 0) {
+        snd->busy_since = ngx_current_msec;
+    }
+
     if (!st->retry.timer_set) {
-        st->retry_delay = st->retry_delay
-                          ? ngx_min(st->retry_delay * 2, NGX_CHAT_RETRY_MAX)
-                          : NGX_CHAT_RETRY_MIN;
+        /*
+         * Another worker's batch holds the conversation for a commit:
+         * try again at once.  Only a send that stays busy (a lock held
+         * from outside) backs off, by a quarter of how long it waited.
+         */
+        st->retry_delay = ngx_max(NGX_CHAT_RETRY_MIN,
+                                  ngx_min((ngx_current_msec - snd->busy_since)
+                                          / 4, NGX_CHAT_RETRY_MAX));
 
         ngx_add_timer(&st->retry, st->retry_delay);
     }
