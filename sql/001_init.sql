@@ -159,36 +159,40 @@ BEGIN
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (e, ord)
     ), locked AS (
         SELECT c.id, c.last_seq FROM chat_conversations c
-        WHERE c.id IN (SELECT DISTINCT it.conv FROM items it)
+        WHERE c.id = ANY (ARRAY(SELECT DISTINCT it.conv FROM items it))
         ORDER BY c.id
         FOR UPDATE SKIP LOCKED
     ), prior AS (
-        SELECT it.idx, m AS m FROM items it
-        JOIN chat_messages m
-          ON m.sender = it.sender AND m.client_msg_id = it.cmid
+        -- LATERAL: one index probe per item, never a join over the table
+        SELECT it.idx, p.m FROM items it
+        CROSS JOIN LATERAL (SELECT m FROM chat_messages m
+                            WHERE m.sender = it.sender
+                              AND m.client_msg_id = it.cmid) p
     ), classified AS (
+        -- every check is a LATERAL index probe per item: the planner
+        -- would otherwise hash whole tables for an unknown item count
         SELECT it.*, l.last_seq, p.m,
             CASE
             WHEN p.idx IS NOT NULL THEN
                 CASE WHEN (p.m).conversation_id = it.conv THEN 'dup'
                      ELSE 'conflict' END
             WHEN l.id IS NULL THEN
-                CASE WHEN EXISTS (SELECT 1 FROM chat_conversations c
-                                  WHERE c.id = it.conv)
-                     THEN 'busy' ELSE 'not_found' END
-            WHEN NOT EXISTS (SELECT 1 FROM chat_members mb
-                             WHERE mb.conversation_id = it.conv
-                               AND mb.user_id = it.sender)
-                THEN 'forbidden'
-            WHEN it.reply_to IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM chat_messages m
-                                 WHERE m.id = it.reply_to
-                                   AND m.conversation_id = it.conv)
+                CASE WHEN ex.ok THEN 'busy' ELSE 'not_found' END
+            WHEN mem.ok IS NULL THEN 'forbidden'
+            WHEN it.reply_to IS NOT NULL AND rt.ok IS NULL
                 THEN 'bad_reply_to'
             ELSE 'ok' END AS status
         FROM items it
         LEFT JOIN prior p ON p.idx = it.idx
         LEFT JOIN locked l ON l.id = it.conv
+        LEFT JOIN LATERAL (SELECT true AS ok FROM chat_conversations c
+                           WHERE c.id = it.conv) ex ON true
+        LEFT JOIN LATERAL (SELECT true AS ok FROM chat_members mb
+                           WHERE mb.conversation_id = it.conv
+                             AND mb.user_id = it.sender) mem ON true
+        LEFT JOIN LATERAL (SELECT true AS ok FROM chat_messages m
+                           WHERE m.id = it.reply_to
+                             AND m.conversation_id = it.conv) rt ON true
     ), numbered AS (
         SELECT c.idx, c.conv, c.sender, c.cmid, c.body, c.format, c.reply_to,
                c.attachments,
