@@ -45,6 +45,7 @@ static void ngx_chat_session_join(ngx_chat_session_t *s);
 static void ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_session_welcome(ngx_chat_session_t *s);
+static void ngx_chat_session_join_failed(ngx_chat_session_t *s);
 static void ngx_chat_session_catchup(ngx_chat_session_t *s);
 static void ngx_chat_session_catchup_done(ngx_chat_query_t *q,
     PGresult *res, ngx_int_t rc);
@@ -479,17 +480,7 @@ ngx_chat_session_join(ngx_chat_session_t *s)
     ngx_chat_query_t  *q;
 
     if (!ngx_chat_bus_started() || !ngx_chat_db_ready()) {
-        if (s->hello_id) {
-            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
-                                 "unavailable", "the store is unavailable",
-                                 ngx_chat_db_retry_after());
-            ngx_free(s->hello_id);
-            s->hello_id = NULL;
-            return;
-        }
-
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
-                               "store unavailable");
+        ngx_chat_session_join_failed(s);
         return;
     }
 
@@ -531,17 +522,7 @@ ngx_chat_session_join(ngx_chat_session_t *s)
         ngx_chat_query_free(q);
         ngx_chat_bus_unregister(s);
 
-        if (s->hello_id) {
-            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
-                                 "unavailable", "the store is unavailable",
-                                 ngx_chat_db_retry_after());
-            ngx_free(s->hello_id);
-            s->hello_id = NULL;
-            return;
-        }
-
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
-                               "store unavailable");
+        ngx_chat_session_join_failed(s);
         return;
     }
 
@@ -570,17 +551,7 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         ngx_chat_bus_unregister(s);
         s->state = NGX_CHAT_SESSION_NEW;
 
-        if (s->hello_id) {
-            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
-                                 "unavailable", "the store is unavailable",
-                                 ngx_chat_db_retry_after());
-            ngx_free(s->hello_id);
-            s->hello_id = NULL;
-            return;
-        }
-
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
-                               "store unavailable");
+        ngx_chat_session_join_failed(s);
         return;
     }
 
@@ -628,6 +599,27 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     ngx_chat_session_welcome(s);
     ngx_chat_session_catchup(s);
+}
+
+
+/*
+ * The store could not be reached while joining: a pending hello is told
+ * to retry and the connection stays; an implicit join has nobody to tell,
+ * so the client is sent away to reconnect.
+ */
+static void
+ngx_chat_session_join_failed(ngx_chat_session_t *s)
+{
+    if (s->hello_id) {
+        ngx_chat_reply_error(s, s->hello_id, s->hello_id_len, "unavailable",
+                             "the store is unavailable",
+                             ngx_chat_db_retry_after());
+        ngx_free(s->hello_id);
+        s->hello_id = NULL;
+        return;
+    }
+
+    ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY, "store unavailable");
 }
 
 
