@@ -2,10 +2,14 @@
 # bench/run.sh — build chatbench, start each server, run the same scenarios
 # at the same rates and sizes against each, repeat, aggregate, plot.
 #
-#   bench/run.sh [--quick] [--reps N] [--modes chat,nchan,socketio]
+#   bench/run.sh [--quick] [--dry-run] [--reps N]
+#                [--modes chat,nchan,socketio]
 #                [--scenarios idle,connect-storm,dm,group,mixed]
 #                [--out DIR] [--with-mock]
 #
+# Sweeps: idle over IDLE_CONNS, dm over DM_RATES, group over GROUP_SPECS
+# (K:msg/s pairs); see the parameters below and bench/README.md.
+# --dry-run prints the runs and an estimate of the wall time, runs nothing.
 # Only loopback addresses are used. Every wait below is bounded; every
 # chatbench run stops by itself and is also wrapped in timeout(1).
 #
@@ -19,6 +23,7 @@ REPO="$(cd "$BENCH/.." && pwd)"
 BIN="$BENCH/build/chatbench"
 
 QUICK=0
+DRY_RUN=0
 REPS=""
 MODES="chat,nchan,socketio"
 SCENARIOS="idle,connect-storm,dm,group,mixed"
@@ -28,12 +33,13 @@ WITH_MOCK=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --quick) QUICK=1 ;;
+    --dry-run) DRY_RUN=1 ;;
     --reps) REPS="$2"; shift ;;
     --modes) MODES="$2"; shift ;;
     --scenarios) SCENARIOS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --with-mock) WITH_MOCK=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 1 ;;
     esac
     shift
@@ -49,28 +55,193 @@ SERVER_CPUS="${SERVER_CPUS:-0}"
 GEN_CPUS="${GEN_CPUS:-1}"
 SERVER_WORKERS="${SERVER_WORKERS:-1}"      # nginx workers (ours and Nchan)
 SRC="${SRC:-127.0.0.2-9}"                  # client source addresses
-SIZES="64 1024"
 
+# Every value can be overridden from the environment, with --quick too.
+# Lists are separated by spaces. Sweeps use 64 B bodies; 1 KB bodies are
+# run at one point each (DM_RATE_1K, GROUP_SPEC_1K; empty: none).
+#   IDLE_CONNS      idle: connection counts (memory vs connections)
+#   DM_RATES        dm: msg/s, at DM_CONNS connections
+#   GROUP_SPECS     group: K:msg/s pairs (K members per group; a message
+#                   fans out to K connections, the sender's own included,
+#                   so deliveries/s = msg/s x K) at max(GROUP_CONNS, K)
+#                   connections
+#   CONNECT_RATE    connects/s of every scenario but connect-storm
+# DM_RATE, GROUP_K/GROUP_RATE (the single-point names) still work as the
+# list's default. The full defaults are sized so that --modes
+# chat,nchan,socketio with 3 repetitions takes about 50 minutes (--dry-run
+# prints the estimate) and fit one server process: Socket.IO is one Node
+# process (< 20,000 files) and conf.example has worker_connections 16384.
 if [ "$QUICK" = 1 ]; then
     REPS="${REPS:-1}"
-    IDLE_CONNS=1000;  STORM_CONNS=1000; STORM_RATE=1000
-    DM_CONNS=200;     DM_RATE=500
-    GROUP_CONNS=200;  GROUP_K=10;       GROUP_RATE=200
-    MIXED_CONNS=200;  MIXED_RATE=300
-    DURATION=3; WARMUP=1; DRAIN=2; HOLD=2
+    IDLE_CONNS="${IDLE_CONNS:-500 1000}"
+    STORM_CONNS="${STORM_CONNS:-1000}";  STORM_RATE="${STORM_RATE:-1000}"
+    DM_CONNS="${DM_CONNS:-200}";         DM_RATES="${DM_RATES:-200 500}"
+    DM_RATE_1K="${DM_RATE_1K-500}"
+    GROUP_CONNS="${GROUP_CONNS:-200}"
+    GROUP_SPECS="${GROUP_SPECS:-10:100 10:200 100:4}"
+    GROUP_SPEC_1K="${GROUP_SPEC_1K-10:200}"
+    MIXED_CONNS="${MIXED_CONNS:-200}";   MIXED_RATE="${MIXED_RATE:-300}"
+    MIXED_K="${MIXED_K:-10}"
+    DURATION="${DURATION:-3}"; WARMUP="${WARMUP:-1}"; DRAIN="${DRAIN:-2}"
+    HOLD="${HOLD:-2}"
 else
-    # every value can be overridden from the environment; the defaults fit
-    # one server process (Socket.IO is one Node process: < 20,000 files;
-    # conf.example has worker_connections 16384)
     REPS="${REPS:-3}"
-    IDLE_CONNS="${IDLE_CONNS:-15000}"
-    STORM_CONNS="${STORM_CONNS:-10000}"; STORM_RATE="${STORM_RATE:-2000}"
-    DM_CONNS="${DM_CONNS:-10000}";       DM_RATE="${DM_RATE:-5000}"
-    GROUP_CONNS="${GROUP_CONNS:-10000}"; GROUP_K="${GROUP_K:-50}"
-    GROUP_RATE="${GROUP_RATE:-500}"
+    IDLE_CONNS="${IDLE_CONNS:-1000 5000 15000}"
+    STORM_CONNS="${STORM_CONNS:-10000}"; STORM_RATE="${STORM_RATE:-5000}"
+    DM_CONNS="${DM_CONNS:-10000}"
+    DM_RATES="${DM_RATES:-${DM_RATE:-1000 3000 10000}}"
+    DM_RATE_1K="${DM_RATE_1K-${DM_RATE:-3000}}"
+    GROUP_CONNS="${GROUP_CONNS:-10000}"
+    if [ -z "${GROUP_SPECS:-}" ] && [ -n "${GROUP_K:-}${GROUP_RATE:-}" ]; then
+        GROUP_SPECS="${GROUP_K:-50}:${GROUP_RATE:-500}"
+    fi
+    read -r first _ <<< "${GROUP_SPECS:-10:1000}"   # 1 KB: the first spec
+    GROUP_SPEC_1K="${GROUP_SPEC_1K-$first}"
+    GROUP_SPECS="${GROUP_SPECS:-10:1000 10:4000 100:100 100:400 1000:20}"
     MIXED_CONNS="${MIXED_CONNS:-10000}"; MIXED_RATE="${MIXED_RATE:-3000}"
-    DURATION="${DURATION:-20}"; WARMUP="${WARMUP:-3}"; DRAIN="${DRAIN:-5}"
-    HOLD="${HOLD:-10}"
+    MIXED_K="${MIXED_K:-${GROUP_K:-50}}"
+    DURATION="${DURATION:-8}"; WARMUP="${WARMUP:-2}"; DRAIN="${DRAIN:-2}"
+    HOLD="${HOLD:-3}"
+fi
+CONNECT_RATE="${CONNECT_RATE:-2000}"
+MIXED_SIZES="64 1024"
+# for the --dry-run estimate only: server start + stop per run (s), and
+# chat's REST conversation set-up (conversations/s; a guess)
+EST_SERVER_S="${EST_SERVER_S:-6}"
+EST_REST_RATE="${EST_REST_RATE:-1000}"
+
+# ---- checks of the lists (tags carry integers) ----
+isint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+bad_param() { echo "run.sh: $*" >&2; exit 1; }
+for v in $IDLE_CONNS $DM_RATES $DM_RATE_1K "$DM_CONNS" "$GROUP_CONNS" \
+         "$STORM_CONNS" "$STORM_RATE" "$MIXED_CONNS" "$MIXED_RATE" \
+         "$MIXED_K" "$CONNECT_RATE" "$REPS"; do
+    isint "$v" || bad_param "not a whole number: '$v'"
+done
+for spec in $GROUP_SPECS $GROUP_SPEC_1K; do
+    [[ "$spec" =~ ^[0-9]+:[0-9]+$ ]] && [ "${spec%%:*}" -ge 2 ] \
+        || bad_param "GROUP_SPECS: '$spec' is not K:msg/s with K >= 2"
+done
+[ "$MIXED_K" -ge 2 ] || bad_param "MIXED_K must be >= 2"
+
+# ---- the plan: one line per point, "scenario size conns rate k" ----
+# conns are rounded down to whole conversations (what chatbench would do)
+# so that the tag names the connections actually used; rate is msg/s
+# (connect-storm: connects/s); k is the group size (0: none)
+round_down() { echo $(( $1 / $2 * $2 )); }     # n unit
+
+plan_points() {
+    local sc c r k spec u s
+    for sc in ${SCENARIOS//,/ }; do
+        case "$sc" in
+        idle)
+            for c in $IDLE_CONNS; do echo "idle 64 $c 0 0"; done ;;
+        connect-storm)
+            echo "connect-storm 64 $STORM_CONNS $STORM_RATE 0" ;;
+        dm)
+            c="$(round_down "$DM_CONNS" 2)"
+            for r in $DM_RATES; do echo "dm 64 $c $r 0"; done
+            for r in $DM_RATE_1K; do echo "dm 1024 $c $r 0"; done ;;
+        group)
+            for spec in $GROUP_SPECS; do
+                k="${spec%%:*}"; r="${spec#*:}"
+                c=$(( GROUP_CONNS > k ? GROUP_CONNS : k ))
+                echo "group 64 $(round_down "$c" "$k") $r $k"
+            done
+            for spec in $GROUP_SPEC_1K; do
+                k="${spec%%:*}"; r="${spec#*:}"
+                c=$(( GROUP_CONNS > k ? GROUP_CONNS : k ))
+                echo "group 1024 $(round_down "$c" "$k") $r $k"
+            done ;;
+        mixed)
+            u="$MIXED_K"; [ $(( u % 2 )) = 0 ] || u=$(( 2 * u ))
+            for s in $MIXED_SIZES; do
+                echo "mixed $s $(round_down "$MIXED_CONNS" "$u") $MIXED_RATE $MIXED_K"
+            done ;;
+        *) echo "run.sh: unknown scenario $sc" >&2 ;;
+        esac
+    done
+}
+
+# MODE.SCENARIO.SIZE.c<conns>[.r<rate>][.k<K>].rep<N>; report.py reads it
+run_tag() {         # mode scenario size conns rate k rep
+    local t="$1.$2.$3.c$4"
+    [ "$5" -gt 0 ] && t="$t.r$5"
+    [ "$6" -gt 0 ] && t="$t.k$6"
+    echo "$t.rep$7"
+}
+
+skip_point() {      # mode scenario: a combination that cannot run
+    [ "$2" = mixed ] && [ "$1" = nchan ]
+}
+
+# estimated seconds of one run: server start/stop, chat's REST set-up,
+# connect at the connect rate, the run itself, the pause after it
+est_run() {         # mode scenario conns rate k
+    local mode="$1" sc="$2" c="$3" r="$4" k="$5" convs=0
+    case "$sc" in
+    dm) convs=$(( c / 2 )) ;;
+    group) convs=$(( c / k )) ;;
+    mixed) convs=$(( c / 2 + c / 5 / k )) ;;
+    esac
+    case "$mode" in chat|mock) ;; *) convs=0 ;; esac
+    awk -v sc="$sc" -v c="$c" -v r="$r" -v cr="$CONNECT_RATE" \
+        -v sv="$EST_SERVER_S" -v rest="$EST_REST_RATE" -v cv="$convs" \
+        -v w="$WARMUP" -v d="$DURATION" -v dr="$DRAIN" -v h="$HOLD" 'BEGIN {
+        t = sv + cv / rest + 1
+        if (sc == "idle") t += c / cr + 1 + h
+        else if (sc == "connect-storm") t += (r > 0 ? c / r : 0) + 1
+        else t += c / cr + w + d + dr
+        printf "%.1f\n", t }'
+}
+
+dry_run() {
+    local mode pt sc size c r k e total=0 mt n=0 runs=0 label
+    echo "run.sh --dry-run: modes $MODES, scenarios $SCENARIOS, $REPS repetition(s)"
+    echo "per run: ${EST_SERVER_S} s server start/stop + connect (conns/${CONNECT_RATE}/s;"
+    echo "  connect-storm: conns/STORM_RATE) + warmup $WARMUP + duration $DURATION"
+    echo "  + drain $DRAIN (at most) | idle: 1 + hold $HOLD | storm: hold 1; + 1 s pause;"
+    echo "  chat: + conversations / ${EST_REST_RATE}/s over REST (a guess)"
+    echo "deliveries/s = msg/s x members (dm: 2, group: K), the sender's own copy included"
+    echo
+    printf '%-9s %-14s %5s %7s %7s %5s %15s %7s  %s\n' mode scenario size conns \
+        rate K deliveries/s "est s" "tags (rep1..$REPS)"
+    for mode in ${MODES//,/ }; do
+        mt=0
+        while read -r sc size c r k; do
+            [ -n "$sc" ] || continue
+            if skip_point "$mode" "$sc"; then
+                printf '%-9s %-14s %5s  skipped (one channel per WebSocket)\n' \
+                    "$mode" "$sc" "$size"
+                continue
+            fi
+            e="$(est_run "$mode" "$sc" "$c" "$r" "$k")"
+            case "$sc" in
+            dm) label=$(( r * 2 )) ;;
+            group) label=$(( r * k )) ;;
+            *) label="-" ;;
+            esac
+            printf '%-9s %-14s %5s %7s %7s %5s %15s %7s  %s\n' "$mode" "$sc" \
+                "$size" "$c" "$r" "$k" "$label" "$e" \
+                "$(run_tag "$mode" "$sc" "$size" "$c" "$r" "$k" N)"
+            mt="$(awk -v a="$mt" -v b="$e" -v n="$REPS" 'BEGIN{print a+b*n}')"
+            n=$(( n + 1 ))
+        done < <(plan_points)
+        printf '  %s: %.0f s (%.1f min) for %d repetition(s)\n' "$mode" "$mt" \
+            "$(awk -v a="$mt" 'BEGIN{print a/60}')" "$REPS"
+        total="$(awk -v a="$total" -v b="$mt" 'BEGIN{print a+b}')"
+    done
+    runs=$(( n * REPS ))
+    echo
+    printf 'total: %d points, %d runs, estimated %.0f s = %.1f min (upper bound:\n' \
+        "$n" "$runs" "$total" "$(awk -v a="$total" 'BEGIN{print a/60}')"
+    echo "  every drain taken in full; plus building, npm ci and the report)"
+    echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //')"
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+    dry_run
+    exit 0
 fi
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -336,22 +507,24 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- one measurement ----
-run_one() {         # mode scenario size rep
-    local mode="$1" sc="$2" size="$3" rep="$4" genmode conns rate extra=()
-    local tag="$mode.$sc.$size.r$rep" limit rc
+run_one() {         # mode scenario size conns rate k rep
+    local mode="$1" sc="$2" size="$3" conns="$4" rate="$5" k="$6" rep="$7"
+    local genmode extra=() tag limit rc desc
+    tag="$(run_tag "$mode" "$sc" "$size" "$conns" "$rate" "$k" "$rep")"
 
     genmode="$mode"
     [ "$mode" = mock ] && genmode=chat
 
+    desc="conns=$conns rate=$rate"
     case "$sc" in
-    idle) conns=$IDLE_CONNS; rate=0; extra=(--hold "$HOLD") ;;
-    connect-storm) conns=$STORM_CONNS; rate=0
-        extra=(--connect-rate "$STORM_RATE" --hold 1) ;;
-    dm) conns=$DM_CONNS; rate=$DM_RATE ;;
-    group) conns=$GROUP_CONNS; rate=$GROUP_RATE
-        extra=(--group-size "$GROUP_K") ;;
-    mixed) conns=$MIXED_CONNS; rate=$MIXED_RATE
-        extra=(--group-size "$GROUP_K") ;;
+    idle) extra=(--hold "$HOLD" --connect-rate "$CONNECT_RATE") ;;
+    connect-storm)
+        desc="conns=$conns connect-rate=$rate"
+        extra=(--connect-rate "$rate" --hold 1); rate=0 ;;
+    dm) extra=(--connect-rate "$CONNECT_RATE") ;;
+    group|mixed)
+        desc="$desc k=$k"
+        extra=(--group-size "$k" --connect-rate "$CONNECT_RATE") ;;
     esac
 
     # <= 19000 connections per generator process
@@ -359,7 +532,7 @@ run_one() {         # mode scenario size rep
 
     limit=$(( DURATION + WARMUP + DRAIN + HOLD + conns / 500 + 120 ))
 
-    log "run $tag: conns=$conns rate=$rate"
+    log "run $tag: $desc"
     timeout "$limit" "$BIN" --mode "$genmode" --scenario "$sc" \
         --port "$SERVER_PORT" --conns "$conns" --workers "$workers" \
         --src "$SRC" --pin "$GEN_CPUS" --rate "$rate" --size "$size" \
@@ -387,17 +560,24 @@ export SECRET_FILE
 
 {
     echo "stamp=$STAMP quick=$QUICK reps=$REPS"
-    echo "modes=$MODES scenarios=$SCENARIOS sizes=$SIZES"
+    echo "modes=$MODES scenarios=$SCENARIOS"
+    echo "sizes=64 (sweeps) 1024 (dm at ${DM_RATE_1K:-none} msg/s, group at ${GROUP_SPEC_1K:-none} K:msg/s; mixed: $MIXED_SIZES)"
     echo "server_cpus=$SERVER_CPUS gen_cpus=$GEN_CPUS server_workers=$SERVER_WORKERS"
-    echo "idle=$IDLE_CONNS storm=$STORM_CONNS@$STORM_RATE/s"
-    echo "dm=$DM_CONNS@$DM_RATE/s group=$GROUP_CONNS(k=$GROUP_K)@$GROUP_RATE/s"
-    echo "mixed=$MIXED_CONNS@$MIXED_RATE/s duration=$DURATION warmup=$WARMUP"
+    echo "idle_conns=[$IDLE_CONNS] storm=$STORM_CONNS@$STORM_RATE/s connect_rate=$CONNECT_RATE/s"
+    echo "dm_conns=$DM_CONNS dm_rates=[$DM_RATES] msg/s dm_rate_1k=$DM_RATE_1K"
+    echo "group_conns=$GROUP_CONNS group_specs=[$GROUP_SPECS] (K:msg/s) group_spec_1k=$GROUP_SPEC_1K"
+    echo "mixed=$MIXED_CONNS(k=$MIXED_K)@$MIXED_RATE/s"
+    echo "duration=$DURATION warmup=$WARMUP drain=$DRAIN hold=$HOLD"
     echo "kernel=$(uname -r) nginx=$(/usr/sbin/nginx -v 2>&1 | cut -d/ -f2)"
     echo "node=$(node --version 2>/dev/null) nproc=$(nproc)"
+    echo "mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo 2>/dev/null)"
+    echo "cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //')"
     echo "commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"
 } > "$OUT/params.txt"
 
 log "results in $OUT"
+
+mapfile -t POINTS < <(plan_points)
 
 for mode in ${MODES//,/ }; do
     CURRENT_MODE=""
@@ -406,29 +586,28 @@ for mode in ${MODES//,/ }; do
     *) log "unknown mode $mode"; continue ;;
     esac
 
-    for sc in ${SCENARIOS//,/ }; do
-        if [ "$sc" = mixed ] && [ "$mode" = nchan ]; then
-            log "skip nchan.mixed: one channel per WebSocket"
+    skipped=""
+    for pt in "${POINTS[@]}"; do
+        read -r sc size conns rate k <<< "$pt"
+        if skip_point "$mode" "$sc"; then
+            case " $skipped " in
+            *" $sc "*) ;;
+            *) log "skip $mode.$sc: one channel per WebSocket"
+               skipped="$skipped $sc" ;;
+            esac
             continue
         fi
 
-        case "$sc" in
-        idle|connect-storm) sizes=64 ;;
-        *) sizes="$SIZES" ;;
-        esac
-
-        for size in $sizes; do
-            for rep in $(seq 1 "$REPS"); do
-                # a fresh server for every run: RSS and state start equal
-                if ! "start_$mode"; then
-                    "stop_$mode" 2> /dev/null
-                    continue 4
-                fi
-                CURRENT_MODE="$mode"
-                run_one "$mode" "$sc" "$size" "$rep"
-                "stop_$mode"
-                CURRENT_MODE=""
-            done
+        for rep in $(seq 1 "$REPS"); do
+            # a fresh server for every run: RSS and state start equal
+            if ! "start_$mode"; then
+                "stop_$mode" 2> /dev/null
+                continue 3
+            fi
+            CURRENT_MODE="$mode"
+            run_one "$mode" "$sc" "$size" "$conns" "$rate" "$k" "$rep"
+            "stop_$mode"
+            CURRENT_MODE=""
         done
     done
 done

@@ -33,7 +33,7 @@
 #include <openssl/evp.h>
 
 
-#define NGX_CHAT_SCHEMA_VERSION        1
+#define NGX_CHAT_SCHEMA_VERSION        2
 
 #define NGX_CHAT_MAX_ID_LEN            128
 
@@ -381,12 +381,31 @@ struct ngx_chat_send_s {
     u_char                    *mem;              /* extra bytes, for input */
 };
 
+/*
+ * A session's memberships, loaded for it to join.  The owner fills user
+ * and keeps it alive until handler runs; conversations (comma separated
+ * ids) and clock are valid in the handler only.  rc: NGX_OK, or
+ * NGX_DECLINED when the store was unavailable.
+ */
+typedef struct ngx_chat_join_s  ngx_chat_join_t;
+
+struct ngx_chat_join_s {
+    ngx_queue_t                queue;
+    ngx_str_t                  user;
+    ngx_int_t                  rc;
+    ngx_str_t                  conversations;
+    uint64_t                   clock;
+    void                     (*handler)(ngx_chat_join_t *j);
+    void                      *data;
+};
+
 void ngx_chat_store_on_ready(void);
 ngx_chat_send_t *ngx_chat_store_send_alloc(size_t extra);
 ngx_chat_send_t *ngx_chat_store_send_from_json(json_t *root,
     ngx_str_t *sender, int64_t conv, size_t extra, const char **code,
     const char **msg);
 ngx_int_t ngx_chat_store_send(ngx_chat_send_t *snd);
+ngx_int_t ngx_chat_store_join(ngx_chat_join_t *j);
 ngx_chat_query_t *ngx_chat_query_alloc(ngx_uint_t stmt, size_t extra);
 void ngx_chat_query_free(ngx_chat_query_t *q);
 

@@ -42,8 +42,7 @@ static void ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
 static void ngx_chat_session_send_done(ngx_chat_send_t *snd);
 static void ngx_chat_session_join(ngx_chat_session_t *s);
-static void ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res,
-    ngx_int_t rc);
+static void ngx_chat_session_join_done(ngx_chat_join_t *j);
 static void ngx_chat_session_welcome(ngx_chat_session_t *s);
 static void ngx_chat_session_join_failed(ngx_chat_session_t *s);
 static void ngx_chat_session_catchup(ngx_chat_session_t *s);
@@ -476,8 +475,8 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
 static void
 ngx_chat_session_join(ngx_chat_session_t *s)
 {
-    ngx_int_t          rc;
-    ngx_chat_query_t  *q;
+    ngx_int_t         rc;
+    ngx_chat_join_t  *j;
 
     if (!ngx_chat_bus_started() || !ngx_chat_db_ready()) {
         ngx_chat_session_join_failed(s);
@@ -503,23 +502,22 @@ ngx_chat_session_join(ngx_chat_session_t *s)
         return;
     }
 
-    q = ngx_chat_query_alloc(NGX_CHAT_STMT_MEMBERSHIPS, s->user.len + 1);
-    if (q == NULL) {
+    j = ngx_calloc(sizeof(ngx_chat_join_t), ngx_chat_worker.log);
+    if (j == NULL) {
         ngx_chat_bus_unregister(s);
         ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
         return;
     }
 
-    q->params[0] = (char *) &q[1];
-    *ngx_cpymem(&q[1], s->user.data, s->user.len) = '\0';
-    q->handler = ngx_chat_session_join_done;
-    q->data = s;
+    j->user = s->user;
+    j->handler = ngx_chat_session_join_done;
+    j->data = s;
 
     /* without a cursor the client starts from here */
     s->cursor = ngx_chat_bus_position();
 
-    if (ngx_chat_db_query(q) != NGX_OK) {
-        ngx_chat_query_free(q);
+    if (ngx_chat_store_join(j) != NGX_OK) {
+        ngx_free(j);
         ngx_chat_bus_unregister(s);
 
         ngx_chat_session_join_failed(s);
@@ -532,22 +530,19 @@ ngx_chat_session_join(ngx_chat_session_t *s)
 
 
 static void
-ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+ngx_chat_session_join_done(ngx_chat_join_t *j)
 {
     u_char              *p, *end, *last;
     int64_t              conv;
-    uint64_t             clock;
     ngx_chat_session_t  *s;
 
-    s = q->data;
+    s = j->data;
 
     if (ngx_chat_session_unref(s) != NGX_OK) {
-        ngx_chat_query_free(q);
         return;
     }
 
-    if (rc != NGX_OK || PQntuples(res) != 1) {
-        ngx_chat_query_free(q);
+    if (j->rc != NGX_OK) {
         ngx_chat_bus_unregister(s);
         s->state = NGX_CHAT_SESSION_NEW;
 
@@ -555,8 +550,8 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         return;
     }
 
-    p = (u_char *) PQgetvalue(res, 0, 0);
-    end = p + PQgetlength(res, 0, 0);
+    p = j->conversations.data;
+    end = p + j->conversations.len;
 
     while (p < end) {
         last = ngx_strlchr(p, end, ',');
@@ -567,7 +562,6 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         if (ngx_chat_parse_id(p, last - p, &conv) == NGX_OK
             && ngx_chat_bus_subscribe(s, conv) != NGX_OK)
         {
-            ngx_chat_query_free(q);
             ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
             return;
         }
@@ -575,12 +569,7 @@ ngx_chat_session_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         p = last + 1;
     }
 
-    clock = ngx_atoof((u_char *) PQgetvalue(res, 0, 1),
-                      PQgetlength(res, 0, 1));
-
-    ngx_chat_query_free(q);
-
-    if (s->has_cursor && !s->bad_cursor && s->want > clock) {
+    if (s->has_cursor && !s->bad_cursor && s->want > j->clock) {
         s->bad_cursor = 1;
     }
 

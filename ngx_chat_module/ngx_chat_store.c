@@ -13,6 +13,10 @@
  * "busy"; its sends wait in a deferred queue (newer sends to it queue up
  * behind them) and are retried on a timer, so one stalled conversation
  * never holds up the batch that carries everybody else.
+ *
+ * Sessions that join (load their memberships) are batched the same way:
+ * a reconnect storm after a reload is one query per batch of users, not
+ * one per connection.
  */
 
 
@@ -30,6 +34,14 @@ typedef struct {
     ngx_uint_t                 n;
     ngx_chat_buf_t             json;
 } ngx_chat_batch_t;
+
+
+typedef struct {
+    ngx_chat_query_t           query;
+    ngx_chat_join_t          **items;
+    ngx_uint_t                 n;
+    ngx_chat_buf_t             json;
+} ngx_chat_join_batch_t;
 
 
 /* a conversation carried by a batch in flight */
@@ -52,6 +64,11 @@ typedef struct {
     ngx_msec_t                 retry_delay;
     ngx_event_t                flush;
     ngx_event_t                retry;
+
+    ngx_queue_t                joins;
+    ngx_uint_t                 njoins;
+    ngx_uint_t                 join_queued;      /* submitted, not built */
+    ngx_event_t                join_flush;
 } ngx_chat_store_t;
 
 
@@ -77,6 +94,11 @@ static ngx_uint_t ngx_chat_store_eligible(void);
 static void ngx_chat_store_fail(ngx_chat_send_t *snd, const char *code,
     const char *msg, ngx_msec_t retry_after);
 static void ngx_chat_store_finish(ngx_chat_send_t *snd);
+static void ngx_chat_store_join_flush(ngx_event_t *ev);
+static ngx_int_t ngx_chat_store_join_build(ngx_chat_query_t *q);
+static void ngx_chat_store_join_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_store_join_finish(ngx_chat_join_t *j, ngx_int_t rc);
 
 
 static ngx_chat_store_t  ngx_chat_store;
@@ -96,10 +118,13 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "WHERE gseq > $1::bigint AND gseq <= $2::bigint "
       "ORDER BY gseq LIMIT 512", 2 },
 
+    /* one row per user, in order; one snapshot for all of them */
     { "chat_memberships",
-      "SELECT coalesce(string_agg(conversation_id::text, ','), ''), "
+      "SELECT coalesce((SELECT string_agg(m.conversation_id::text, ',') "
+      "FROM chat_members m WHERE m.user_id = u.u), ''), "
       "(SELECT v FROM chat_clock) "
-      "FROM chat_members WHERE user_id = $1", 1 },
+      "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
+      "AS u (u, ord) ORDER BY u.ord", 1 },
 
     { "chat_catchup",
       "SELECT e.gseq, e.conversation_id, e.payload FROM chat_events e "
@@ -899,18 +924,34 @@ ngx_chat_store_release(ngx_chat_batch_t *b)
 }
 
 
-/* the items of a failed batch go back to the front, in their order */
-
+/*
+ * The items of a failed batch go back to the front, in their order; one
+ * that keeps failing is answered once its time is up, so no send can
+ * loop unanswered.
+ */
 static void
 ngx_chat_store_requeue(ngx_chat_batch_t *b)
 {
     ngx_uint_t         i;
+    ngx_chat_send_t   *snd;
     ngx_chat_store_t  *st;
 
     st = &ngx_chat_store;
 
     for (i = b->n; i > 0; i--) {
-        ngx_queue_insert_head(&st->pending, &b->items[i - 1]->queue);
+        snd = b->items[i - 1];
+
+        if ((ngx_msec_int_t) (ngx_current_msec - snd->deadline) >= 0) {
+            ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
+                          "chat: a send kept conflicting for %M ms, "
+                          "answering \"unavailable\"",
+                          ngx_chat_worker.cmcf->db_statement_timeout);
+            ngx_chat_store_fail(snd, "unavailable",
+                                "the message could not be stored yet", 1000);
+            continue;
+        }
+
+        ngx_queue_insert_head(&st->pending, &snd->queue);
         st->npending++;
     }
 
@@ -1010,4 +1051,206 @@ ngx_chat_store_finish(ngx_chat_send_t *snd)
 {
     snd->handler(snd);
     ngx_free(snd);
+}
+
+
+/*
+ * NGX_OK: j->handler will be called once, and j is freed after it returns.
+ * NGX_DECLINED: the store is unavailable; the caller still owns j.
+ */
+ngx_int_t
+ngx_chat_store_join(ngx_chat_join_t *j)
+{
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    if (st->join_flush.handler == NULL) {
+        ngx_queue_init(&st->joins);
+
+        st->join_flush.handler = ngx_chat_store_join_flush;
+        st->join_flush.log = ngx_chat_worker.log;
+        st->join_flush.data = st;
+    }
+
+    if (!ngx_chat_db_ready()
+        || st->njoins >= ngx_chat_worker.cmcf->db_queue_size)
+    {
+        return NGX_DECLINED;
+    }
+
+    ngx_queue_insert_tail(&st->joins, &j->queue);
+    st->njoins++;
+
+    /* a batch that waits for a connection takes it when it is built */
+    if (!st->join_queued && !st->join_flush.posted) {
+        ngx_post_event(&st->join_flush, &ngx_posted_events);
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_store_join_flush(ngx_event_t *ev)
+{
+    ngx_chat_store_t       *st;
+    ngx_chat_join_batch_t  *b;
+
+    st = &ngx_chat_store;
+
+    if (st->join_queued || st->njoins == 0) {
+        return;
+    }
+
+    b = ngx_calloc(sizeof(ngx_chat_join_batch_t), ngx_chat_worker.log);
+
+    if (b != NULL) {
+        b->query.stmt = NGX_CHAT_STMT_MEMBERSHIPS;
+        b->query.nparams = 1;
+        b->query.build = ngx_chat_store_join_build;
+        b->query.handler = ngx_chat_store_join_done;
+        b->query.data = b;
+
+        if (ngx_chat_db_query(&b->query) == NGX_OK) {
+            st->join_queued = 1;
+            return;
+        }
+
+        ngx_free(b);
+    }
+
+    while (st->njoins) {
+        ngx_chat_store_join_finish(ngx_queue_data(ngx_queue_head(&st->joins),
+                                                  ngx_chat_join_t, queue),
+                                   NGX_DECLINED);
+    }
+}
+
+
+static ngx_int_t
+ngx_chat_store_join_build(ngx_chat_query_t *q)
+{
+    ngx_uint_t              max;
+    ngx_queue_t            *qq;
+    ngx_chat_join_t        *j;
+    ngx_chat_store_t       *st;
+    ngx_chat_join_batch_t  *b;
+
+    b = q->data;
+    st = &ngx_chat_store;
+    st->join_queued = 0;
+
+    max = ngx_min(st->njoins, ngx_chat_worker.cmcf->db_batch_size);
+
+    if (max == 0) {
+        return NGX_ERROR;
+    }
+
+    b->items = ngx_alloc(max * sizeof(ngx_chat_join_t *), ngx_chat_worker.log);
+    if (b->items == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_buf_add_lit(&b->json, "[") != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    while (b->n < max) {
+        qq = ngx_queue_head(&st->joins);
+        j = ngx_queue_data(qq, ngx_chat_join_t, queue);
+
+        if ((b->n && ngx_chat_buf_add_lit(&b->json, ",") != NGX_OK)
+            || ngx_chat_buf_add_json_str(&b->json, j->user.data, j->user.len)
+               != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        ngx_queue_remove(qq);
+        qq->next = NULL;
+        st->njoins--;
+        b->items[b->n++] = j;
+    }
+
+    if (ngx_chat_buf_add(&b->json, "]", 2) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (st->njoins && !st->join_flush.posted) {
+        ngx_post_event(&st->join_flush, &ngx_posted_events);
+    }
+
+    q->params[0] = (const char *) b->json.data;
+    q->lengths[0] = b->json.len - 1;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_store_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    ngx_uint_t              i;
+    ngx_chat_join_t        *j;
+    ngx_chat_store_t       *st;
+    ngx_chat_join_batch_t  *b;
+
+    b = q->data;
+    st = &ngx_chat_store;
+
+    if (b->n == 0) {
+        /* failed before a connection took it, or the build failed */
+        st->join_queued = 0;
+    }
+
+    if (rc == NGX_OK && PQntuples(res) != (int) b->n) {
+        ngx_log_error(NGX_LOG_ALERT, ngx_chat_worker.log, 0,
+                      "chat: memberships: %d rows for %ui users",
+                      PQntuples(res), b->n);
+        rc = NGX_ERROR;
+    }
+
+    for (i = 0; i < b->n; i++) {
+        j = b->items[i];
+
+        if (rc == NGX_OK) {
+            j->conversations.data = (u_char *) PQgetvalue(res, i, 0);
+            j->conversations.len = PQgetlength(res, i, 0);
+            j->clock = ngx_atoof((u_char *) PQgetvalue(res, i, 1),
+                                 PQgetlength(res, i, 1));
+        }
+
+        ngx_chat_store_join_finish(j, rc == NGX_OK ? NGX_OK : NGX_DECLINED);
+    }
+
+    if (b->items) {
+        ngx_free(b->items);
+    }
+
+    ngx_chat_buf_free(&b->json);
+    ngx_free(b);
+
+    if (st->njoins && !st->join_queued && !st->join_flush.posted) {
+        ngx_post_event(&st->join_flush, &ngx_posted_events);
+    }
+}
+
+
+static void
+ngx_chat_store_join_finish(ngx_chat_join_t *j, ngx_int_t rc)
+{
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+
+    if (j->queue.next != NULL) {
+        ngx_queue_remove(&j->queue);
+        j->queue.next = NULL;
+        st->njoins--;
+    }
+
+    j->rc = rc;
+    j->handler(j);
+    ngx_free(j);
 }
