@@ -27,6 +27,7 @@
 #define NGX_CHAT_RETRY_MIN     2
 #define NGX_CHAT_RETRY_MAX     100
 #define NGX_CHAT_PARALLEL_MIN  32
+#define NGX_CHAT_PARALLEL_SLOW 20         /* ms */
 
 
 typedef struct {
@@ -63,8 +64,10 @@ typedef struct {
     ngx_rbtree_t               carried;
     ngx_rbtree_node_t          carried_sentinel;
     ngx_msec_t                 retry_delay;
+    ngx_msec_t                 sent_at;          /* the batch in flight */
     ngx_event_t                flush;
     ngx_event_t                retry;
+    ngx_event_t                slow;
 
     ngx_queue_t                joins;
     ngx_uint_t                 njoins;
@@ -363,6 +366,10 @@ ngx_chat_store_send(ngx_chat_send_t *snd)
         st->retry.log = ngx_chat_worker.log;
         st->retry.data = st;
         st->retry.cancelable = 1;
+        st->slow.handler = ngx_chat_store_flush;
+        st->slow.log = ngx_chat_worker.log;
+        st->slow.data = st;
+        st->slow.cancelable = 1;
 
         ngx_rbtree_init(&st->carried, &st->carried_sentinel,
                         ngx_rbtree_insert_value);
@@ -398,15 +405,28 @@ ngx_chat_store_send(ngx_chat_send_t *snd)
 static void
 ngx_chat_store_flush(ngx_event_t *ev)
 {
+    ngx_msec_int_t     left;
     ngx_chat_batch_t  *b;
     ngx_chat_store_t  *st;
 
     st = &ngx_chat_store;
 
-    if (st->queued || st->npending == 0
-        || st->inflight >= ngx_chat_store_max_inflight()
-        || !ngx_chat_store_eligible())
-    {
+    if (st->queued || st->npending == 0 || !ngx_chat_store_eligible()) {
+        return;
+    }
+
+    if (st->inflight >= ngx_chat_store_max_inflight()) {
+
+        /* a slow batch must not hold up the sends behind it for long */
+        left = (ngx_msec_int_t) (st->sent_at + NGX_CHAT_PARALLEL_SLOW
+                                 - ngx_current_msec);
+
+        if (st->inflight == 1 && left >= 0 && !st->slow.timer_set
+            && ngx_chat_worker.cmcf->db_pool_size > 2)
+        {
+            ngx_add_timer(&st->slow, (ngx_msec_t) left + 1);
+        }
+
         return;
     }
 
@@ -455,6 +475,11 @@ ngx_chat_store_build(ngx_chat_query_t *q)
     b = q->data;
     st = &ngx_chat_store;
     st->queued = 0;
+
+    if (st->inflight == 1) {
+        /* the only batch in flight: the one a slow statement would hold */
+        st->sent_at = ngx_current_msec;
+    }
 
     max = ngx_min(st->npending, ngx_chat_worker.cmcf->db_batch_size);
 
@@ -824,7 +849,8 @@ ngx_chat_store_transient(const char *state)
  * PostgreSQL shares with nginx and make everybody later (measured: group
  * fan-out at 1,000 msg/s on one core, p99 23 ms with three tiny batches in
  * flight, 3.6 ms with one), while under load the queue fills and the
- * batches run side by side.
+ * batches run side by side.  A batch that is slow (it waits for a lock,
+ * say) lets the next one go after NGX_CHAT_PARALLEL_SLOW ms.
  */
 static ngx_uint_t
 ngx_chat_store_max_inflight(void)
@@ -834,7 +860,10 @@ ngx_chat_store_max_inflight(void)
     n = ngx_chat_worker.cmcf->db_pool_size;
     n = (n > 1) ? n - 1 : 1;
 
-    if (ngx_chat_store.npending < NGX_CHAT_PARALLEL_MIN) {
+    if (ngx_chat_store.npending < NGX_CHAT_PARALLEL_MIN
+        && (ngx_msec_int_t) (ngx_current_msec - ngx_chat_store.sent_at)
+           < NGX_CHAT_PARALLEL_SLOW)
+    {
         return 1;
     }
 

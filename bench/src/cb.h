@@ -146,6 +146,7 @@ typedef struct {
     uint64_t    unique;
     uint64_t    dup;
     uint64_t    ooo;
+    uint64_t    ooo_retry;              /* a retried send after later ones */
     uint64_t    stray;                  /* not a member / unparsable */
     uint64_t    self_recv;
     uint64_t    recv_measured;

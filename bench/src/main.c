@@ -858,11 +858,13 @@ cb_print(const cb_opt_t *o, const cb_sum_t *s)
                (unsigned long long) t->self_recv);
 
         printf("%-22s lost %lld dup %llu out-of-order %llu stray %llu "
-               "seq-gap %llu seq-back %llu\n", "integrity",
+               "seq-gap %llu seq-back %llu (resent late %llu)\n",
+               "integrity",
                (long long) s->lost, (unsigned long long) t->dup,
                (unsigned long long) t->ooo, (unsigned long long) t->stray,
                (unsigned long long) t->seq_gap,
-               (unsigned long long) t->seq_back);
+               (unsigned long long) t->seq_back,
+               (unsigned long long) t->ooo_retry);
 
         printf("%-22s send-fail %llu unacked %llu retries %llu "
                "unavailable %llu rate-limited %llu other %llu\n", "errors",
@@ -1062,7 +1064,7 @@ cb_write_results(const cb_opt_t *o, const cb_sum_t *s)
             "\"self\": %llu},\n"
             "  \"integrity\": {\"lost\": %lld, \"dup\": %llu, "
             "\"out_of_order\": %llu, \"stray\": %llu, \"seq_gap\": %llu, "
-            "\"seq_back\": %llu},\n"
+            "\"seq_back\": %llu, \"resent_late\": %llu},\n"
             "  \"errors\": {\"send_fail\": %llu, \"unacked\": %llu, "
             "\"retries\": %llu, \"unavailable\": %llu, "
             "\"rate_limited\": %llu, \"other\": %llu, "
@@ -1109,6 +1111,7 @@ cb_write_results(const cb_opt_t *o, const cb_sum_t *s)
             (unsigned long long) t->ooo, (unsigned long long) t->stray,
             (unsigned long long) t->seq_gap,
             (unsigned long long) t->seq_back,
+            (unsigned long long) t->ooo_retry,
             (unsigned long long) t->send_fail,
             (unsigned long long) t->unacked,
             (unsigned long long) t->retries,

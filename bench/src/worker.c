@@ -1407,15 +1407,20 @@ cb_pend_free(cb_w_t *w, cb_conn_t *c, cb_pend_t *p)
 
 /* ---- messages ---- */
 
+/*
+ * "L1:<conv>:<sender>:<sender seq>:<intended ns>:" then padding; a resend
+ * (after "unavailable") is marked "R", so that a receiver can tell a
+ * message the client itself sent late from one the server reordered.
+ */
 static size_t
 cb_body(cb_w_t *w, char *out, uint32_t gidx, uint32_t gid, uint32_t sseq,
-    uint64_t intended)
+    uint64_t intended, int resend)
 {
     size_t  n;
     int     k;
 
-    k = snprintf(out, 128, "L1:%u:%u:%u:%llu:", gidx, gid, sseq,
-                 (unsigned long long) intended);
+    k = snprintf(out, 128, "L1:%u:%u:%u:%llu:%s", gidx, gid, sseq,
+                 (unsigned long long) intended, resend ? "R" : "");
     n = (size_t) k;
 
     if (n < w->o->size) {
@@ -1431,7 +1436,7 @@ cb_body(cb_w_t *w, char *out, uint32_t gidx, uint32_t gid, uint32_t sseq,
 
 static int
 cb_parse_body(const char *p, size_t len, uint32_t *gidx, uint32_t *gid,
-    uint32_t *sseq, uint64_t *t)
+    uint32_t *sseq, uint64_t *t, int *resend)
 {
     uint64_t  v[4];
     size_t    i;
@@ -1465,6 +1470,7 @@ cb_parse_body(const char *p, size_t len, uint32_t *gidx, uint32_t *gid,
     *gid = (uint32_t) v[1];
     *sseq = (uint32_t) v[2];
     *t = v[3];
+    *resend = (i < len && p[i] == 'R');
 
     return 0;
 }
@@ -1490,7 +1496,8 @@ cb_transmit(cb_w_t *w, cb_conn_t *c, cb_pend_t *p)
     }
 
     body = w->bodybuf;
-    blen = cb_body(w, body, cv->gidx, c->gid, p->sseq, p->intended);
+    blen = cb_body(w, body, cv->gidx, c->gid, p->sseq, p->intended,
+                   p->tries > 1);
 
     switch (o->mode) {
 
@@ -1641,6 +1648,8 @@ cb_retry(cb_w_t *w, uint32_t ci, uint32_t slot)
         return;
     }
 
+    p->tries++;
+
     if (c->state != ST_READY || cb_transmit(w, c, p) != 0) {
         w->r->send_fail++;
         w->r->expected -= p->nexp;
@@ -1648,7 +1657,6 @@ cb_retry(cb_w_t *w, uint32_t ci, uint32_t slot)
         return;
     }
 
-    p->tries++;
     w->r->retries++;
 }
 
@@ -1668,11 +1676,12 @@ cb_deliver(cb_w_t *w, cb_conn_t *c, const char *p, size_t len, int has_seq,
     uint64_t         ts, now, d, i;
     uint32_t         gidx, gid, s, k;
     size_t           n;
+    int              resend;
 
     now = cb_now();
     r->received++;
 
-    if (cb_parse_body(p, len, &gidx, &gid, &s, &ts) != 0) {
+    if (cb_parse_body(p, len, &gidx, &gid, &s, &ts, &resend) != 0) {
         r->stray++;
         return;
     }
@@ -1715,7 +1724,13 @@ cb_deliver(cb_w_t *w, cb_conn_t *c, const char *p, size_t len, int has_seq,
         }
 
         r->unique++;
-        r->ooo++;
+
+        /* a resend overtaken by later sends is the client's doing */
+        if (resend) {
+            r->ooo_retry++;
+        } else {
+            r->ooo++;
+        }
     }
 
     if (gid == c->gid) {
