@@ -248,13 +248,17 @@ STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 # OUT: the summary (summary.md/csv/json, plots, runs.csv, params) to keep;
 # RAW: per-run JSON/hgrm, logs and server state (git-ignored)
 OUT="${OUT:-$BENCH/results/$STAMP}"
+# absolute: servers are started with their own prefix and working directory
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 if [ -z "${RAW:-}" ]; then
     case "$OUT" in
     "$BENCH"/results/*) RAW="$BENCH/results/raw/$(basename "$OUT")" ;;
     *) RAW="$OUT/raw" ;;
     esac
 fi
-mkdir -p "$OUT" "$RAW/logs"
+mkdir -p "$RAW/logs"
+RAW="$(cd "$RAW" && pwd)"
 RUN_DIR="$RAW/servers"
 mkdir -p "$RUN_DIR"
 
