@@ -15,67 +15,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib
 from chattest import *  # noqa: E402,F403
 
 
-# ------------------------------------------------------------- helpers ----
-
-def gseq(cursor):
-    """The gseq of a cursor (PROTOCOL 8: "<epoch>.<gseq>"), None if not."""
-    try:
-        return int(str(cursor).rsplit(".", 1)[1])
-    except (IndexError, ValueError):
-        return None
-
-
-def conv_events(c, conv, kind="message.new"):
-    return [m["event"] for m in c.messages
-            if m.get("type") == "event" and isinstance(m.get("event"), dict)
-            and m["event"].get("kind") == kind
-            and m["event"].get("conversation_id") == conv]
-
-
-def session_pid(c):
-    try:
-        return int(c.hello["result"]["session_id"].split("-")[0])
-    except (TypeError, KeyError, ValueError, IndexError):
-        return None
-
-
-async def until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(pred())
-
-
-async def spread(user, pids, per_worker=1, extra=1):
-    """Connections of `user`: per_worker on each worker (by the session_id
-    pid of the hello reply) plus `extra` anywhere.  Surplus connections
-    are closed again."""
-    keep = {p: [] for p in pids}
-    more = []
-    tok = token(user, name=user.capitalize())
-    for _ in range(400):
-        if all(len(v) >= per_worker for v in keep.values()) and len(more) >= extra:
-            break
-        c = await ws_connect(token=tok)
-        if not (c.hello and c.hello.get("ok")):
-            raise RuntimeError("hello failed for %s: %r" % (user, c.hello))
-        pid = session_pid(c)
-        if pid in keep and len(keep[pid]) < per_worker:
-            keep[pid].append(c)
-        elif len(more) < extra:
-            more.append(c)
-        else:
-            await c.close()
-    return [c for p in pids for c in keep[p]] + more
-
-
-def db_messages(conv):
-    return pg.query("SELECT seq, id::text, sender, body FROM chat_messages "
-                    "WHERE conversation_id = %s ORDER BY seq", int(conv))
-
-
 # --------------------------------------------------------------- setup ----
 
 pg = PgCluster()
@@ -87,18 +26,9 @@ GROUP = ["alice", "bob", "carol", "dave", "erin"]
 USERS = GROUP + ["mallory"]
 
 
-def create(creator, kind, members, **kw):
-    body = {"kind": kind, "members": members}
-    body.update(kw)
-    st, _, b = api("POST", "/chat/api/conversations", token=token(creator), json=body)
-    if st not in (200, 201):
-        raise RuntimeError("create %s by %s: %s %r" % (kind, creator, st, b))
-    return b["conversation"]["id"]
-
-
-D = create("alice", "direct", ["bob"])
-G = create("carol", "group", [u for u in GROUP if u != "carol"], title="five")
-M = create("mallory", "direct", ["erin"])   # mallory's own, to show she is live
+D = rest_create_conv("alice", "direct", ["bob"])
+G = rest_create_conv("carol", "group", [u for u in GROUP if u != "carol"], title="five")
+M = rest_create_conv("mallory", "direct", ["erin"])   # mallory's own, to show she is live
 
 MEMBERS = {D: {"alice", "bob"}, G: set(GROUP), M: {"mallory", "erin"}}
 
@@ -106,7 +36,7 @@ MEMBERS = {D: {"alice", "bob"}, G: set(GROUP), M: {"mallory", "erin"}}
 def check_conv(conns, conv, label):
     """Every connection of every member holds the conversation's messages
     exactly once in seq order 1..N matching the DB; non-members hold none."""
-    rows = db_messages(conv)
+    rows = db_messages(conv, ("seq", "id", "sender", "body"))
     n = len(rows)
     ok(n > 0 and [r[0] for r in rows] == list(range(1, n + 1)),
        "%s: DB seq is 1..%d without gaps" % (label, n))
@@ -181,7 +111,7 @@ async def wait_all(conns, conv, n, timeout=30):
 async def main():
     conns = {}
     for u in USERS:
-        conns[u] = await spread(u, pids, per_worker=1, extra=1)
+        conns[u] = await ws_spread(u, pids, per_worker=1, extra=1, name=u.capitalize())
 
     allc = [c for cs in conns.values() for c in cs]
     is_(len(allc), 3 * len(USERS), "3 connections per user (%d)" % len(allc))
@@ -272,7 +202,7 @@ async def main():
        "group: reply ids/seqs equal the delivered events'")
 
     # ---- 3. conversations created over REST while members are connected ----
-    G2 = create("carol", "group", ["alice", "dave"], title="g2")
+    G2 = rest_create_conv("carol", "group", ["alice", "dave"], title="g2")
     MEMBERS[G2] = {"carol", "alice", "dave"}
     svc = token("platform", role="service")
     st, _, b = api("POST", "/chat/api/conversations", token=svc,
@@ -280,7 +210,7 @@ async def main():
     is_(st, 201, "service creates a group for bob and erin")
     S = b["conversation"]["id"] if isinstance(b, dict) and "conversation" in b else "0"
     MEMBERS[S] = {"bob", "erin"}
-    DBE = create("bob", "direct", ["erin"])
+    DBE = rest_create_conv("bob", "direct", ["erin"])
     MEMBERS[DBE] = {"bob", "erin"}
 
     def got_created(conv):

@@ -9,60 +9,12 @@ import asyncio
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from chattest import *  # noqa: E402,F403
 
 
 # ------------------------------------------------------------- helpers ----
-
-def session_pid(c):
-    try:
-        return int(c.hello["result"]["session_id"].split("-")[0])
-    except (TypeError, KeyError, ValueError, IndexError):
-        return None
-
-
-async def until(pred, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(pred())
-
-
-async def spread(user, pids, per_worker=1):
-    keep = {p: [] for p in pids}
-    tok = token(user)
-    for _ in range(400):
-        if all(len(v) >= per_worker for v in keep.values()):
-            break
-        c = await ws_connect(token=tok)
-        if not (c.hello and c.hello.get("ok")):
-            raise RuntimeError("hello failed for %s: %r" % (user, c.hello))
-        pid = session_pid(c)
-        if pid in keep and len(keep[pid]) < per_worker:
-            keep[pid].append(c)
-        else:
-            await c.close()
-    return [c for p in pids for c in keep[p]]
-
-
-def msg_events(c, conv=None, cmid=None):
-    out = []
-    for m in c.messages:
-        e = m.get("event") if m.get("type") == "event" else None
-        if not isinstance(e, dict) or e.get("kind") != "message.new":
-            continue
-        if conv is not None and e.get("conversation_id") != conv:
-            continue
-        if cmid is not None and e.get("message", {}).get("client_msg_id") != cmid:
-            continue
-        out.append(e)
-    return out
-
 
 def rows(where, *args):
     return pg.query("SELECT count(*) FROM chat_messages WHERE " + where, *args)[0][0]
@@ -102,22 +54,14 @@ pids = ng.worker_pids()
 TA, TB, TC, TM = token("alice"), token("bob"), token("carol"), token("mallory")
 
 
-def create(tok, kind, members):
-    st, _, b = api("POST", "/chat/api/conversations", token=tok,
-                   json={"kind": kind, "members": members})
-    if st not in (200, 201):
-        raise RuntimeError("create: %s %r" % (st, b))
-    return b["conversation"]["id"]
-
-
-D = create(TA, "direct", ["bob"])
-D2 = create(TA, "direct", ["carol"])
-G = create(TA, "group", ["bob", "carol"])
+D = rest_create_conv("alice", "direct", ["bob"])
+D2 = rest_create_conv("alice", "direct", ["carol"])
+G = rest_create_conv("alice", "group", ["bob", "carol"])
 
 
 async def main():
-    A = await spread("alice", pids, per_worker=2)
-    B = await spread("bob", pids, per_worker=1)
+    A = await ws_spread("alice", pids, per_worker=2)
+    B = await ws_spread("bob", pids, per_worker=1)
     is_({session_pid(c) for c in A}, set(pids), "alice's 4 connections are on both workers")
     a0, a1 = A[0], A[-1]     # on different workers
 
@@ -133,11 +77,11 @@ async def main():
         "a retry replies with the original message (original body)")
     is_(rows("sender = 'alice' AND client_msg_id = 'dup-1'"), 1, "DB: one row for (alice, dup-1)")
     is_(nmsgs(D), 1, "DB: the conversation holds one message")
-    await until(lambda: all(len(msg_events(c, D)) >= 1 for c in B + A))
+    await until(lambda: all(len(conv_events(c, D)) >= 1 for c in B + A), 15)
     await asyncio.sleep(0.5)
-    is_([len(msg_events(c, D, "dup-1")) for c in B], [1] * len(B),
+    is_([len(conv_events(c, D, cmid="dup-1")) for c in B], [1] * len(B),
         "each of bob's connections got message.new once")
-    is_([len(msg_events(c, D, "dup-1")) for c in A], [1] * len(A),
+    is_([len(conv_events(c, D, cmid="dup-1")) for c in A], [1] * len(A),
         "each of alice's connections got message.new once")
 
     # the same client_msg_id of another sender is another message
@@ -213,10 +157,10 @@ async def main():
     want = ["cc-%d" % k for k in range(20)] + ["rc-%d" % k for k in range(10)]
 
     def seen_all():
-        return all(len(msg_events(c, G, w)) >= 1 for c in A + B for w in want)
+        return all(len(conv_events(c, G, cmid=w)) >= 1 for c in A + B for w in want)
     ok(await until(seen_all, 20), "all members' connections got the 30 messages")
     await asyncio.sleep(0.5)
-    counts = {(i, w): len(msg_events(c, G, w)) for i, c in enumerate(A + B) for w in want}
+    counts = {(i, w): len(conv_events(c, G, cmid=w)) for i, c in enumerate(A + B) for w in want}
     is_(sorted(set(counts.values())), [1],
         "... each exactly once despite the duplicate sends")
 
@@ -246,10 +190,11 @@ async def main():
         "the retries' replies name the stored messages")
     is_(nmsgs(G) - before, 15, "DB: the conversation grew by 15")
     lost = ["lost-%d" % k for k in range(15)]
-    ok(await until(lambda: all(len(msg_events(c, G, w)) >= 1 for c in A + B for w in lost), 20),
+    ok(await until(lambda: all(len(conv_events(c, G, cmid=w)) >= 1
+                               for c in A + B for w in lost), 20),
        "every member connection got the 15 messages")
     await asyncio.sleep(0.5)
-    is_(sorted({len(msg_events(c, G, w)) for c in A + B for w in lost}), [1],
+    is_(sorted({len(conv_events(c, G, cmid=w)) for c in A + B for w in lost}), [1],
         "... each exactly once")
 
     # ---- conflict: the client_msg_id used for another conversation ----
@@ -292,8 +237,8 @@ async def main():
         "reply: sender is the token's user")
     is_(pg.query("SELECT sender, seq FROM chat_messages WHERE client_msg_id = 'spoof-1'"),
         [("alice", nmsgs(D))], "DB: stored with sender alice (and the next seq)")
-    ok(await until(lambda: msg_events(B[0], D, "spoof-1")), "bob got the event")
-    ev = msg_events(B[0], D, "spoof-1")
+    ok(await until(lambda: conv_events(B[0], D, cmid="spoof-1"), 15), "bob got the event")
+    ev = conv_events(B[0], D, cmid="spoof-1")
     is_(ev[0]["message"]["sender"] if ev else None, "alice", "event: sender alice")
     st, _, b = post_msg(D, TA, {"client_msg_id": "spoof-2", "body": "s", "sender": "bob"})
     is_(st, 201, "REST send with a 'sender' field: 201")

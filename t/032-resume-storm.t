@@ -38,29 +38,6 @@ rnd = random.Random(SEED)
 
 # ------------------------------------------------------------- helpers ----
 
-def gseq(cursor):
-    try:
-        return int(str(cursor).rsplit(".", 1)[1])
-    except (IndexError, ValueError):
-        return None
-
-
-def session_pid(c):
-    try:
-        return int(c.hello["result"]["session_id"].split("-")[0])
-    except (TypeError, KeyError, ValueError, IndexError):
-        return None
-
-
-async def until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(pred())
-
-
 def cut(c, rst):
     """Drops the TCP connection without a WebSocket close (RST with
     SO_LINGER 0, else a plain close)."""
@@ -84,16 +61,10 @@ USERS = ["u1", "u2", "u3", "u4", "u5"]
 TOK = {u: token(u) for u in USERS}
 
 
-def create(creator, kind, members):
-    st, _, b = api("POST", "/chat/api/conversations", token=TOK[creator],
-                   json={"kind": kind, "members": members})
-    if st != 201:
-        raise RuntimeError("create: %s %r" % (st, b))
-    return b["conversation"]["id"]
-
-
-G = create("u1", "group", USERS[1:])
-DMS = [create(USERS[i], "direct", [USERS[(i + 1) % 5]]) for i in range(5)]
+# statuses=(201,): every conversation created here is a new one
+G = rest_create_conv("u1", "group", USERS[1:], statuses=(201,))
+DMS = [rest_create_conv(USERS[i], "direct", [USERS[(i + 1) % 5]], statuses=(201,))
+       for i in range(5)]
 MEMBERS = {G: set(USERS)}
 for i, d in enumerate(DMS):
     MEMBERS[d] = {USERS[i], USERS[(i + 1) % 5]}
@@ -323,7 +294,8 @@ async def creator(stats, groups, per_group):
         await asyncio.sleep(1.5)
         members = rnd.sample(USERS, 3)
         try:
-            cv = await asyncio.to_thread(create, members[0], "group", members[1:])
+            cv = await asyncio.to_thread(rest_create_conv, members[0], "group", members[1:],
+                                         statuses=(201,))
         except Exception as e:  # noqa: BLE001
             stats["errors"].append(("create", repr(e)))
             continue

@@ -38,14 +38,8 @@ B_RTT_MAX = 1.0
 pg = PgCluster()
 
 
-def create_conv(creator, members, title):
-    rows = pg.query("SELECT o_conv FROM chat_create_conversation(%s, 'group', %s, %s, NULL)",
-                    creator, list(members), title)
-    return str(rows[0][0])
-
-
-A = create_conv("alice", ["alice", "bob", "carol"], "A")
-B = create_conv("alice", ["alice", "bob", "carol"], "B")
+A = db_create_conv("alice", ["alice", "bob", "carol"], "A")
+B = db_create_conv("alice", ["alice", "bob", "carol"], "B")
 
 
 def last_seq(conv):
@@ -62,53 +56,8 @@ def db_rows(conv):
     return out
 
 
-def wpid(c):
-    return int(c.hello["result"]["session_id"].split("-")[0])
-
-
-async def connect(user, want_pid=None, nginx=None, tries=100):
-    """A connection of `user` whose hello succeeded, on worker want_pid."""
-    for _ in range(tries):
-        c = await ws_connect(nginx=nginx, token=token(user))
-        if not (c.hello and c.hello.get("ok")):
-            raise RuntimeError("hello failed: %r" % (c.hello,))
-        if want_pid is None or wpid(c) == want_pid:
-            return c
-        await c.close()
-    raise RuntimeError("no connection landed on worker %s" % want_pid)
-
-
-_ids = itertools.count(1)
-
-
-async def ping(c, timeout=5):
-    rid = "ping-%d" % next(_ids)
-    await c.send({"type": "ping", "id": rid})
-    return await c.wait_event(lambda m: m.get("type") == "pong" and m.get("id") == rid, timeout)
-
-
-def msg_events(c, conv):
-    return [m["event"] for m in c.messages
-            if m.get("type") == "event" and isinstance(m.get("event"), dict)
-            and m["event"].get("kind") == "message.new"
-            and m["event"].get("conversation_id") == conv]
-
-
-async def wait_until(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(pred())
-
-
 def lock_conv(conv):
-    lk = pg.conn(autocommit=False)
-    with lk.cursor() as cur:
-        cur.execute("SELECT id FROM chat_conversations WHERE id = %s FOR UPDATE", (int(conv),))
-        cur.fetchall()
-    return lk
+    return db_lock("SELECT id FROM chat_conversations WHERE id = %s FOR UPDATE", int(conv))
 
 
 def send_fields(conv, cmid, body=None):
@@ -125,11 +74,11 @@ async def part_lock_hold(ng):
     # alice's second connection writes to A
     talk, listen, a_send = [], {}, {}
     for pid in pids:
-        talk.append(await connect("alice", pid))
-        talk.append(await connect("bob", pid))
-        listen[pid] = await connect("carol", pid)
-        a_send[pid] = await connect("alice", pid)
-    ok(sorted({wpid(c) for c in talk}) == sorted(pids), "B traffic connections on both workers")
+        talk.append(await ws_connect_on("alice", pid))
+        talk.append(await ws_connect_on("bob", pid))
+        listen[pid] = await ws_connect_on("carol", pid)
+        a_send[pid] = await ws_connect_on("alice", pid)
+    ok(sorted({session_pid(c) for c in talk}) == sorted(pids), "B traffic connections on both workers")
 
     a_base = last_seq(A)
     lk = lock_conv(A)
@@ -156,16 +105,16 @@ async def part_lock_hold(ng):
     async def traffic(c):
         while time.monotonic() - t_lock < LOCK_HOLD - 0.3:
             t0 = time.monotonic()
-            p = await ping(c, timeout=LOCK_HOLD)
+            p = await ws_ping(c, timeout=LOCK_HOLD)
             if p is None:
-                failures.append("ping without pong on worker %d" % wpid(c))
+                failures.append("ping without pong on worker %d" % session_pid(c))
             else:
                 rtts["ping"].append(time.monotonic() - t0)
             cmid = "b-%d" % next(seqno)
             t0 = time.monotonic()
             r = await c.request("send", timeout=LOCK_HOLD, **send_fields(B, cmid))
             if not (r and r.get("ok")):
-                failures.append("send %s to B on worker %d: %r" % (cmid, wpid(c), r))
+                failures.append("send %s to B on worker %d: %r" % (cmid, session_pid(c), r))
             else:
                 rtts["send"].append(time.monotonic() - t0)
                 b_acked.append((cmid, r["result"]["message"]["id"], time.monotonic()))
@@ -189,7 +138,7 @@ async def part_lock_hold(ng):
     # B's events reach carol on both workers while A is still held
     want_b = {mid for _, mid, t in b_acked if t < time.monotonic() - B_RTT_MAX}
     for pid in pids:
-        got = {e["message"]["id"] for e in msg_events(listen[pid], B)}
+        got = {e["message"]["id"] for e in conv_events(listen[pid], B)}
         missing = want_b - got
         ok(not missing, "worker %d: carol got B's messages during the lock (%d of %d, missing %s)"
            % (pid, len(want_b) - len(missing), len(want_b), sorted(missing)[:5]))
@@ -236,10 +185,10 @@ async def part_lock_hold(ng):
     n_a, n_b = last_seq(A), last_seq(B)
     for pid in pids:
         c = listen[pid]
-        await wait_until(lambda: len(msg_events(c, A)) >= n_a - a_base and len(msg_events(c, B)) >= n_b, 10)
+        await until(lambda: len(conv_events(c, A)) >= n_a - a_base and len(conv_events(c, B)) >= n_b, 10)
         await asyncio.sleep(0.2)
-        sa = [e["seq"] for e in msg_events(c, A)]
-        sb = [e["seq"] for e in msg_events(c, B)]
+        sa = [e["seq"] for e in conv_events(c, A)]
+        sb = [e["seq"] for e in conv_events(c, B)]
         is_(sa, list(range(a_base + 1, n_a + 1)), "worker %d: carol got A's messages once, in seq order" % pid)
         is_(sb, list(range(1, n_b + 1)), "worker %d: carol got B's messages once, in seq order" % pid)
 
@@ -258,10 +207,7 @@ def part_release_between_batches(ng):
     h = ws.request("hello", token=token("bob"))
     ok(h and h.get("ok"), "raw connection: hello")
     lk_a = lock_conv(A)
-    lk_c = pg.conn(autocommit=False)
-    with lk_c.cursor() as cur:
-        cur.execute("SELECT * FROM chat_clock FOR UPDATE")
-        cur.fetchall()
+    lk_c = db_lock("SELECT * FROM chat_clock FOR UPDATE")
     import json as _j
     # a1 and b1 in one TCP write: one read, one batch
     ws.sendall(RawWS.frame(1, _j.dumps(dict(type="send", id="a1", **send_fields(A, "order-a1"))))
@@ -299,7 +245,7 @@ def part_release_between_batches(ng):
 
 async def part_statement_timeout(ng2):
     pids = ng2.worker_pids()
-    senders = [await connect("alice", pid, nginx=ng2) for pid in pids]
+    senders = [await ws_connect_on("alice", pid, nginx=ng2) for pid in pids]
     base = last_seq(A)
     lk = lock_conv(A)
     t_lock = time.monotonic()
@@ -385,12 +331,9 @@ async def part_clock_timeout(ng2):
     store not answering in time, as transient as a held conversation: the
     sends are answered `unavailable` with retry_after_ms (not `internal`),
     and the retry after the release stores each exactly once."""
-    c = await connect("bob", nginx=ng2)
+    c = await ws_connect_on("bob", nginx=ng2)
     base = {A: last_seq(A), B: last_seq(B)}
-    lk = pg.conn(autocommit=False)
-    with lk.cursor() as cur:
-        cur.execute("SELECT * FROM chat_clock FOR UPDATE")
-        cur.fetchall()
+    lk = db_lock("SELECT * FROM chat_clock FOR UPDATE")
     t0 = time.monotonic()
     tasks = [(conv, cmid, asyncio.ensure_future(c.request("send", timeout=15, **send_fields(conv, cmid))))
              for conv, cmid in ((A, "clock-a"), (B, "clock-b"))]
@@ -423,7 +366,7 @@ async def part_debug_log(ng3):
     """The deferred-send retry timer with error_log at debug level (what an
     operator turns on to look at exactly such stalls): no worker crashes."""
     pids = sorted(ng3.worker_pids())
-    c = await connect("bob", nginx=ng3)
+    c = await ws_connect_on("bob", nginx=ng3)
     lk = lock_conv(A)
     t = asyncio.ensure_future(c.request("send", timeout=15, **send_fields(A, "debug-1")))
     await asyncio.sleep(1.0)             # a few busy retries

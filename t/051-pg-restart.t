@@ -21,7 +21,6 @@
 # before nginx starts (fixtures).
 import asyncio
 import concurrent.futures
-import itertools
 import os
 import sys
 import time
@@ -34,95 +33,21 @@ RECONNECT_MAX = 8.0  # chat_db_retry_max is 5 s by default
 
 pg = PgCluster()
 
-
-def create_conv(creator, members, title):
-    rows = pg.query("SELECT o_conv FROM chat_create_conversation(%s, 'group', %s, %s, NULL)",
-                    creator, list(members), title)
-    return str(rows[0][0])
-
-
-G = create_conv("alice", ["alice", "bob", "carol", "dave", "erin", "frank"], "G")
+G = db_create_conv("alice", ["alice", "bob", "carol", "dave", "erin", "frank"], "G")
 # one per worker for the bounded-queue burst: a batch that waits on the clock
 # holds its conversations, so the other worker would see them "busy" rather
 # than stall on the clock itself
-Q = [create_conv("alice", ["alice", "bob"], "Q%d" % i) for i in range(2)]
-
-
-def db_messages(conv):
-    """[(seq, id, sender, client_msg_id)] in seq order."""
-    return [(seq, str(mid), snd, cmid) for seq, mid, snd, cmid in pg.query(
-        "SELECT seq, id, sender, client_msg_id FROM chat_messages WHERE conversation_id = %s "
-        "ORDER BY seq", int(conv))]
-
-
-def wpid(c):
-    return int(c.hello["result"]["session_id"].split("-")[0])
-
-
-async def connect(user, want_pid=None, cursor=None, nginx=None, tries=100, timeout=15):
-    """A connection of `user` whose hello succeeded (retrying while the store
-    answers `unavailable`), on worker want_pid if given."""
-    deadline = time.monotonic() + timeout
-    n = 0
-    while True:
-        n += 1
-        c = await ws_connect(nginx=nginx, token=token(user), cursor=cursor)
-        h = c.hello or {}
-        if h.get("ok"):
-            if want_pid is None or wpid(c) == want_pid:
-                return c
-            if n >= tries:
-                raise RuntimeError("no connection landed on worker %s" % want_pid)
-        elif (h.get("error") or {}).get("code") != "unavailable" or time.monotonic() > deadline:
-            raise RuntimeError("hello failed: %r" % (h,))
-        else:
-            await asyncio.sleep(0.2)
-        await c.close()
-
-
-_ids = itertools.count(1)
-
-
-async def ping(c, timeout=5):
-    rid = "ping-%d" % next(_ids)
-    await c.send({"type": "ping", "id": rid})
-    return await c.wait_event(lambda m: m.get("type") == "pong" and m.get("id") == rid, timeout)
+Q = [db_create_conv("alice", ["alice", "bob"], "Q%d" % i) for i in range(2)]
 
 
 def g_events(msgs):
-    return [m["event"] for m in msgs
-            if m.get("type") == "event" and isinstance(m.get("event"), dict)
-            and m["event"].get("kind") == "message.new"
-            and m["event"].get("conversation_id") == G]
+    """The message.new events of G among msgs (whole messages, as received)."""
+    return conv_events(msgs, G, whole=True)
 
 
 def last_cursor(c):
     cur = [m["cursor"] for m in c.messages if m.get("type") == "event" and m.get("cursor")]
     return cur[-1] if cur else c.hello["result"]["cursor"]
-
-
-async def wait_until(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(pred())
-
-
-def stream_ok(name, events, db):
-    """events (message.new of G, as received) == every message of G, once, in order."""
-    got = [(e["seq"], e["message"]["id"]) for e in events]
-    want = [(seq, mid) for seq, mid, _, _ in db]
-    if got == want:
-        return ok(True, "%s: all %d messages, each once, in seq order" % (name, len(want)))
-    seqs = [s for s, _ in got]
-    dups = sorted({s for s in seqs if seqs.count(s) > 1})
-    missing = sorted(set(s for s, _ in want) - set(seqs))
-    ok(False, "%s: all %d messages, each once, in seq order" % (name, len(want)))
-    diag("  got %d events; duplicated seqs %s; missing seqs %s; out of order: %s"
-         % (len(got), dups[:10], missing[:10], seqs != sorted(seqs)))
-    return False
 
 
 class Sender:
@@ -140,7 +65,7 @@ class Sender:
         self.c = None
 
     async def run(self, stop):
-        self.c = await connect(self.user, self.pid)
+        self.c = await ws_connect_on(self.user, self.pid)
         i = 0
         while not stop.is_set():
             i += 1
@@ -148,17 +73,13 @@ class Sender:
             give_up = None
             while True:
                 t0 = time.monotonic()
-                try:
-                    r = await self.c.request("send", timeout=10, conversation_id=G,
-                                             client_msg_id=cmid, body="%s says %d" % (self.user, i))
-                except Exception:  # noqa: BLE001 -- closed before the frame went out
-                    await self.c.wait_closed(5)
-                    r = None
+                r = await request_or_none(self.c, "send", timeout=10, conversation_id=G,
+                                          client_msg_id=cmid, body="%s says %d" % (self.user, i))
                 dt = time.monotonic() - t0
                 if r is None:
                     if self.c.closed:
                         self.closed.append((cmid, self.c.close_code))
-                        self.c = await connect(self.user)
+                        self.c = await ws_connect_on(self.user)
                     else:
                         self.noreply.append(cmid)
                     continue
@@ -190,7 +111,7 @@ async def probe_down(ng, probes):
     loop = asyncio.get_event_loop()
     for pid, c in probes.items():
         t0 = time.monotonic()
-        p = await ping(c, timeout=5)
+        p = await ws_ping(c, timeout=5)
         ok(p is not None and time.monotonic() - t0 < PROMPT,
            "PostgreSQL down, worker %d: ping still answered" % pid)
         t0 = time.monotonic()
@@ -243,19 +164,19 @@ async def part_restarts(ng):
     is_(len(pids), 2, "two workers")
     stop = asyncio.Event()
 
-    receivers = {pid: await connect("carol", pid) for pid in pids}
-    probes = {pid: await connect("alice", pid) for pid in pids}
-    dave = await connect("dave")
+    receivers = {pid: await ws_connect_on("carol", pid) for pid in pids}
+    probes = {pid: await ws_connect_on("alice", pid) for pid in pids}
+    dave = await ws_connect_on("dave")
     dave_cursor = dave.hello["result"]["cursor"]
     await dave.close()
-    erin = await connect("erin")
+    erin = await ws_connect_on("erin")
 
     senders = [Sender("s%d-%s" % (n, u), u, pid) for n, pid in enumerate(pids) for u in ("alice", "bob")]
     tasks = [asyncio.ensure_future(s.run(stop)) for s in senders]
 
     async def progress(n, timeout):
         base = [len(s.acked) for s in senders]
-        return await wait_until(lambda: all(len(s.acked) >= b + n for s, b in zip(senders, base)), timeout)
+        return await until(lambda: all(len(s.acked) >= b + n for s, b in zip(senders, base)), timeout)
 
     ok(await progress(3, 10), "senders on both workers are flowing")
 
@@ -295,7 +216,7 @@ async def part_restarts(ng):
     loop = asyncio.get_event_loop()
     await loop.run_in_executor(None, lambda: pg.restart(mode="immediate"))
     ok(await progress(3, 15), "after the immediate restart the senders flow again")
-    erin = await connect("erin", cursor=erin_cursor)
+    erin = await ws_connect_on("erin", cursor=erin_cursor)
     ok(erin.hello["result"]["cursor"] == erin_cursor, "erin resumes from her cursor")
 
     # ---- 3. crash: SIGKILL every PostgreSQL process, start again
@@ -319,9 +240,7 @@ async def part_restarts(ng):
     is_([x for s in senders for x in s.closed], [], "no sender connection was closed")
 
     db = db_messages(G)
-    rows = {}
-    for seq, mid, snd, cmid in db:
-        rows.setdefault((snd, cmid), []).append(mid)
+    rows = by_sender_cmid(db)
     acked = {(s.user, cmid): mid for s in senders for cmid, mid in s.acked.items()}
     is_(sorted(k for k, v in rows.items() if len(v) > 1), [], "one row per client_msg_id")
     missing = sorted(k for k in acked if k not in rows)
@@ -334,8 +253,8 @@ async def part_restarts(ng):
 
     n = len(db)
     for pid, c in receivers.items():
-        await wait_until(lambda: len(g_events(c.messages)) >= n, 15)
-    await wait_until(lambda: len(g_events(erin_before + erin.messages)) >= n, 15)
+        await until(lambda: len(g_events(c.messages)) >= n, 15)
+    await until(lambda: len(g_events(erin_before + erin.messages)) >= n, 15)
     await asyncio.sleep(0.5)
     for pid, c in receivers.items():
         ok(not c.closed, "worker %d: the live client stayed connected through the outages" % pid)
@@ -343,8 +262,8 @@ async def part_restarts(ng):
     stream_ok("erin (away during the immediate restart, resumed with her cursor)",
               g_events(erin_before + erin.messages), db)
 
-    dave = await connect("dave", cursor=dave_cursor)
-    await wait_until(lambda: len(g_events(dave.messages)) >= n, 15)
+    dave = await ws_connect_on("dave", cursor=dave_cursor)
+    await until(lambda: len(g_events(dave.messages)) >= n, 15)
     await asyncio.sleep(0.5)
     stream_ok("dave (resumed with a cursor from before everything)", g_events(dave.messages), db)
 
@@ -357,13 +276,10 @@ async def part_restarts(ng):
 async def part_bounded_queue(ng2):
     pids = ng2.worker_pids()
     burst = 20
-    senders = {pid: await connect("alice", pid, nginx=ng2) for pid in pids}
+    senders = {pid: await ws_connect_on("alice", pid, nginx=ng2) for pid in pids}
     conv = dict(zip(pids, Q))
 
-    lk = pg.conn(autocommit=False)
-    with lk.cursor() as cur:
-        cur.execute("SELECT * FROM chat_clock FOR UPDATE")
-        cur.fetchall()
+    lk = db_lock("SELECT * FROM chat_clock FOR UPDATE")
     t_lock = time.monotonic()
     note("chat_clock locked by the test: every commit stalls")
 

@@ -18,6 +18,7 @@
 # Conversations are created with the schema's own chat_create_conversation()
 # before nginx starts (fixtures).
 import asyncio
+import functools
 import os
 import sys
 import time
@@ -29,84 +30,12 @@ STALL_MAX = 4.0      # longest pause in delivery a surviving client may see
 
 pg = PgCluster()
 
-
-def create_conv(creator, members, title):
-    rows = pg.query("SELECT o_conv FROM chat_create_conversation(%s, 'group', %s, %s, NULL)",
-                    creator, list(members), title)
-    return str(rows[0][0])
+G = db_create_conv("alice", ["alice", "bob", "carol", "dave"], "G")
 
 
-G = create_conv("alice", ["alice", "bob", "carol", "dave"], "G")
-
-
-def db_messages(conv):
-    return [(seq, str(mid), snd, cmid) for seq, mid, snd, cmid in pg.query(
-        "SELECT seq, id, sender, client_msg_id FROM chat_messages WHERE conversation_id = %s "
-        "ORDER BY seq", int(conv))]
-
-
-def wpid(c):
-    return int(c.hello["result"]["session_id"].split("-")[0])
-
-
-async def connect(ng, user, want_pid=None, cursor=None, tries=100, timeout=20):
-    """A connection of `user` whose hello succeeded, on worker want_pid if
-    given; retries refused connections and `unavailable` hellos (a worker
-    that was just started may not have its store connections yet)."""
-    deadline = time.monotonic() + timeout
-    n = 0
-    while True:
-        n += 1
-        try:
-            c = await ws_connect(nginx=ng, token=token(user), cursor=cursor)
-        except Exception as e:  # noqa: BLE001 -- a worker died under the handshake
-            if time.monotonic() > deadline:
-                raise RuntimeError("cannot connect: %r" % (e,))
-            await asyncio.sleep(0.1)
-            continue
-        h = c.hello or {}
-        if h.get("ok"):
-            if want_pid is None or wpid(c) == want_pid:
-                return c
-            if n >= tries:
-                raise RuntimeError("no connection landed on worker %s" % want_pid)
-        elif c.closed or (h.get("error") or {}).get("code") == "unavailable":
-            if time.monotonic() > deadline:
-                raise RuntimeError("hello failed: %r" % (h,))
-            await asyncio.sleep(0.1)
-        else:
-            raise RuntimeError("hello failed: %r" % (h,))
-        await c.close()
-
-
-def g_events(msgs):
-    return [m for m in msgs
-            if m.get("type") == "event" and isinstance(m.get("event"), dict)
-            and m["event"].get("kind") == "message.new"
-            and m["event"].get("conversation_id") == G]
-
-
-async def wait_until(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(pred())
-
-
-def stream_ok(name, events, db):
-    got = [(e["event"]["seq"], e["event"]["message"]["id"]) for e in events]
-    want = [(seq, mid) for seq, mid, _, _ in db]
-    if got == want:
-        return ok(True, "%s: all %d messages, each once, in seq order" % (name, len(want)))
-    seqs = [s for s, _ in got]
-    dups = sorted({s for s in seqs if seqs.count(s) > 1})
-    missing = sorted(set(s for s, _ in want) - set(seqs))
-    ok(False, "%s: all %d messages, each once, in seq order" % (name, len(want)))
-    diag("  got %d events; duplicated seqs %s; missing seqs %s; out of order: %s"
-         % (len(got), dups[:10], missing[:10], seqs != sorted(seqs)))
-    return False
+# a worker that was just started or respawned may take a while to connect
+# to its store: up to 20 s of retries
+connect = functools.partial(ws_connect_on, timeout=20, retry_delay=0.1)
 
 
 class Follower:
@@ -122,21 +51,21 @@ class Follower:
         self.watching = False
 
     async def start(self):
-        self.c = await connect(self.ng, self.user, self.pid)
+        self.c = await connect(self.user, self.pid, nginx=self.ng)
         self.cursor0 = self.c.hello["result"]["cursor"]
 
     def events(self):
-        return g_events(self.msgs + (self.c.messages if self.c else []))
+        return conv_events(self.msgs + (self.c.messages if self.c else []), G, whole=True)
 
     def cursor(self):
         ev = [m for m in self.msgs + self.c.messages if m.get("type") == "event" and m.get("cursor")]
         return ev[-1]["cursor"] if ev else self.cursor0
 
     async def resume(self):
-        self.closes.append((self.c.close_code, wpid(self.c)))
+        self.closes.append((self.c.close_code, session_pid(self.c)))
         cur = self.cursor()
         self.msgs += self.c.messages
-        self.c = await connect(self.ng, self.user, cursor=cur)
+        self.c = await connect(self.user, cursor=cur, nginx=self.ng)
         self.resumed_from = cur
 
     def gap_reset(self):
@@ -165,7 +94,7 @@ class Sender:
         self.c = None
 
     async def run(self, stop, go):
-        self.c = await connect(self.ng, self.user, self.pid)
+        self.c = await connect(self.user, self.pid, nginx=self.ng)
         i = 0
         while not stop.is_set():
             await go.wait()
@@ -173,16 +102,12 @@ class Sender:
             cmid = "%s-%d" % (self.name, i)
             t_first = time.monotonic()
             while True:
-                try:
-                    r = await self.c.request("send", timeout=10, conversation_id=G,
-                                             client_msg_id=cmid, body="%s says %d" % (self.user, i))
-                except Exception:  # noqa: BLE001 -- closed before the frame went out
-                    await self.c.wait_closed(5)
-                    r = None
+                r = await request_or_none(self.c, "send", timeout=10, conversation_id=G,
+                                          client_msg_id=cmid, body="%s says %d" % (self.user, i))
                 if r is None:
                     if self.c.closed:
                         self.drops += 1
-                        self.c = await connect(self.ng, self.user)
+                        self.c = await connect(self.user, nginx=self.ng)
                     else:
                         self.slow.append(cmid)
                         if len(self.slow) > 5:
@@ -204,12 +129,12 @@ class Sender:
 
 async def progress(senders, n, timeout):
     base = [len(s.acked) for s in senders]
-    return await wait_until(lambda: all(len(s.acked) >= b + n for s, b in zip(senders, base)), timeout)
+    return await until(lambda: all(len(s.acked) >= b + n for s, b in zip(senders, base)), timeout)
 
 
 async def sends_on_every_worker(ng, what):
     for pid in ng.worker_pids():
-        c = await connect(ng, "alice", pid)
+        c = await connect("alice", pid, nginx=ng)
         worst, good = 0.0, 0
         for k in range(10):
             t0 = time.monotonic()
@@ -279,16 +204,13 @@ async def main(ng):
     await asyncio.sleep(0.5)             # the senders' last sends finish
     survivor = w2
     victim = [p for p in ng.worker_pids() if p != survivor][0]
-    on_survivor = [f for f in followers if not f.c.closed and wpid(f.c) == survivor]
+    on_survivor = [f for f in followers if not f.c.closed and session_pid(f.c) == survivor]
     ok(len(on_survivor) >= 2, "%d clients on the surviving worker %d" % (len(on_survivor), survivor))
-    vc = await connect(ng, "bob", victim)
-    lk = pg.conn(autocommit=False)
-    with lk.cursor() as cur:
-        cur.execute("SELECT * FROM chat_clock FOR UPDATE")
-        cur.fetchall()
+    vc = await connect("bob", victim, nginx=ng)
+    lk = db_lock("SELECT * FROM chat_clock FOR UPDATE")
     t_inflight = asyncio.ensure_future(vc.request("send", timeout=5, conversation_id=G,
                                                   client_msg_id="inflight-1", body="orphan"))
-    waiting = await wait_until(lambda: pg.query(
+    waiting = await until(lambda: pg.query(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
         "AND query LIKE '%chat_send_batch%'")[0][0] >= 1, 5)
     ok(waiting, "the victim's batch waits on the clock row")
@@ -300,11 +222,11 @@ async def main(ng):
     lk.close()
     t_rel = time.monotonic()
     row = []
-    await wait_until(lambda: row.extend(pg.query(
+    await until(lambda: row.extend(pg.query(
         "SELECT id FROM chat_messages WHERE client_msg_id = 'inflight-1'")) or row, 5)
     is_(len(row), 1, "PostgreSQL committed the dead worker's batch")
     orphan = str(row[0][0]) if row else None
-    got = await wait_until(lambda: all(
+    got = await until(lambda: all(
         orphan in [e["event"]["message"]["id"] for e in f.events()] for f in on_survivor), 6)
     ok(got, "the surviving worker's clients got the never-published event from the store "
        "(%.1f s after the commit)" % (time.monotonic() - t_rel))
@@ -313,7 +235,7 @@ async def main(ng):
         await t_inflight
     except Exception:  # noqa: BLE001
         pass
-    vc2 = await connect(ng, "bob")
+    vc2 = await connect("bob", nginx=ng)
     r = await vc2.request("send", timeout=10, conversation_id=G, client_msg_id="inflight-1", body="orphan")
     ok(r and r.get("ok") and r["result"]["message"]["id"] == orphan,
        "the sender's retry with the same client_msg_id returns that message (%r)" % (r,))
@@ -322,15 +244,15 @@ async def main(ng):
     ok(await progress(senders, 3, 15), "traffic resumes on every sender")
 
     # ---- 2. reload under traffic
-    await wait_until(lambda: all(not f.c.closed for f in followers), 10)
+    await until(lambda: all(not f.c.closed for f in followers), 10)
     before = [(f, f.c) for f in followers] + [(s, s.c) for s in senders]
     note("reload")
     await loop.run_in_executor(None, ng.reload)
-    await wait_until(lambda: all(c.closed for _, c in before), 15)
+    await until(lambda: all(c.closed for _, c in before), 15)
     codes = sorted({c.close_code for _, c in before}, key=str)
     is_(codes, [1001], "reload: every client's connection was closed with 1001 (going away)")
     ok(await progress(senders, 5, 15), "after the reload every sender gets acks again")
-    await wait_until(lambda: all(not f.c.closed and len(f.closes) >= 1 for f in followers), 10)
+    await until(lambda: all(not f.c.closed and len(f.closes) >= 1 for f in followers), 10)
     for f in followers:
         ok(f.closes and f.closes[-1][0] == 1001 and not f.c.closed,
            "%s: reconnected after the reload, resuming from its cursor" % f.user)
@@ -345,9 +267,7 @@ async def main(ng):
        % sum(s.drops for s in senders))
 
     db = db_messages(G)
-    rows = {}
-    for seq, mid, snd, cmid in db:
-        rows.setdefault((snd, cmid), []).append(mid)
+    rows = by_sender_cmid(db)
     acked = {(s.user, cmid): mid for s in senders for cmid, mid in s.acked.items()}
     is_(sorted(k for k, v in rows.items() if len(v) > 1), [], "one row per client_msg_id")
     is_(sorted(k for k in acked if rows.get(k) != [acked[k]]), [],
@@ -357,7 +277,7 @@ async def main(ng):
     is_([seq for seq, *_ in db], list(range(1, len(db) + 1)), "seq 1..%d without gaps" % len(db))
 
     n = len(db)
-    await wait_until(lambda: all(len(f.events()) >= n and not f.c.closed for f in followers), 20)
+    await until(lambda: all(len(f.events()) >= n and not f.c.closed for f in followers), 20)
     await asyncio.sleep(0.5)
     stop_watch.set()
     await asyncio.gather(*watch_tasks)

@@ -14,6 +14,7 @@
 # Conversations are created with the schema's own chat_create_conversation()
 # before nginx starts (fixtures).
 import asyncio
+import functools
 import os
 import signal
 import sys
@@ -27,64 +28,19 @@ WINDOW = 32
 
 pg = PgCluster()
 
-
-def create_conv(creator, members, title):
-    rows = pg.query("SELECT o_conv FROM chat_create_conversation(%s, 'group', %s, %s, NULL)",
-                    creator, list(members), title)
-    return str(rows[0][0])
+G = db_create_conv("alice", ["alice", "bob", "carol", "dave", "erin", "frank"], "G")
 
 
-G = create_conv("alice", ["alice", "bob", "carol", "dave", "erin", "frank"], "G")
+# catch-ups of thousands of events: frames up to 4 MiB
+connect = functools.partial(ws_connect_on, max_size=2 ** 22)
 
-
-def db_messages(conv):
-    return [(seq, str(mid)) for seq, mid in pg.query(
-        "SELECT seq, id FROM chat_messages WHERE conversation_id = %s ORDER BY seq", int(conv))]
-
-
-def wpid(c):
-    return int(c.hello["result"]["session_id"].split("-")[0])
-
-
-async def connect(user, want_pid=None, cursor=None, tries=100):
-    for _ in range(tries):
-        c = await ws_connect(token=token(user), cursor=cursor, max_size=2 ** 22)
-        if not (c.hello and c.hello.get("ok")):
-            raise RuntimeError("hello failed: %r" % (c.hello,))
-        if want_pid is None or wpid(c) == want_pid:
-            return c
-        await c.close()
-    raise RuntimeError("no connection landed on worker %s" % want_pid)
+# the test names of stream_ok()
+EXACT = "%s: %d messages, each once, in seq order"
 
 
 def g_events(c):
-    return [m for m in c.messages
-            if m.get("type") == "event" and isinstance(m.get("event"), dict)
-            and m["event"].get("kind") == "message.new"
-            and m["event"].get("conversation_id") == G]
-
-
-async def wait_until(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.1)
-    return bool(pred())
-
-
-def stream_ok(name, events, want):
-    got = [(e["event"]["seq"], e["event"]["message"]["id"]) for e in events]
-    if got == want:
-        return ok(True, "%s: %d messages, each once, in seq order" % (name, len(want)))
-    seqs = [s for s, _ in got]
-    dups = sorted({s for s in seqs if seqs.count(s) > 1})
-    missing = sorted(set(s for s, _ in want) - set(seqs))
-    ok(False, "%s: %d messages, each once, in seq order" % (name, len(want)))
-    diag("  got %d events (seq %s..%s); duplicated seqs %s; missing seqs %s (%d); out of order: %s"
-         % (len(got), seqs[:1], seqs[-1:], dups[:10], missing[:10], len(missing),
-            seqs != sorted(seqs)))
-    return False
+    """The message.new events of G among c's messages (whole messages, as received)."""
+    return conv_events(c, G, whole=True)
 
 
 async def burst(c, prefix, n, acked, errors):
@@ -109,7 +65,7 @@ async def main(ng):
 
     live = {(u, pid): await connect(u, pid) for pid in pids for u in ("carol", "dave")}
     senders = [await connect(u, pid) for pid in pids for u in ("alice", "bob")]
-    ok(sorted({wpid(c) for c in senders}) == sorted(pids), "senders on both workers")
+    ok(sorted({session_pid(c) for c in senders}) == sorted(pids), "senders on both workers")
 
     c = await connect("erin")
     cursor0 = c.hello["result"]["cursor"]
@@ -119,10 +75,11 @@ async def main(ng):
     total = PER_SENDER * len(senders)
     t0 = time.monotonic()
     bursts = asyncio.ensure_future(asyncio.gather(*[
-        burst(s, "w%d-%d" % (wpid(s), n), PER_SENDER, acked, errors) for n, s in enumerate(senders)]))
+        burst(s, "w%d-%d" % (session_pid(s), n), PER_SENDER, acked, errors)
+        for n, s in enumerate(senders)]))
 
     # a client resumes from before the burst while it is under way
-    await wait_until(lambda: len(acked) >= total // 3, 60)
+    await until(lambda: len(acked) >= total // 3, 60, interval=0.1)
     mid = await connect("frank", cursor=cursor0)
     ok(mid.hello["result"]["cursor"] == cursor0, "frank resumes mid-burst from the old cursor")
 
@@ -131,7 +88,7 @@ async def main(ng):
     is_(errors, [], "every send of the burst succeeded")
     is_(len(acked), total, "%d messages acknowledged" % total)
 
-    db = db_messages(G)
+    db = db_messages(G, ("seq", "id"))
     is_(len(db), total, "%d messages stored" % total)
     is_(sorted(mid_ for _, mid_ in db), sorted(acked.values()), "stored = acknowledged")
 
@@ -141,12 +98,12 @@ async def main(ng):
 
     everyone = list(live.items()) + [(("frank (resumed mid-burst)", 0), mid),
                                      (("erin (resumed after the burst)", 0), late)]
-    await wait_until(lambda: all(len(g_events(c)) >= total for _, c in everyone), 90)
+    await until(lambda: all(len(g_events(c)) >= total for _, c in everyone), 90, interval=0.1)
     await asyncio.sleep(1.0)
     for (u, pid), c in everyone:
         name = "%s on worker %d (live)" % (u, pid) if pid else u
         ok(not c.closed, "%s: still connected (close code %r)" % (name, c.close_code))
-        stream_ok(name, g_events(c), db)
+        stream_ok(name, g_events(c), db, fmt=EXACT)
 
     # resuming from cursors further back and closer than half the ring
     ref = g_events(live[("carol", pids[0])])
@@ -155,9 +112,9 @@ async def main(ng):
             cur = ref[total - back - 1]["cursor"]
             c = await connect("erin", cursor=cur)
             want = db[total - back:]
-            await wait_until(lambda: len(g_events(c)) >= back, 30)
+            await until(lambda: len(g_events(c)) >= back, 30, interval=0.1)
             await asyncio.sleep(0.5 if back else 1.0)
-            stream_ok("resumed %d events back" % back, g_events(c), want)
+            stream_ok("resumed %d events back" % back, g_events(c), want, fmt=EXACT)
             await c.close()
     else:
         skip("reference stream incomplete", 4)
@@ -170,7 +127,7 @@ async def main(ng):
     # it can only catch up from the store
     stalled, running = pids
     first = total
-    senders_r = [s for s in senders if wpid(s) == running]
+    senders_r = [s for s in senders if session_pid(s) == running]
     acked2, errors2 = {}, []
     os.kill(stalled, signal.SIGSTOP)
     note("worker %d stopped (SIGSTOP)" % stalled)
@@ -179,31 +136,33 @@ async def main(ng):
         await asyncio.wait_for(asyncio.gather(*[
             burst(s, "stall-%d" % n, per, acked2, errors2) for n, s in enumerate(senders_r)]), 120)
         is_(errors2, [], "worker %d alone stored %d more messages" % (running, per * len(senders_r)))
-        db = db_messages(G)
+        db = db_messages(G, ("seq", "id"))
         total2 = len(db)
         is_(total2, first + per * len(senders_r), "%d messages stored in all" % total2)
         ok(total2 - first > 1024 * 2, "more than twice the ring went by the stalled worker")
         on_running = [(k, c) for k, c in live.items() if k[1] == running]
-        await wait_until(lambda: all(len(g_events(c)) >= total2 for _, c in on_running), 60)
+        await until(lambda: all(len(g_events(c)) >= total2 for _, c in on_running), 60,
+                    interval=0.1)
         for (u, pid), c in on_running:
-            stream_ok("%s on the running worker %d" % (u, pid), g_events(c), db)
+            stream_ok("%s on the running worker %d" % (u, pid), g_events(c), db, fmt=EXACT)
     finally:
         os.kill(stalled, signal.SIGCONT)
     note("worker %d continued (SIGCONT)" % stalled)
     on_stalled = [(k, c) for k, c in live.items() if k[1] == stalled]
     t0 = time.monotonic()
-    await wait_until(lambda: all(len(g_events(c)) >= total2 for _, c in on_stalled), 60)
+    await until(lambda: all(len(g_events(c)) >= total2 for _, c in on_stalled), 60, interval=0.1)
     note("the stalled worker's clients caught up in %.1f s" % (time.monotonic() - t0))
     await asyncio.sleep(1.0)
     for (u, pid), c in on_stalled:
         ok(not c.closed, "%s on the stalled worker: still connected (close code %r)" % (u, c.close_code))
-        stream_ok("%s on the stalled worker %d (fell behind the ring)" % (u, pid), g_events(c), db)
+        stream_ok("%s on the stalled worker %d (fell behind the ring)" % (u, pid), g_events(c), db,
+                  fmt=EXACT)
 
     # and a late resume over all of it
     c = await connect("erin", cursor=cursor0)
-    await wait_until(lambda: len(g_events(c)) >= total2, 60)
+    await until(lambda: len(g_events(c)) >= total2, 60, interval=0.1)
     await asyncio.sleep(0.5)
-    stream_ok("erin resumed from before everything", g_events(c), db)
+    stream_ok("erin resumed from before everything", g_events(c), db, fmt=EXACT)
     await c.close()
 
     for c in list(live.values()) + senders:

@@ -11,7 +11,6 @@
 import asyncio
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from chattest import *  # noqa: E402,F403
@@ -83,15 +82,6 @@ async def run():
 
     for c in (alice, bob, dave):
         await c.close()
-
-
-async def until(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(pred())
 
 
 asyncio.run(run())

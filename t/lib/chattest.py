@@ -12,6 +12,10 @@ Every t/NNN-name.t is a Python 3 script (#!/usr/bin/python3) that prints TAP:
     is_(st, 200, "me")
     done()                            # stops everything, checks error logs, prints 1..N
 
+Small helpers the test files share (worker pid of a session, polling, the
+events of a conversation, connecting onto a given worker, fixtures) are at
+the end of this file.
+
 Standard library plus Debian's python3-websockets (10.4), python3-psycopg2,
 python3-jwt, python3-cryptography. Nothing waits forever: every wait has a
 timeout and the whole file gets CHATTEST_TIMEOUT seconds (default 600).
@@ -49,6 +53,10 @@ __all__ = [
     "Nginx", "NginxError", "token", "jwt_encode", "hs_secret", "rsa_keypair",
     "ec_keypair", "write_file", "api", "http_raw", "ws_connect", "ChatClient",
     "RawWS", "Frame", "hs_secret_file",
+    # shared test helpers (the end of this file)
+    "session_pid", "gseq", "until", "conv_events", "stream_ok", "ws_ping",
+    "request_or_none", "ws_connect_on", "ws_spread", "rest_create_conv", "db_create_conv",
+    "db_messages", "by_sender_cmid", "db_lock",
 ]
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -1456,3 +1464,223 @@ class RawWS:
             self.sock.close()
         except OSError:
             pass
+
+
+# ------------------------------------------------ shared test helpers ----
+# Small helpers the t/*.t files share.  Those that read the database take
+# pg=None: the PgCluster created last (as api() and ws_connect() take the
+# Nginx created last).
+
+def _pg(pg):
+    pg = pg or (_clusters[-1] if _clusters else None)
+    if pg is None:
+        raise RuntimeError("no PgCluster created")
+    return pg
+
+
+def session_pid(c):
+    """The pid of the nginx worker that holds a ChatClient's session, from
+    its hello reply (session_id "<pid>-..."); None without a good hello."""
+    try:
+        return int(c.hello["result"]["session_id"].split("-")[0])
+    except (TypeError, KeyError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def gseq(cursor):
+    """The gseq of a cursor (PROTOCOL 8: "<epoch>.<gseq>"), None if it is
+    not one."""
+    try:
+        return int(str(cursor).rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+async def until(pred, timeout=20.0, interval=0.05):
+    """wait_for() for coroutines: polls pred() every `interval` s (the event
+    loop runs meanwhile) until it returns something true, for at most
+    `timeout` s.  Returns True then, else bool(pred()) asked once more at
+    the end (so with a timeout <= 0 it just asks once)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(interval)
+    return bool(pred())
+
+
+def conv_events(msgs, conv=None, kind="message.new", cmid=None, whole=False):
+    """The events of `kind` among msgs -- a ChatClient (its messages) or a
+    list of received messages -- in the order received; only those of
+    conversation `conv` and of the message with client_msg_id `cmid` when
+    given.  The event objects ({"kind", "conversation_id", "seq", "message",
+    ...}), or with whole=True the whole messages ({"type": "event",
+    "cursor", "event"})."""
+    if isinstance(msgs, ChatClient):
+        msgs = msgs.messages
+    out = []
+    for m in msgs:
+        e = m.get("event") if m.get("type") == "event" else None
+        if not isinstance(e, dict) or e.get("kind") != kind:
+            continue
+        if conv is not None and e.get("conversation_id") != conv:
+            continue
+        if cmid is not None and e.get("message", {}).get("client_msg_id") != cmid:
+            continue
+        out.append(m if whole else e)
+    return out
+
+
+def stream_ok(name, events, want, fmt="%s: all %d messages, each once, in seq order"):
+    """ok() that `events` (whole event messages as conv_events(...,
+    whole=True) gives them, as received) carry exactly the messages `want`
+    -- [(seq, message id, ...), ...] as db_messages() gives them -- each
+    once, in seq order.  The test's name is fmt % (name, len(want)); on a
+    mismatch diag() tells the duplicated and missing seqs."""
+    got = [(e["event"]["seq"], e["event"]["message"]["id"]) for e in events]
+    want = [(w[0], w[1]) for w in want]
+    if got == want:
+        return ok(True, fmt % (name, len(want)))
+    seqs = [s for s, _ in got]
+    dups = sorted({s for s in seqs if seqs.count(s) > 1})
+    missing = sorted(set(s for s, _ in want) - set(seqs))
+    ok(False, fmt % (name, len(want)))
+    diag("  got %d events (seq %s..%s); duplicated seqs %s; missing seqs %s (%d); out of order: %s"
+         % (len(got), seqs[:1], seqs[-1:], dups[:10], missing[:10], len(missing),
+            seqs != sorted(seqs)))
+    return False
+
+
+_ping_ids = {"n": 0}
+
+
+async def ws_ping(c, timeout=5):
+    """Sends a ping with a fresh id over a ChatClient; returns the matching
+    pong, or None after `timeout` s."""
+    _ping_ids["n"] += 1
+    rid = "ping-%d" % _ping_ids["n"]
+    await c.send({"type": "ping", "id": rid})
+    return await c.wait_event(lambda m: m.get("type") == "pong" and m.get("id") == rid, timeout)
+
+
+async def request_or_none(c, type, timeout=10, **fields):
+    """c.request(type, timeout, **fields): the reply, or None on a timeout
+    or a close -- also when the connection turns out closed as the request
+    goes out (then once the close is complete, waiting up to 5 s for it)."""
+    try:
+        return await c.request(type, timeout=timeout, **fields)
+    except Exception:  # noqa: BLE001 -- closed before the frame went out
+        await c.wait_closed(5)
+        return None
+
+
+async def ws_connect_on(user, want_pid=None, cursor=None, nginx=None, tries=100, timeout=15,
+                        retry_delay=0.2, **kw):
+    """A ChatClient of `user` (hello with token(user), and `cursor` if
+    given) whose hello succeeded -- on the worker with pid want_pid if
+    given: a session that lands on the other worker is closed and the
+    connect repeated, up to `tries` connections.  For `timeout` s a failed
+    handshake (a worker that died or is not up), a connection closed before
+    the hello reply and a hello answered `unavailable` (the store not ready
+    or away) are retried every `retry_delay` s; then, and at once for any
+    other failed hello, it raises RuntimeError.  Extra kw go to
+    ws_connect() (e.g. max_size)."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while True:
+        n += 1
+        try:
+            c = await ws_connect(nginx=nginx, token=token(user), cursor=cursor, **kw)
+        except Exception as e:  # noqa: BLE001 -- a worker died under the handshake
+            if time.monotonic() > deadline:
+                raise RuntimeError("cannot connect: %r" % (e,))
+            await asyncio.sleep(retry_delay)
+            continue
+        h = c.hello or {}
+        if h.get("ok"):
+            if want_pid is None or session_pid(c) == want_pid:
+                return c
+            if n >= tries:
+                raise RuntimeError("no connection landed on worker %s" % want_pid)
+        elif c.closed or (h.get("error") or {}).get("code") == "unavailable":
+            if time.monotonic() > deadline:
+                raise RuntimeError("hello failed: %r" % (h,))
+            await asyncio.sleep(retry_delay)
+        else:
+            raise RuntimeError("hello failed: %r" % (h,))
+        await c.close()
+
+
+async def ws_spread(user, pids, per_worker=1, extra=0, **claims):
+    """Connections of `user` (token(user, **claims)): per_worker sessions on
+    each worker in `pids` (by session_pid()) plus `extra` anywhere, from at
+    most 400 connects; surplus connections are closed again.  Returns them
+    worker by worker in the order of pids, the extra ones last.  Raises
+    RuntimeError when a hello fails."""
+    keep = {p: [] for p in pids}
+    more = []
+    tok = token(user, **claims)
+    for _ in range(400):
+        if all(len(v) >= per_worker for v in keep.values()) and len(more) >= extra:
+            break
+        c = await ws_connect(token=tok)
+        if not (c.hello and c.hello.get("ok")):
+            raise RuntimeError("hello failed for %s: %r" % (user, c.hello))
+        pid = session_pid(c)
+        if pid in keep and len(keep[pid]) < per_worker:
+            keep[pid].append(c)
+        elif len(more) < extra:
+            more.append(c)
+        else:
+            await c.close()
+    return [c for p in pids for c in keep[p]] + more
+
+
+def rest_create_conv(creator, kind, members, statuses=(200, 201), nginx=None, **fields):
+    """Creates a conversation over REST (POST /chat/api/conversations with
+    {kind, members, **fields}, e.g. title=) as user `creator`; returns its
+    id.  Raises RuntimeError unless the answer's status is in `statuses`
+    (201 new; 200 an existing direct conversation)."""
+    body = {"kind": kind, "members": members}
+    body.update(fields)
+    st, _, b = api("POST", "/chat/api/conversations", token=token(creator), json=body,
+                   nginx=nginx)
+    if st not in statuses:
+        raise RuntimeError("create %s by %s: %s %r" % (kind, creator, st, b))
+    return b["conversation"]["id"]
+
+
+def db_create_conv(creator, members, title, kind="group", pg=None):
+    """Creates a conversation with the schema's own chat_create_conversation()
+    (a fixture: needs no nginx); returns its id as a string."""
+    rows = _pg(pg).query("SELECT o_conv FROM chat_create_conversation(%s, %s, %s, %s, NULL)",
+                         creator, kind, list(members), title)
+    return str(rows[0][0])
+
+
+def db_messages(conv, columns=("seq", "id", "sender", "client_msg_id"), pg=None):
+    """The rows of chat_messages of conversation `conv` in seq order: tuples
+    of `columns` (id as text, as the protocol carries it)."""
+    cols = ", ".join("id::text" if c == "id" else c for c in columns)
+    return _pg(pg).query("SELECT %s FROM chat_messages WHERE conversation_id = %%s ORDER BY seq"
+                         % cols, int(conv))
+
+
+def by_sender_cmid(rows):
+    """{(sender, client_msg_id): [message id, ...]} of db_messages() rows
+    with the default columns: more than one id under a key is a duplicate."""
+    out = {}
+    for _, mid, snd, cmid in rows:
+        out.setdefault((snd, cmid), []).append(mid)
+    return out
+
+
+def db_lock(sql, *params, pg=None):
+    """Runs `sql` (a SELECT ... FOR UPDATE) in a transaction that it leaves
+    open, holding its row locks; returns the psycopg2 connection --
+    rollback() and close() it to release them."""
+    lk = _pg(pg).conn(autocommit=False)
+    with lk.cursor() as cur:
+        cur.execute(sql, params or None)
+        cur.fetchall()
+    return lk
