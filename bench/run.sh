@@ -21,6 +21,7 @@ set -o pipefail
 BENCH="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$BENCH/.." && pwd)"
 BIN="$BENCH/build/chatbench"
+. "$BENCH/lib.sh"
 
 QUICK=0
 DRY_RUN=0
@@ -271,13 +272,7 @@ ensure_deps() {
     make -C "$BENCH" -s test > "$RAW/logs/unit_test.log" 2>&1 \
         || { log "unit tests failed: $RAW/logs/unit_test.log"; exit 1; }
 
-    if ! command -v gnuplot > /dev/null 2>&1; then
-        log "installing gnuplot-nox (Debian)"
-        (apt-get install -y -q gnuplot-nox > "$RAW/logs/apt.log" 2>&1 \
-         || { apt-get update -q >> "$RAW/logs/apt.log" 2>&1 \
-              && apt-get install -y -q gnuplot-nox >> "$RAW/logs/apt.log" 2>&1; }) \
-         || log "gnuplot not available: no plots"
-    fi
+    ensure_gnuplot "$RAW/logs/apt.log" || log "gnuplot not available: no plots"
 
     if [ ! -d "$BENCH/peers/socketio/node_modules/socket.io" ]; then
         log "npm ci in peers/socketio"
@@ -307,18 +302,7 @@ tune_kernel() {
     true
 }
 
-# ---- process helpers (bounded) ----
-wait_port() {       # port, seconds
-    local i
-    for i in $(seq 1 $(( $2 * 10 ))); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2> /dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
-
+# ---- process helpers (bounded; wait_port is in lib.sh) ----
 stop_pid() {        # pid: TERM, wait up to 5 s, then KILL
     local pid="$1" i
     [ -n "$pid" ] || return 0

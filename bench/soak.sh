@@ -35,6 +35,7 @@ set -o pipefail
 BENCH="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$BENCH/.." && pwd)"
 BIN="$BENCH/build/chatbench"
+. "$BENCH/lib.sh"
 
 DURATION=3600
 NGINX_BIN=/usr/sbin/nginx
@@ -128,36 +129,11 @@ ensure_deps() {
         make -C "$BENCH" -s all > "$RAW/logs/build.log" 2>&1 \
             || { log "chatbench build failed: $RAW/logs/build.log"; exit 1; }
     fi
-    if ! command -v gnuplot > /dev/null 2>&1; then
-        log "installing gnuplot-nox (Debian)"
-        (apt-get install -y -q gnuplot-nox > "$RAW/logs/apt.log" 2>&1 \
-         || { apt-get update -q >> "$RAW/logs/apt.log" 2>&1 \
-              && apt-get install -y -q gnuplot-nox >> "$RAW/logs/apt.log" 2>&1; }) \
-         || log "gnuplot not available: no plot"
-    fi
+    ensure_gnuplot "$RAW/logs/apt.log" || log "gnuplot not available: no plot"
     command -v python3 > /dev/null || { log "python3 missing"; exit 1; }
 }
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2> /dev/null; }
-
-wait_port() {       # port seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        port_busy "$1" && return 0
-        sleep 0.1
-    done
-    return 1
-}
-
-wait_gone() {       # pid seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        [ -d "/proc/$1" ] || return 0
-        grep -q '^State:.*Z' "/proc/$1/status" 2> /dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
+# port_busy, wait_port, wait_gone, ensure_gnuplot: lib.sh
 
 # ---- our own stack: PostgreSQL + nginx -----------------------------------
 PG_BIN=""

@@ -1206,28 +1206,9 @@ ngx_chat_bus_unregister(ngx_chat_session_t *s)
 static ngx_chat_conv_t *
 ngx_chat_bus_conv(int64_t id)
 {
-    ngx_rbtree_key_t    key;
-    ngx_rbtree_node_t  *node, *sentinel;
-
-    key = (ngx_rbtree_key_t) id;
-    node = ngx_chat_bus.convs.root;
-    sentinel = ngx_chat_bus.convs.sentinel;
-
-    while (node != sentinel) {
-        if (key < node->key) {
-            node = node->left;
-            continue;
-        }
-
-        if (key > node->key) {
-            node = node->right;
-            continue;
-        }
-
-        return (ngx_chat_conv_t *) node;
-    }
-
-    return NULL;
+    /* node is the first member */
+    return (ngx_chat_conv_t *) ngx_chat_rbtree_lookup(&ngx_chat_bus.convs,
+                                                      (ngx_rbtree_key_t) id);
 }
 
 

@@ -35,6 +35,25 @@
 
 #define NGX_CHAT_SCHEMA_VERSION        2
 
+
+/* a node of a tree keyed by unique integers (conversation ids), or NULL */
+static ngx_inline ngx_rbtree_node_t *
+ngx_chat_rbtree_lookup(ngx_rbtree_t *tree, ngx_rbtree_key_t key)
+{
+    ngx_rbtree_node_t  *node;
+
+    for (node = tree->root; node != tree->sentinel; /* void */) {
+
+        if (key == node->key) {
+            return node;
+        }
+
+        node = (key < node->key) ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
 #define NGX_CHAT_MAX_ID_LEN            128
 
 #define NGX_CHAT_ROLE_USER             0

@@ -904,23 +904,10 @@ ngx_chat_store_eligible(void)
 static ngx_chat_carried_t *
 ngx_chat_store_carried(int64_t conv)
 {
-    ngx_rbtree_key_t    key;
-    ngx_rbtree_node_t  *node, *sentinel;
-
-    key = (ngx_rbtree_key_t) conv;
-    node = ngx_chat_store.carried.root;
-    sentinel = ngx_chat_store.carried.sentinel;
-
-    while (node != sentinel) {
-        if (key != node->key) {
-            node = (key < node->key) ? node->left : node->right;
-            continue;
-        }
-
-        return (ngx_chat_carried_t *) node;
-    }
-
-    return NULL;
+    /* node is the first member */
+    return (ngx_chat_carried_t *) ngx_chat_rbtree_lookup(
+                                   &ngx_chat_store.carried,
+                                   (ngx_rbtree_key_t) conv);
 }
 
 

@@ -142,6 +142,7 @@ static void ngx_chat_ws_handshake_handler(ngx_http_request_t *r);
 static void ngx_chat_ws_detach(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx);
 static void ngx_chat_ws_release(ngx_chat_ws_ctx_t *ctx, ngx_connection_t *c,
     ngx_http_connection_t *hc);
+static void ngx_chat_ws_free_bufs(ngx_pool_t *pool, ngx_chain_t *cl);
 static ngx_int_t ngx_chat_ws_keep_addr(ngx_chat_ws_ctx_t *ctx,
     ngx_connection_t *c);
 static u_char *ngx_chat_ws_log_error(ngx_log_t *log, u_char *buf, size_t len);
@@ -815,8 +816,6 @@ static void
 ngx_chat_ws_release(ngx_chat_ws_ctx_t *ctx, ngx_connection_t *c,
     ngx_http_connection_t *hc)
 {
-    ngx_chain_t  *cl, *ln;
-
 #if (NGX_HTTP_SSL)
     if (c->ssl) {
         ngx_ssl_free_buffer(c);
@@ -843,24 +842,28 @@ keep:
         c->buffer = NULL;
     }
 
-    for (cl = hc->free; cl; /* void */) {
-        ln = cl;
-        cl = cl->next;
-        (void) ngx_pfree(c->pool, ln->buf->start);
-        ngx_free_chain(c->pool, ln);
-    }
-
+    ngx_chat_ws_free_bufs(c->pool, hc->free);
     hc->free = NULL;
 
-    for (cl = hc->busy; cl; /* void */) {
-        ln = cl;
-        cl = cl->next;
-        (void) ngx_pfree(c->pool, ln->buf->start);
-        ngx_free_chain(c->pool, ln);
-    }
-
+    ngx_chat_ws_free_bufs(c->pool, hc->busy);
     hc->busy = NULL;
     hc->nbusy = 0;
+}
+
+
+/* the large header buffers of a request, back to the connection's pool */
+
+static void
+ngx_chat_ws_free_bufs(ngx_pool_t *pool, ngx_chain_t *cl)
+{
+    ngx_chain_t  *ln;
+
+    while (cl) {
+        ln = cl;
+        cl = cl->next;
+        (void) ngx_pfree(pool, ln->buf->start);
+        ngx_free_chain(pool, ln);
+    }
 }
 
 
