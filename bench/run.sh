@@ -345,6 +345,7 @@ chat_template() {   # conf.example -> benchmark template (same directives)
         -e "s/^([[:space:]]*access_log)[[:space:]]+[^;]+;/\1 off;/" \
         -e "s/^([[:space:]]*error_log[[:space:]]+[^;[:space:]]+)[[:space:]]+[a-z]+;/\1 warn;/" \
         -e "s/^([[:space:]]*listen[[:space:]]+(@HTTP_LISTEN@|127\.0\.0\.1:@HTTP_PORT@))([[:space:]]+reuseport)?[[:space:]]*;/\1 backlog=4096 reuseport;/" \
+        -e "s/^([[:space:]]*chat_max_connections_per_address)[[:space:]]+[^;]+;/\1 0;/" \
         "$REPO/conf.example"
 }
 

@@ -22,6 +22,9 @@ typedef struct {
     ngx_chat_identity_t        id;
     int64_t                    conversation;
     ngx_chat_api_body_pt       body_handler;
+    ngx_chat_query_t          *query;            /* in the db layer */
+    ngx_chat_send_t           *send;             /* in the store */
+    unsigned                   cleanup:1;        /* registered */
 } ngx_chat_api_ctx_t;
 
 
@@ -31,7 +34,16 @@ static ngx_int_t ngx_chat_api_tickets(ngx_http_request_t *r);
 static ngx_int_t ngx_chat_api_me(ngx_http_request_t *r);
 static ngx_int_t ngx_chat_api_read_body(ngx_http_request_t *r,
     ngx_chat_api_body_pt handler);
+static void ngx_chat_api_body_reader(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_body_error(ngx_http_request_t *r,
+    ngx_int_t rc);
+static ngx_int_t ngx_chat_api_body_filter(ngx_http_request_t *r,
+    ngx_chain_t *in);
 static void ngx_chat_api_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_hold(ngx_http_request_t *r);
+static void ngx_chat_api_cleanup(void *data);
+static void ngx_chat_api_wait(ngx_http_request_t *r);
+static ngx_http_request_t *ngx_chat_api_query_owner(ngx_chat_query_t *q);
 static ngx_int_t ngx_chat_api_create_conversation(ngx_http_request_t *r,
     json_t *body);
 static void ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res,
@@ -52,6 +64,19 @@ static ngx_int_t ngx_chat_api_arg_num(ngx_http_request_t *r, char *name,
     size_t len, int64_t *v, int64_t min, int64_t max);
 
 
+static ngx_http_request_body_filter_pt  ngx_chat_api_next_body_filter;
+
+
+ngx_int_t
+ngx_chat_api_init(ngx_conf_t *cf)
+{
+    ngx_chat_api_next_body_filter = ngx_http_top_request_body_filter;
+    ngx_http_top_request_body_filter = ngx_chat_api_body_filter;
+
+    return NGX_OK;
+}
+
+
 ngx_int_t
 ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message, ngx_msec_t retry_after)
@@ -62,16 +87,9 @@ ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
 
     ngx_memzero(&b, sizeof(ngx_chat_buf_t));
 
-    if (ngx_chat_buf_add_lit(&b, "{\"error\":{\"code\":") != NGX_OK
-        || ngx_chat_buf_add_json_str(&b, (u_char *) code, ngx_strlen(code))
-           != NGX_OK
-        || ngx_chat_buf_add_lit(&b, ",\"message\":") != NGX_OK
-        || ngx_chat_buf_add_json_str(&b, (u_char *) message,
-                                     ngx_strlen(message)) != NGX_OK
-        || (retry_after
-            && (ngx_chat_buf_add_lit(&b, ",\"retry_after_ms\":") != NGX_OK
-                || ngx_chat_buf_add_uint(&b, retry_after) != NGX_OK))
-        || ngx_chat_buf_add_lit(&b, "}}") != NGX_OK)
+    if (ngx_chat_buf_add_lit(&b, "{\"error\":") != NGX_OK
+        || ngx_chat_buf_add_error(&b, code, message, retry_after) != NGX_OK
+        || ngx_chat_buf_add_lit(&b, "}") != NGX_OK)
     {
         ngx_chat_buf_free(&b);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -267,12 +285,22 @@ ngx_chat_api_tickets(ngx_http_request_t *r)
 {
     u_char              *p;
     size_t               len;
+    ngx_int_t            rc;
     ngx_str_t            ticket;
+    ngx_msec_t           retry_after;
     ngx_chat_api_ctx_t  *ctx;
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
 
-    if (ngx_chat_ticket_issue(&ctx->id, r->pool, &ticket) != NGX_OK) {
+    rc = ngx_chat_ticket_issue(&ctx->id, r->pool, &ticket, &retry_after);
+
+    if (rc == NGX_BUSY) {
+        return ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                   "rate_limited", "too many live tickets",
+                                   retry_after);
+    }
+
+    if (rc != NGX_OK) {
         return ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                    "unavailable", "no room for tickets",
                                    1000);
@@ -326,7 +354,12 @@ ngx_chat_api_me(ngx_http_request_t *r)
 }
 
 
-/* request bodies: small JSON, held in memory, never in a temp file */
+/*
+ * Request bodies: small JSON, held in memory, never in a temp file.  The
+ * chat location turns nginx's own client_max_body_size off (its answer
+ * would be an HTML page) and gets a buffer that holds a whole body; the
+ * module enforces chat_max_message_size itself.
+ */
 
 static ngx_int_t
 ngx_chat_api_read_body(ngx_http_request_t *r, ngx_chat_api_body_pt handler)
@@ -345,14 +378,136 @@ ngx_chat_api_read_body(ngx_http_request_t *r, ngx_chat_api_body_pt handler)
     }
 
     r->request_body_in_single_buf = 1;
+    r->request_body_in_file_only = 0;
 
     rc = ngx_http_read_client_request_body(r, ngx_chat_api_body_handler);
 
     if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
-        return rc;
+        return ngx_chat_api_body_error(r, rc);
+    }
+
+#if (NGX_HTTP_V2)
+    if (r->stream) {
+        return NGX_DONE;
+    }
+#endif
+
+    if (rc == NGX_AGAIN) {
+        r->read_event_handler = ngx_chat_api_body_reader;
     }
 
     return NGX_DONE;
+}
+
+
+/*
+ * The rest of the body arrives later.  nginx's own reader would answer a
+ * body it refuses with its HTML error page; this one reads the same way
+ * (ngx_http_read_unbuffered_request_body() runs the same loop and calls
+ * the body handler at the end) but gets the error back to answer it in
+ * JSON.  The body handler may finish the request, and nginx still writes
+ * to it after the handler returns: a reference of our own keeps it alive
+ * until then.
+ */
+
+static void
+ngx_chat_api_body_reader(ngx_http_request_t *r)
+{
+    ngx_int_t  rc;
+
+    r->main->count++;
+
+    rc = ngx_http_read_unbuffered_request_body(r);
+
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        ngx_http_finalize_request(r, ngx_chat_api_body_error(r, rc));
+    }
+
+    ngx_http_finalize_request(r, NGX_DONE);
+}
+
+
+/*
+ * A body read that failed midway: the rest of the body is never read, so
+ * the connection cannot be kept; lingering close lets the client read the
+ * answer.  Timeouts and closed connections go to nginx as they are.
+ */
+
+static ngx_int_t
+ngx_chat_api_body_error(ngx_http_request_t *r, ngx_int_t rc)
+{
+    if (r->connection->error
+        || (rc != NGX_HTTP_REQUEST_ENTITY_TOO_LARGE
+            && rc != NGX_HTTP_BAD_REQUEST))
+    {
+        return rc;
+    }
+
+    r->keepalive = 0;
+    r->lingering_close = 1;
+
+    if (rc == NGX_HTTP_BAD_REQUEST) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "invalid request body", 0);
+    }
+
+    return ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                               "too_large", "the body is too large", 0);
+}
+
+
+/*
+ * Refuses, in a chat location, a body without a length that grows past
+ * chat_max_message_size (the chunk being read counts with its announced
+ * size), and any body that would fill the buffer before it ends: nginx
+ * would write the buffer to a temporary file (blocking file I/O) and go
+ * on.  The second can only happen to a body cut into many small chunks.
+ */
+
+static ngx_int_t
+ngx_chat_api_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    off_t                     size;
+    ngx_chat_loc_conf_t      *lcf;
+    ngx_chat_main_conf_t     *cmcf;
+    ngx_http_request_body_t  *rb;
+
+    lcf = ngx_http_get_module_loc_conf(r, ngx_chat_module);
+
+    if (!lcf->enable) {
+        return ngx_chat_api_next_body_filter(r, in);
+    }
+
+    cmcf = ngx_http_get_module_main_conf(r, ngx_chat_module);
+    rb = r->request_body;
+
+    if (r->headers_in.chunked) {
+
+        /* HTTP/1.1 counts in content_length_n, HTTP/2 in received */
+
+        if (rb->chunked) {
+            size = r->headers_in.content_length_n + rb->chunked->size;
+
+        } else {
+            size = rb->received;
+        }
+
+        if (size > (off_t) cmcf->max_message) {
+            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                          "chat: client sent a body of more than "
+                          "chat_max_message_size (%uz)", cmcf->max_message);
+            return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE;
+        }
+    }
+
+    if (rb->rest > 0 && rb->buf && rb->buf->last == rb->buf->end) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "chat: client body does not fit in "
+                      "client_body_buffer_size (too finely chunked)");
+        return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE;
+    }
+
+    return ngx_chat_api_next_body_filter(r, in);
 }
 
 
@@ -445,6 +600,13 @@ bad:
 static ngx_int_t
 ngx_chat_api_query(ngx_http_request_t *r, ngx_chat_query_t *q)
 {
+    ngx_chat_api_ctx_t  *ctx;
+
+    if (ngx_chat_api_hold(r) != NGX_OK) {
+        ngx_chat_query_free(q);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     q->data = r;
 
     if (ngx_chat_db_query(q) != NGX_OK) {
@@ -454,7 +616,106 @@ ngx_chat_api_query(ngx_http_request_t *r, ngx_chat_query_t *q)
                                    ngx_chat_db_retry_after());
     }
 
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    ctx->query = q;
+
+    ngx_chat_api_wait(r);
+
     return NGX_DONE;
+}
+
+
+/*
+ * A request may go away while the store works for it: the client closes
+ * (ngx_chat_api_wait() makes nginx notice at once), or nginx terminates
+ * it.  The db layer and the store own the query or the send until its
+ * handler runs, so the cleanup only orphans it; the handler then finds no
+ * request and frees just what is its own.
+ */
+
+static ngx_int_t
+ngx_chat_api_hold(ngx_http_request_t *r)
+{
+    ngx_http_cleanup_t  *cln;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ctx->cleanup) {
+        return NGX_OK;
+    }
+
+    cln = ngx_http_cleanup_add(r, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_chat_api_cleanup;
+    cln->data = ctx;
+    ctx->cleanup = 1;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_api_cleanup(void *data)
+{
+    ngx_chat_api_ctx_t  *ctx = data;
+
+    if (ctx->query) {
+        ctx->query->data = NULL;
+        ctx->query = NULL;
+    }
+
+    if (ctx->send) {
+        ctx->send->data = NULL;
+        ctx->send = NULL;
+    }
+}
+
+
+/*
+ * While the request waits, nothing reads from the client: as nginx's
+ * upstream module does, ngx_http_test_reading() finalizes the request as
+ * soon as the client closes.  A close that came in before (its event has
+ * been consumed) is checked for once.
+ */
+
+static void
+ngx_chat_api_wait(ngx_http_request_t *r)
+{
+    ngx_event_t  *rev;
+
+    r->read_event_handler = ngx_http_test_reading;
+
+    rev = r->connection->read;
+
+    if (rev->ready) {
+        ngx_post_event(rev, &ngx_posted_events);
+    }
+}
+
+
+/* frees q; the request it answers, or NULL when that has gone */
+
+static ngx_http_request_t *
+ngx_chat_api_query_owner(ngx_chat_query_t *q)
+{
+    ngx_http_request_t  *r;
+    ngx_chat_api_ctx_t  *ctx;
+
+    r = q->data;
+    ngx_chat_query_free(q);
+
+    if (r == NULL) {
+        return NULL;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    ctx->query = NULL;
+
+    return r;
 }
 
 
@@ -646,18 +907,22 @@ ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     ngx_chat_buf_t       b;
     ngx_http_request_t  *r;
 
-    r = q->data;
-    ngx_chat_query_free(q);
+    r = ngx_chat_api_query_owner(q);
 
     if (rc != NGX_OK || PQntuples(res) != 1) {
-        ngx_http_finalize_request(r,
-            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                "unavailable", "the store is unavailable",
-                                ngx_chat_db_retry_after()));
+        if (r) {
+            ngx_http_finalize_request(r,
+                ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                    "unavailable", "the store is unavailable",
+                                    ngx_chat_db_retry_after()));
+        }
+
         return;
     }
 
     created = (PQgetvalue(res, 0, 0)[0] == 't');
+
+    /* the event is committed: it goes out whether or not anyone waits */
 
     if (created) {
         conv = ngx_atoof((u_char *) PQgetvalue(res, 0, 1),
@@ -668,6 +933,10 @@ ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(res, 0, 4),
                              PQgetlength(res, 0, 4));
         ngx_chat_bus_notify();
+    }
+
+    if (r == NULL) {
+        return;
     }
 
     ngx_memzero(&b, sizeof(ngx_chat_buf_t));
@@ -832,8 +1101,11 @@ ngx_chat_api_get_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     ngx_chat_buf_t       b;
     ngx_http_request_t  *r;
 
-    r = q->data;
-    ngx_chat_query_free(q);
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        return;
+    }
 
     if (rc != NGX_OK) {
         ngx_http_finalize_request(r,
@@ -955,8 +1227,11 @@ ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     ngx_http_request_t  *r;
 
-    r = q->data;
-    ngx_chat_query_free(q);
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        return;
+    }
 
     if (rc != NGX_OK || PQntuples(res) != 1) {
         ngx_http_finalize_request(r,
@@ -989,6 +1264,7 @@ ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 static ngx_int_t
 ngx_chat_api_post_message(ngx_http_request_t *r, json_t *body)
 {
+    ngx_int_t            rc;
     const char          *code, *msg;
     ngx_chat_send_t     *snd;
     ngx_chat_api_ctx_t  *ctx;
@@ -1007,20 +1283,41 @@ ngx_chat_api_post_message(ngx_http_request_t *r, json_t *body)
                                    code, msg, 0);
     }
 
+    if (ngx_chat_api_hold(r) != NGX_OK) {
+        ngx_free(snd);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     snd->handler = ngx_chat_api_post_done;
     snd->data = r;
 
-    if (ngx_chat_store_send(snd) != NGX_OK) {
+    rc = ngx_chat_store_send(snd);
+
+    if (rc != NGX_OK) {
         ngx_free(snd);
+
+        if (rc == NGX_BUSY) {
+            return ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                       "rate_limited", "too many sends of "
+                                       "this user waiting for the store",
+                                       100);
+        }
+
         return ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                    "unavailable", "the store is unavailable",
                                    ngx_chat_db_retry_after());
     }
 
+    ctx->send = snd;
+
+    ngx_chat_api_wait(r);
+
     /* the body reader's reference keeps the request until we finalize */
     return NGX_DONE;
 }
 
+
+/* the store frees snd after this returns; it has stored it or not */
 
 static void
 ngx_chat_api_post_done(ngx_chat_send_t *snd)
@@ -1029,8 +1326,16 @@ ngx_chat_api_post_done(ngx_chat_send_t *snd)
     ngx_uint_t           status;
     ngx_chat_buf_t       b;
     ngx_http_request_t  *r;
+    ngx_chat_api_ctx_t  *ctx;
 
     r = snd->data;
+
+    if (r == NULL) {
+        return;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    ctx->send = NULL;
 
     if (snd->rc != NGX_OK) {
         status = NGX_HTTP_INTERNAL_SERVER_ERROR;

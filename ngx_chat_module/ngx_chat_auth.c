@@ -42,11 +42,24 @@
 #define NGX_CHAT_TICKETS_ZONE_SHARE   2048
 #define NGX_CHAT_TICKETS_EXPIRE       3
 #define NGX_CHAT_TICKETS_EVICT        16
+/* a page opens a few sockets at once; more live tickets are a flood */
+#define NGX_CHAT_TICKETS_PER_USER     16
+
+
+/* the live tickets of one user, so that a flood costs only its own */
+typedef struct {
+    ngx_str_node_t             sn;               /* crc32 key, user */
+    ngx_queue_t                tickets;          /* oldest first */
+    ngx_uint_t                 count;
+    u_char                     data[1];          /* user */
+} ngx_chat_ticket_user_t;
 
 
 typedef struct {
     ngx_str_node_t             sn;               /* crc32 key, ticket */
     ngx_queue_t                queue;
+    ngx_queue_t                user_queue;
+    ngx_chat_ticket_user_t    *user;
     time_t                     expire;           /* ticket, wall time */
     time_t                     exp;              /* token */
     ngx_uint_t                 role;
@@ -58,10 +71,13 @@ typedef struct {
 
 static ngx_int_t ngx_chat_auth_read_file(ngx_conf_t *cf, ngx_str_t *name,
     ngx_pool_t *pool, ngx_str_t *out);
+static char *ngx_chat_auth_load_key(ngx_conf_t *cf,
+    ngx_chat_main_conf_t *cmcf, ngx_chat_jwt_key_t *key);
 static char *ngx_chat_auth_set_secret(ngx_conf_t *cf,
-    ngx_chat_main_conf_t *cmcf, ngx_str_t *data);
+    ngx_chat_jwt_key_t *key, ngx_str_t *name, ngx_str_t *data);
 static char *ngx_chat_auth_set_pkey(ngx_conf_t *cf,
-    ngx_chat_main_conf_t *cmcf, ngx_str_t *name, ngx_str_t *data);
+    ngx_chat_main_conf_t *cmcf, ngx_chat_jwt_key_t *key, ngx_str_t *name,
+    ngx_str_t *data);
 static EVP_PKEY *ngx_chat_auth_load_pkey(ngx_str_t *data);
 static int ngx_chat_auth_no_password(char *buf, int size, int rwflag,
     void *data);
@@ -75,18 +91,25 @@ static ngx_int_t ngx_chat_jwt_split(ngx_str_t *token, ngx_str_t *seg);
 static ngx_int_t ngx_chat_base64url_valid(ngx_str_t *s);
 static ngx_int_t ngx_chat_base64url_value(u_char c);
 static ngx_int_t ngx_chat_jwt_check_header(ngx_chat_main_conf_t *cmcf,
-    ngx_str_t *header, const char **msg);
+    ngx_str_t *header, ngx_chat_jwt_key_t **key, const char **msg);
+static ngx_int_t ngx_chat_jwt_select_key(ngx_chat_main_conf_t *cmcf,
+    json_t *kid, ngx_chat_jwt_key_t **key, const char **msg);
 static ngx_int_t ngx_chat_jwt_check_signature(ngx_chat_main_conf_t *cmcf,
+    ngx_chat_jwt_key_t *key, ngx_str_t *input, ngx_str_t *sig);
+static ngx_int_t ngx_chat_jwt_verify_key(ngx_uint_t alg,
+    ngx_chat_jwt_key_t *key, ngx_str_t *input, ngx_str_t *sig);
+static ngx_int_t ngx_chat_jwt_verify_hs256(ngx_chat_jwt_key_t *key,
     ngx_str_t *input, ngx_str_t *sig);
-static ngx_int_t ngx_chat_jwt_verify_hs256(ngx_chat_main_conf_t *cmcf,
-    ngx_str_t *input, ngx_str_t *sig);
-static ngx_int_t ngx_chat_jwt_verify_es256(ngx_chat_main_conf_t *cmcf,
+static ngx_int_t ngx_chat_jwt_verify_es256(ngx_chat_jwt_key_t *key,
     ngx_str_t *input, ngx_str_t *sig);
 static ngx_int_t ngx_chat_jwt_digest_verify(EVP_PKEY *pkey,
     ngx_str_t *input, u_char *sig, size_t len);
 static ngx_int_t ngx_chat_jwt_check_claims(ngx_chat_main_conf_t *cmcf,
     json_t *claims, ngx_pool_t *pool, ngx_chat_identity_t *id,
     const char **code, const char **msg);
+static ngx_int_t ngx_chat_jwt_check_iss_aud(ngx_chat_main_conf_t *cmcf,
+    json_t *claims, const char **msg);
+static ngx_int_t ngx_chat_jwt_str_eq(json_t *v, ngx_str_t *s);
 static ngx_int_t ngx_chat_jwt_time(json_t *claims, const char *name,
     double *value);
 static ngx_int_t ngx_chat_valid_user(const u_char *p, size_t len);
@@ -95,11 +118,13 @@ static ngx_int_t ngx_chat_valid_name(const u_char *p, size_t len);
 static ngx_int_t ngx_chat_origin_match(ngx_array_t *origins,
     ngx_str_t *origin);
 
-static ngx_chat_ticket_node_t *ngx_chat_tickets_alloc_locked(
-    ngx_chat_tickets_sh_t *t, ngx_slab_pool_t *shpool, size_t size,
-    time_t now, ngx_uint_t max);
+static ngx_int_t ngx_chat_tickets_add_locked(ngx_chat_tickets_sh_t *t,
+    ngx_slab_pool_t *shpool, ngx_chat_identity_t *id, ngx_str_t *ticket,
+    time_t now, time_t ttl, ngx_uint_t max, ngx_msec_t *retry_after);
+static void *ngx_chat_tickets_alloc_locked(ngx_chat_tickets_sh_t *t,
+    ngx_slab_pool_t *shpool, size_t size, time_t now);
 static void ngx_chat_tickets_expire_locked(ngx_chat_tickets_sh_t *t,
-    ngx_slab_pool_t *shpool, time_t now, ngx_uint_t n, ngx_uint_t force);
+    ngx_slab_pool_t *shpool, time_t now, ngx_uint_t n);
 static void ngx_chat_tickets_delete_locked(ngx_chat_tickets_sh_t *t,
     ngx_slab_pool_t *shpool, ngx_chat_ticket_node_t *tn);
 static ngx_uint_t ngx_chat_tickets_max(ngx_chat_main_conf_t *cmcf);
@@ -113,11 +138,17 @@ static ngx_str_t  ngx_chat_jwt_alg_names[] = {
 };
 
 
+/*
+ * Every key is read here, in the master, with the one configured
+ * algorithm: workers never open key files, and a key file that went
+ * missing fails the (re)load instead of a request.
+ */
+
 char *
 ngx_chat_auth_init_conf(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf)
 {
-    ngx_str_t    name, data;
-    ngx_pool_t  *pool;
+    ngx_uint_t           i;
+    ngx_chat_jwt_key_t  *key;
 
     if (cmcf->jwt_alg != NGX_CHAT_JWT_HS256
         && cmcf->jwt_alg != NGX_CHAT_JWT_RS256
@@ -128,15 +159,39 @@ ngx_chat_auth_init_conf(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf)
         return NGX_CONF_ERROR;
     }
 
+    if (cmcf->jwt_keys == NULL || cmcf->jwt_keys->nelts == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "chat_jwt_key: no key");
+        return NGX_CONF_ERROR;
+    }
+
+    key = cmcf->jwt_keys->elts;
+
+    for (i = 0; i < cmcf->jwt_keys->nelts; i++) {
+        if (ngx_chat_auth_load_key(cf, cmcf, &key[i]) != NGX_CONF_OK) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_chat_auth_load_key(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf,
+    ngx_chat_jwt_key_t *key)
+{
+    ngx_str_t    name, data;
+    ngx_pool_t  *pool;
+
     /* ngx_conf_full_name() copies the name with its terminating zero */
 
-    name.len = cmcf->jwt_key_file.len;
+    name.len = key->file.len;
     name.data = ngx_pnalloc(cf->temp_pool, name.len + 1);
     if (name.data == NULL) {
         return NGX_CONF_ERROR;
     }
 
-    ngx_memcpy(name.data, cmcf->jwt_key_file.data, name.len);
+    ngx_memcpy(name.data, key->file.data, name.len);
     name.data[name.len] = '\0';
 
     if (ngx_conf_full_name(cf->cycle, &name, 0) != NGX_OK) {
@@ -151,10 +206,10 @@ ngx_chat_auth_init_conf(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf)
     }
 
     if (cmcf->jwt_alg == NGX_CHAT_JWT_HS256) {
-        return ngx_chat_auth_set_secret(cf, cmcf, &data);
+        return ngx_chat_auth_set_secret(cf, key, &name, &data);
     }
 
-    return ngx_chat_auth_set_pkey(cf, cmcf, &name, &data);
+    return ngx_chat_auth_set_pkey(cf, cmcf, key, &name, &data);
 }
 
 
@@ -242,8 +297,8 @@ done:
 
 
 static char *
-ngx_chat_auth_set_secret(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf,
-    ngx_str_t *data)
+ngx_chat_auth_set_secret(ngx_conf_t *cf, ngx_chat_jwt_key_t *key,
+    ngx_str_t *name, ngx_str_t *data)
 {
     /* one trailing newline, so that "echo secret > file" works as well */
 
@@ -257,12 +312,12 @@ ngx_chat_auth_set_secret(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf,
 
     if (data->len < NGX_CHAT_JWT_HS256_MIN) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "chat_jwt_key: HS256 secret must be at least "
-                           "32 bytes");
+                           "chat_jwt_key: HS256 secret in \"%V\" must be "
+                           "at least 32 bytes", name);
         return NGX_CONF_ERROR;
     }
 
-    cmcf->jwt_secret = *data;
+    key->secret = *data;
 
     return NGX_CONF_OK;
 }
@@ -270,7 +325,7 @@ ngx_chat_auth_set_secret(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf,
 
 static char *
 ngx_chat_auth_set_pkey(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf,
-    ngx_str_t *name, ngx_str_t *data)
+    ngx_chat_jwt_key_t *key, ngx_str_t *name, ngx_str_t *data)
 {
     char                 err[256];
     EVP_PKEY            *pkey;
@@ -310,7 +365,7 @@ ngx_chat_auth_set_pkey(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf,
     cln->handler = ngx_chat_auth_pkey_cleanup;
     cln->data = pkey;
 
-    cmcf->jwt_pkey = pkey;
+    key->pkey = pkey;
 
     return NGX_CONF_OK;
 }
@@ -429,6 +484,7 @@ ngx_chat_auth_verify(ngx_str_t *token, ngx_pool_t *pool,
     ngx_str_t              input, seg[3], dec[3];
     ngx_uint_t             i;
     json_error_t           err;
+    ngx_chat_jwt_key_t    *key;
     ngx_chat_main_conf_t  *cmcf;
     u_char                 buf[NGX_CHAT_JWT_DECODED_MAX];
 
@@ -461,14 +517,14 @@ ngx_chat_auth_verify(ngx_str_t *token, ngx_pool_t *pool,
         p += dec[i].len;
     }
 
-    if (ngx_chat_jwt_check_header(cmcf, &dec[0], msg) != NGX_OK) {
+    if (ngx_chat_jwt_check_header(cmcf, &dec[0], &key, msg) != NGX_OK) {
         goto declined;
     }
 
     input.data = token->data;
     input.len = seg[1].data + seg[1].len - token->data;
 
-    rc = ngx_chat_jwt_check_signature(cmcf, &input, &dec[2]);
+    rc = ngx_chat_jwt_check_signature(cmcf, key, &input, &dec[2]);
 
     if (rc == NGX_ERROR) {
         *code = "internal";
@@ -522,17 +578,27 @@ ngx_chat_auth_conf(void)
 }
 
 
+/* the keys were all loaded or the configuration failed: one tells */
+
 static ngx_int_t
 ngx_chat_auth_ready(ngx_chat_main_conf_t *cmcf)
 {
+    ngx_chat_jwt_key_t  *key;
+
+    if (cmcf->jwt_keys == NULL || cmcf->jwt_keys->nelts == 0) {
+        return NGX_DECLINED;
+    }
+
+    key = cmcf->jwt_keys->elts;
+
     switch (cmcf->jwt_alg) {
 
     case NGX_CHAT_JWT_HS256:
-        return cmcf->jwt_secret.len ? NGX_OK : NGX_DECLINED;
+        return key[0].secret.len ? NGX_OK : NGX_DECLINED;
 
     case NGX_CHAT_JWT_RS256:
     case NGX_CHAT_JWT_ES256:
-        return cmcf->jwt_pkey ? NGX_OK : NGX_DECLINED;
+        return key[0].pkey ? NGX_OK : NGX_DECLINED;
 
     default:
         return NGX_DECLINED;
@@ -652,7 +718,7 @@ ngx_chat_base64url_value(u_char c)
 
 static ngx_int_t
 ngx_chat_jwt_check_header(ngx_chat_main_conf_t *cmcf, ngx_str_t *header,
-    const char **msg)
+    ngx_chat_jwt_key_t **key, const char **msg)
 {
     json_t        *root, *v;
     ngx_str_t     *alg;
@@ -707,7 +773,8 @@ ngx_chat_jwt_check_header(ngx_chat_main_conf_t *cmcf, ngx_str_t *header,
         goto done;
     }
 
-    rc = NGX_OK;
+    rc = ngx_chat_jwt_select_key(cmcf, json_object_get(root, "kid"), key,
+                                 msg);
 
 done:
 
@@ -717,31 +784,126 @@ done:
 }
 
 
+/*
+ * Which keys may verify the token.  With kids configured, a token's kid
+ * names the one key to try, and a token without a kid may use only the
+ * keys without one: retiring a key by its kid then really retires it.
+ * With no kid configured (the one-key form) a token's kid is not looked
+ * at, as before keys had kids.
+ *
+ * *key is the key to use, or NULL for all the keys without a kid.
+ */
+
 static ngx_int_t
-ngx_chat_jwt_check_signature(ngx_chat_main_conf_t *cmcf, ngx_str_t *input,
-    ngx_str_t *sig)
+ngx_chat_jwt_select_key(ngx_chat_main_conf_t *cmcf, json_t *kid,
+    ngx_chat_jwt_key_t **key, const char **msg)
 {
-    switch (cmcf->jwt_alg) {
+    size_t               len;
+    ngx_uint_t           i;
+    const char          *name;
+    ngx_chat_jwt_key_t  *k;
 
-    case NGX_CHAT_JWT_HS256:
-        return ngx_chat_jwt_verify_hs256(cmcf, input, sig);
+    *key = NULL;
 
-    case NGX_CHAT_JWT_RS256:
-        if (sig->len != (size_t) EVP_PKEY_get_size(cmcf->jwt_pkey)) {
+    if (cmcf->jwt_kids == 0) {
+        return NGX_OK;
+    }
+
+    if (kid == NULL) {
+
+        if (cmcf->jwt_kids == cmcf->jwt_keys->nelts) {
+            *msg = "key id required";
             return NGX_DECLINED;
         }
 
-        return ngx_chat_jwt_digest_verify(cmcf->jwt_pkey, input, sig->data,
+        return NGX_OK;
+    }
+
+    if (!json_is_string(kid)) {
+        *msg = "bad key id";
+        return NGX_DECLINED;
+    }
+
+    name = json_string_value(kid);
+    len = json_string_length(kid);
+
+    k = cmcf->jwt_keys->elts;
+
+    for (i = 0; i < cmcf->jwt_keys->nelts; i++) {
+
+        if (k[i].kid.len && k[i].kid.len == len
+            && ngx_memcmp(k[i].kid.data, name, len) == 0)
+        {
+            *key = &k[i];
+            return NGX_OK;
+        }
+    }
+
+    *msg = "unknown key id";
+
+    return NGX_DECLINED;
+}
+
+
+/* key NULL: any key without a kid that the signature verifies with */
+
+static ngx_int_t
+ngx_chat_jwt_check_signature(ngx_chat_main_conf_t *cmcf,
+    ngx_chat_jwt_key_t *key, ngx_str_t *input, ngx_str_t *sig)
+{
+    ngx_int_t            rc;
+    ngx_uint_t           i;
+    ngx_chat_jwt_key_t  *k;
+
+    if (key != NULL) {
+        return ngx_chat_jwt_verify_key(cmcf->jwt_alg, key, input, sig);
+    }
+
+    rc = NGX_DECLINED;
+    k = cmcf->jwt_keys->elts;
+
+    for (i = 0; i < cmcf->jwt_keys->nelts; i++) {
+
+        if (k[i].kid.len) {
+            continue;
+        }
+
+        rc = ngx_chat_jwt_verify_key(cmcf->jwt_alg, &k[i], input, sig);
+
+        if (rc != NGX_DECLINED) {
+            return rc;
+        }
+    }
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_chat_jwt_verify_key(ngx_uint_t alg, ngx_chat_jwt_key_t *key,
+    ngx_str_t *input, ngx_str_t *sig)
+{
+    switch (alg) {
+
+    case NGX_CHAT_JWT_HS256:
+        return ngx_chat_jwt_verify_hs256(key, input, sig);
+
+    case NGX_CHAT_JWT_RS256:
+        if (sig->len != (size_t) EVP_PKEY_get_size(key->pkey)) {
+            return NGX_DECLINED;
+        }
+
+        return ngx_chat_jwt_digest_verify(key->pkey, input, sig->data,
                                           sig->len);
 
     default: /* NGX_CHAT_JWT_ES256 */
-        return ngx_chat_jwt_verify_es256(cmcf, input, sig);
+        return ngx_chat_jwt_verify_es256(key, input, sig);
     }
 }
 
 
 static ngx_int_t
-ngx_chat_jwt_verify_hs256(ngx_chat_main_conf_t *cmcf, ngx_str_t *input,
+ngx_chat_jwt_verify_hs256(ngx_chat_jwt_key_t *key, ngx_str_t *input,
     ngx_str_t *sig)
 {
     unsigned int  len;
@@ -751,7 +913,7 @@ ngx_chat_jwt_verify_hs256(ngx_chat_main_conf_t *cmcf, ngx_str_t *input,
         return NGX_DECLINED;
     }
 
-    if (HMAC(EVP_sha256(), cmcf->jwt_secret.data, (int) cmcf->jwt_secret.len,
+    if (HMAC(EVP_sha256(), key->secret.data, (int) key->secret.len,
              input->data, input->len, mac, &len)
         == NULL)
     {
@@ -776,7 +938,7 @@ ngx_chat_jwt_verify_hs256(ngx_chat_main_conf_t *cmcf, ngx_str_t *input,
  */
 
 static ngx_int_t
-ngx_chat_jwt_verify_es256(ngx_chat_main_conf_t *cmcf, ngx_str_t *input,
+ngx_chat_jwt_verify_es256(ngx_chat_jwt_key_t *key, ngx_str_t *input,
     ngx_str_t *sig)
 {
     int         n;
@@ -820,7 +982,7 @@ ngx_chat_jwt_verify_es256(ngx_chat_main_conf_t *cmcf, ngx_str_t *input,
         goto failed;
     }
 
-    return ngx_chat_jwt_digest_verify(cmcf->jwt_pkey, input, der, n);
+    return ngx_chat_jwt_digest_verify(key->pkey, input, der, n);
 
 failed:
 
@@ -878,6 +1040,12 @@ ngx_chat_jwt_check_claims(ngx_chat_main_conf_t *cmcf, json_t *claims,
 
     if (!json_is_object(claims)) {
         *msg = "malformed token";
+        return NGX_DECLINED;
+    }
+
+    /* a token for another service is refused before anything else */
+
+    if (ngx_chat_jwt_check_iss_aud(cmcf, claims, msg) != NGX_OK) {
         return NGX_DECLINED;
     }
 
@@ -1002,6 +1170,91 @@ ngx_chat_jwt_check_claims(ngx_chat_main_conf_t *cmcf, json_t *claims,
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * RFC 7519 4.1.1, 4.1.3: "iss" must be the configured issuer, and the
+ * configured audience must be "aud" or one of the strings in it.  Values
+ * are compared byte for byte: StringOrURI is case-sensitive.
+ */
+
+static ngx_int_t
+ngx_chat_jwt_check_iss_aud(ngx_chat_main_conf_t *cmcf, json_t *claims,
+    const char **msg)
+{
+    size_t       i;
+    json_t      *v, *e;
+    ngx_uint_t   found;
+
+    if (cmcf->jwt_issuer.len) {
+        v = json_object_get(claims, "iss");
+
+        if (v == NULL || !json_is_string(v)) {
+            *msg = "missing or bad iss";
+            return NGX_DECLINED;
+        }
+
+        if (!ngx_chat_jwt_str_eq(v, &cmcf->jwt_issuer)) {
+            *msg = "issuer not accepted";
+            return NGX_DECLINED;
+        }
+    }
+
+    if (cmcf->jwt_audience.len == 0) {
+        return NGX_OK;
+    }
+
+    v = json_object_get(claims, "aud");
+
+    if (v != NULL && json_is_string(v)) {
+
+        if (ngx_chat_jwt_str_eq(v, &cmcf->jwt_audience)) {
+            return NGX_OK;
+        }
+
+        *msg = "audience not accepted";
+        return NGX_DECLINED;
+    }
+
+    if (v == NULL || !json_is_array(v)) {
+        *msg = "missing or bad aud";
+        return NGX_DECLINED;
+    }
+
+    /* a malformed array is refused wherever the audience is in it */
+
+    found = 0;
+
+    for (i = 0; i < json_array_size(v); i++) {
+        e = json_array_get(v, i);
+
+        if (!json_is_string(e)) {
+            *msg = "missing or bad aud";
+            return NGX_DECLINED;
+        }
+
+        if (ngx_chat_jwt_str_eq(e, &cmcf->jwt_audience)) {
+            found = 1;
+        }
+    }
+
+    if (!found) {
+        *msg = "audience not accepted";
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_chat_jwt_str_eq(json_t *v, ngx_str_t *s)
+{
+    /* a JSON string may hold a NUL: compare lengths, then bytes */
+
+    return json_string_length(v) == s->len
+           && ngx_memcmp(json_string_value(v), s->data, s->len) == 0;
 }
 
 
@@ -1235,24 +1488,26 @@ ngx_chat_tickets_init_zone(ngx_chat_tickets_sh_t *t)
     ngx_rbtree_init(&t->rbtree, &t->sentinel, ngx_str_rbtree_insert_value);
     ngx_queue_init(&t->expire);
     t->count = 0;
+
+    ngx_rbtree_init(&t->users, &t->users_sentinel,
+                    ngx_str_rbtree_insert_value);
 }
 
 
 ngx_int_t
 ngx_chat_ticket_issue(ngx_chat_identity_t *id, ngx_pool_t *pool,
-    ngx_str_t *ticket)
+    ngx_str_t *ticket, ngx_msec_t *retry_after)
 {
-    u_char                  *p;
-    size_t                   size;
-    time_t                   now;
-    uint32_t                 hash;
-    ngx_str_t                raw;
-    ngx_uint_t               max;
-    ngx_slab_pool_t         *shpool;
-    ngx_chat_tickets_sh_t   *t;
-    ngx_chat_main_conf_t    *cmcf;
-    ngx_chat_ticket_node_t  *tn;
-    u_char                   rnd[NGX_CHAT_TICKET_RAW_LEN];
+    time_t                  now;
+    ngx_int_t               rc;
+    ngx_str_t               raw;
+    ngx_uint_t              max;
+    ngx_slab_pool_t        *shpool;
+    ngx_chat_tickets_sh_t  *t;
+    ngx_chat_main_conf_t   *cmcf;
+    u_char                  rnd[NGX_CHAT_TICKET_RAW_LEN];
+
+    *retry_after = 0;
 
     cmcf = ngx_chat_auth_conf();
 
@@ -1285,9 +1540,6 @@ ngx_chat_ticket_issue(ngx_chat_identity_t *id, ngx_pool_t *pool,
 
     ngx_encode_base64url(ticket, &raw);
 
-    hash = ngx_crc32_short(ticket->data, ticket->len);
-    size = offsetof(ngx_chat_ticket_node_t, data)
-           + ticket->len + id->user.len + id->name.len;
     max = ngx_chat_tickets_max(cmcf);
     now = ngx_time();
 
@@ -1296,20 +1548,123 @@ ngx_chat_ticket_issue(ngx_chat_identity_t *id, ngx_pool_t *pool,
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    tn = ngx_chat_tickets_alloc_locked(t, shpool, size, now, max);
+    rc = ngx_chat_tickets_add_locked(t, shpool, id, ticket, now,
+                                     cmcf->ticket_ttl, max, retry_after);
 
-    if (tn == NULL) {
-        ngx_shmtx_unlock(&shpool->mutex);
+    ngx_shmtx_unlock(&shpool->mutex);
 
+    if (rc == NGX_BUSY) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: %ui live tickets, the most allowed, "
+                      "ticket for \"%V\" refused", max, &id->user);
+
+    } else if (rc != NGX_OK) {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                       "chat: no memory for a ticket in the shared zone");
+    }
+
+    return rc;
+}
+
+
+/*
+ * A user at NGX_CHAT_TICKETS_PER_USER loses its own oldest ticket; a
+ * valid ticket of anyone else is never evicted: when the table is full
+ * of them, the new ticket is refused (NGX_BUSY) until the oldest one
+ * runs out.  Work per call is bounded: one lookup of the user, and at
+ * most 3 * NGX_CHAT_TICKETS_EVICT expired tickets and one own freed.
+ */
+
+static ngx_int_t
+ngx_chat_tickets_add_locked(ngx_chat_tickets_sh_t *t,
+    ngx_slab_pool_t *shpool, ngx_chat_identity_t *id, ngx_str_t *ticket,
+    time_t now, time_t ttl, ngx_uint_t max, ngx_msec_t *retry_after)
+{
+    u_char                  *p;
+    size_t                   size;
+    uint32_t                 hash;
+    ngx_queue_t             *q;
+    ngx_chat_ticket_user_t  *u;
+    ngx_chat_ticket_node_t  *tn, *old;
+
+    ngx_chat_tickets_expire_locked(t, shpool, now,
+                                   (t->count >= max) ? NGX_CHAT_TICKETS_EVICT
+                                                     : NGX_CHAT_TICKETS_EXPIRE);
+
+    /*
+     * allocations first: when they make room by expiring tickets, that
+     * must not free the user node held below
+     */
+
+    size = offsetof(ngx_chat_ticket_node_t, data)
+           + ticket->len + id->user.len + id->name.len;
+
+    tn = ngx_chat_tickets_alloc_locked(t, shpool, size, now);
+    if (tn == NULL) {
         return NGX_ERROR;
     }
 
-    tn->sn.node.key = hash;
+    hash = ngx_crc32_short(id->user.data, id->user.len);
+
+    u = (ngx_chat_ticket_user_t *) ngx_str_rbtree_lookup(&t->users,
+                                                         &id->user, hash);
+
+    if (u == NULL) {
+        size = offsetof(ngx_chat_ticket_user_t, data) + id->user.len;
+
+        u = ngx_chat_tickets_alloc_locked(t, shpool, size, now);
+        if (u == NULL) {
+            ngx_slab_free_locked(shpool, tn);
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(u->data, id->user.data, id->user.len);
+
+        u->sn.node.key = hash;
+        u->sn.str.len = id->user.len;
+        u->sn.str.data = u->data;
+        ngx_queue_init(&u->tickets);
+        u->count = 0;
+
+        ngx_rbtree_insert(&t->users, &u->sn.node);
+    }
+
+    if (u->count >= NGX_CHAT_TICKETS_PER_USER) {
+
+        /* the others of u remain, so u itself is not freed here */
+
+        q = ngx_queue_head(&u->tickets);
+        old = ngx_queue_data(q, ngx_chat_ticket_node_t, user_queue);
+
+        ngx_chat_tickets_delete_locked(t, shpool, old);
+    }
+
+    if (t->count >= max) {
+
+        /* the expiry above stopped at the head: it is still valid */
+
+        q = ngx_queue_head(&t->expire);
+        old = ngx_queue_data(q, ngx_chat_ticket_node_t, queue);
+
+        *retry_after = (ngx_msec_t)
+                       ((old->expire >= now) ? old->expire - now + 1 : 1)
+                       * 1000;
+
+        ngx_slab_free_locked(shpool, tn);
+
+        if (u->count == 0) {
+            ngx_rbtree_delete(&t->users, &u->sn.node);
+            ngx_slab_free_locked(shpool, u);
+        }
+
+        return NGX_BUSY;
+    }
+
+    tn->sn.node.key = ngx_crc32_short(ticket->data, ticket->len);
     tn->sn.str.len = ticket->len;
     tn->sn.str.data = tn->data;
-    tn->expire = now + cmcf->ticket_ttl;
+    tn->user = u;
+    tn->expire = now + ttl;
     tn->exp = id->exp;
     tn->role = id->role;
     tn->user_len = (u_short) id->user.len;
@@ -1321,9 +1676,9 @@ ngx_chat_ticket_issue(ngx_chat_identity_t *id, ngx_pool_t *pool,
 
     ngx_rbtree_insert(&t->rbtree, &tn->sn.node);
     ngx_queue_insert_tail(&t->expire, &tn->queue);
+    ngx_queue_insert_tail(&u->tickets, &tn->user_queue);
+    u->count++;
     t->count++;
-
-    ngx_shmtx_unlock(&shpool->mutex);
 
     return NGX_OK;
 }
@@ -1414,27 +1769,21 @@ ngx_chat_ticket_redeem(ngx_str_t *ticket, ngx_pool_t *pool,
 }
 
 
-static ngx_chat_ticket_node_t *
+/* expired tickets only: a valid one is freed by its owner or redeemed */
+
+static void *
 ngx_chat_tickets_alloc_locked(ngx_chat_tickets_sh_t *t,
-    ngx_slab_pool_t *shpool, size_t size, time_t now, ngx_uint_t max)
+    ngx_slab_pool_t *shpool, size_t size, time_t now)
 {
-    ngx_chat_ticket_node_t  *tn;
+    void  *p;
 
-    ngx_chat_tickets_expire_locked(t, shpool, now, NGX_CHAT_TICKETS_EXPIRE, 0);
+    p = ngx_slab_alloc_locked(shpool, size);
 
-    if (t->count >= max) {
-        ngx_chat_tickets_expire_locked(t, shpool, now, t->count - max + 1, 1);
+    if (p != NULL) {
+        return p;
     }
 
-    tn = ngx_slab_alloc_locked(shpool, size);
-
-    if (tn != NULL) {
-        return tn;
-    }
-
-    /* tickets are short-lived and cheap to ask again for: evict the oldest */
-
-    ngx_chat_tickets_expire_locked(t, shpool, now, NGX_CHAT_TICKETS_EVICT, 1);
+    ngx_chat_tickets_expire_locked(t, shpool, now, NGX_CHAT_TICKETS_EVICT);
 
     return ngx_slab_alloc_locked(shpool, size);
 }
@@ -1442,7 +1791,7 @@ ngx_chat_tickets_alloc_locked(ngx_chat_tickets_sh_t *t,
 
 static void
 ngx_chat_tickets_expire_locked(ngx_chat_tickets_sh_t *t,
-    ngx_slab_pool_t *shpool, time_t now, ngx_uint_t n, ngx_uint_t force)
+    ngx_slab_pool_t *shpool, time_t now, ngx_uint_t n)
 {
     ngx_queue_t             *q;
     ngx_chat_ticket_node_t  *tn;
@@ -1452,7 +1801,7 @@ ngx_chat_tickets_expire_locked(ngx_chat_tickets_sh_t *t,
         q = ngx_queue_head(&t->expire);
         tn = ngx_queue_data(q, ngx_chat_ticket_node_t, queue);
 
-        if (!force && now <= tn->expire) {
+        if (now <= tn->expire) {
             return;
         }
 
@@ -1465,11 +1814,21 @@ static void
 ngx_chat_tickets_delete_locked(ngx_chat_tickets_sh_t *t,
     ngx_slab_pool_t *shpool, ngx_chat_ticket_node_t *tn)
 {
+    ngx_chat_ticket_user_t  *u;
+
+    u = tn->user;
+
     ngx_queue_remove(&tn->queue);
+    ngx_queue_remove(&tn->user_queue);
     ngx_rbtree_delete(&t->rbtree, &tn->sn.node);
     ngx_slab_free_locked(shpool, tn);
 
     t->count--;
+
+    if (--u->count == 0) {
+        ngx_rbtree_delete(&t->users, &u->sn.node);
+        ngx_slab_free_locked(shpool, u);
+    }
 }
 
 

@@ -23,7 +23,20 @@
 
 #define NGX_CHAT_BUS_CHUNK       64
 #define NGX_CHAT_BUS_FETCH       512
-#define NGX_CHAT_BUS_TICK        1000
+/*
+ * A publisher rings the doorbells of its own cycle: after a reload the
+ * new workers do not hear an old worker's commits, so every tick also
+ * looks at what was published; every 8th tick asks the store's clock for
+ * events that were committed and never published.
+ */
+#define NGX_CHAT_BUS_TICK        250
+#define NGX_CHAT_BUS_CLOCK_TICKS 8
+
+/* slots looked at, and event bytes copied, per hold of the zone mutex */
+#define NGX_CHAT_BUS_SCAN        256
+#define NGX_CHAT_BUS_COPY_BYTES  (256 * 1024)
+#define NGX_CHAT_BUS_COPY_RESERVE                                            \
+    (NGX_CHAT_BUS_COPY_BYTES + 6 * ngx_chat_worker.cmcf->max_message + 4096)
 
 
 typedef struct {
@@ -61,6 +74,12 @@ typedef struct {
 
 
 typedef struct {
+    uint64_t                   gseq;
+    int64_t                    conv;
+} ngx_chat_scan_t;
+
+
+typedef struct {
     uint64_t                   position;         /* all <= it dispatched */
     uint64_t                   clock;            /* highest gseq known */
     ngx_uint_t                 started;
@@ -82,7 +101,8 @@ typedef struct {
 
     ngx_chat_buf_t             frame;
     ngx_chat_buf_t             copy;
-    ngx_chat_copy_t            copies[NGX_CHAT_BUS_CHUNK];
+    ngx_chat_copy_t            copies[NGX_CHAT_BUS_SCAN];
+    ngx_chat_scan_t            scan[NGX_CHAT_BUS_SCAN];
 
     u_char                     epoch[16];
     size_t                     epoch_len;
@@ -93,7 +113,11 @@ static void ngx_chat_bus_process(void);
 static void ngx_chat_bus_process_handler(ngx_event_t *ev);
 static void ngx_chat_bus_dispatch(uint64_t gseq, int64_t conv, u_char *data,
     size_t len);
-static void ngx_chat_bus_membership(int64_t conv, u_char *data, size_t len);
+static void ngx_chat_bus_membership(ngx_chat_event_t *ev,
+    ngx_uint_t subscribe);
+static void ngx_chat_bus_reset(uint64_t v, u_char *epoch, size_t len);
+static ngx_int_t ngx_chat_bus_sub_index(ngx_chat_session_t *s, int64_t conv,
+    ngx_uint_t *index);
 static void ngx_chat_bus_fetch(uint64_t upto);
 static void ngx_chat_bus_fetch_handler(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
@@ -210,7 +234,6 @@ ngx_chat_bus_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         sh = shpool->data;
 
         if (sh->nslots == cmcf->bus_slots) {
-            sh->generation++;
             return NGX_OK;
         }
 
@@ -282,12 +305,6 @@ ngx_chat_bus_init_process(ngx_cycle_t *cycle)
     bus->process.handler = ngx_chat_bus_process_handler;
     bus->process.log = cycle->log;
     bus->process.data = bus;
-
-    if (ngx_chat_worker.slot < NGX_CHAT_MAX_WORKERS) {
-        /* a respawned worker inherits nothing of its predecessor */
-        sh->workers[ngx_chat_worker.slot].connections = 0;
-        sh->workers[ngx_chat_worker.slot].pid = ngx_pid;
-    }
 
     if (ngx_chat_bells && ngx_chat_worker.slot < ngx_chat_bells->n) {
         c = ngx_get_connection(ngx_chat_bells->fds[ngx_chat_worker.slot],
@@ -381,6 +398,24 @@ ngx_chat_bus_position(void)
 }
 
 
+/* the newest event this worker knows is committed, by any worker */
+
+uint64_t
+ngx_chat_bus_known(void)
+{
+    uint64_t  published;
+
+    if (!ngx_chat_bus.started) {
+        return ngx_chat_bus.clock;
+    }
+
+    /* an aligned 64-bit load: a torn value cannot be read */
+    published = *(volatile uint64_t *) &ngx_chat_worker.sh->published;
+
+    return ngx_max(ngx_chat_bus.clock, published);
+}
+
+
 /* cursors are "<epoch>.<gseq>": a cursor of another database is unknown */
 
 u_char *
@@ -422,30 +457,76 @@ ngx_chat_cursor_parse(u_char *p, size_t n, uint64_t *gseq)
 }
 
 
-u_char *
-ngx_chat_bus_frame(uint64_t gseq, u_char *data, size_t len, size_t *out_len)
+/*
+ * The event objects the store writes begin with their kind:
+ * {"kind":"message.new",...}; anything else has an empty kind.
+ */
+void
+ngx_chat_event_init(ngx_chat_event_t *ev, uint64_t gseq, int64_t conv,
+    u_char *data, size_t len)
+{
+    u_char  *p, *last;
+
+    ev->gseq = gseq;
+    ev->conversation = conv;
+    ev->payload.data = data;
+    ev->payload.len = len;
+    ngx_str_null(&ev->envelope);
+    ngx_str_null(&ev->kind);
+
+    if (len > 10 && ngx_strncmp(data, "{\"kind\":\"", 9) == 0) {
+        p = data + 9;
+        last = ngx_strlchr(p, ngx_min(data + len, p + 64), '"');
+
+        if (last) {
+            ev->kind.data = p;
+            ev->kind.len = last - p;
+        }
+    }
+}
+
+
+/* the JSON envelope, built once per event for every session it goes to */
+
+ngx_int_t
+ngx_chat_event_envelope(ngx_chat_event_t *ev)
 {
     u_char          *p;
     ngx_chat_buf_t  *b;
 
+    if (ev->envelope.data) {
+        return NGX_OK;
+    }
+
     b = &ngx_chat_bus.frame;
     b->len = 0;
 
-    if (ngx_chat_buf_reserve(b, len + 64 + NGX_CHAT_CURSOR_LEN) != NGX_OK) {
-        return NULL;
+    if (ngx_chat_buf_reserve(b, ev->payload.len + 64 + NGX_CHAT_CURSOR_LEN)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
-    p = ngx_cpymem(b->data, "{\"type\":\"event\",\"cursor\":\"",
-                   sizeof("{\"type\":\"event\",\"cursor\":\"") - 1);
-    p = ngx_chat_cursor_print(p, gseq);
-    p = ngx_cpymem(p, "\",\"event\":", sizeof("\",\"event\":") - 1);
-    p = ngx_cpymem(p, data, len);
+    if (ev->gseq) {
+        p = ngx_cpymem(b->data, "{\"type\":\"event\",\"cursor\":\"",
+                       sizeof("{\"type\":\"event\",\"cursor\":\"") - 1);
+        p = ngx_chat_cursor_print(p, ev->gseq);
+        p = ngx_cpymem(p, "\",\"event\":", sizeof("\",\"event\":") - 1);
+
+    } else {
+        p = ngx_cpymem(b->data, "{\"type\":\"event\",\"event\":",
+                       sizeof("{\"type\":\"event\",\"event\":") - 1);
+    }
+
+    p = ngx_cpymem(p, ev->payload.data, ev->payload.len);
     *p++ = '}';
 
     b->len = p - b->data;
-    *out_len = b->len;
 
-    return b->data;
+    ev->envelope.data = b->data;
+    ev->envelope.len = b->len;
+
+    return NGX_OK;
 }
 
 
@@ -510,12 +591,15 @@ ngx_chat_bus_publish(uint64_t gseq, int64_t conversation, u_char *data,
 static void
 ngx_chat_bus_free_slot(ngx_chat_slot_t *slot)
 {
+    /* the slot stops claiming its event before the event goes */
+    slot->gseq = 0;
+    ngx_memory_barrier();
+
     if (slot->data) {
         ngx_slab_free_locked(ngx_chat_worker.shpool, slot->data);
         slot->data = NULL;
     }
 
-    slot->gseq = 0;
     slot->len = 0;
 }
 
@@ -642,6 +726,13 @@ ngx_chat_bus_process(void)
         found = 0;
         bus->copy.len = 0;
 
+        /* no allocation under the mutex: the budget and one large event */
+        if (ngx_chat_buf_reserve(&bus->copy, NGX_CHAT_BUS_COPY_RESERVE)
+            != NGX_OK)
+        {
+            break;
+        }
+
         ngx_shmtx_lock(&shpool->mutex);
 
         published = sh->published;
@@ -657,11 +748,14 @@ ngx_chat_bus_process(void)
                 break;
             }
 
-            if (ngx_chat_buf_add(&bus->copy, slot->data, slot->len)
-                != NGX_OK)
+            if (bus->copy.len + slot->len > bus->copy.cap
+                || (n && bus->copy.len + slot->len > NGX_CHAT_BUS_COPY_BYTES))
             {
+                found = 0;
                 break;
             }
+
+            (void) ngx_chat_buf_add(&bus->copy, slot->data, slot->len);
 
             bus->copies[n].gseq = g;
             bus->copies[n].conv = slot->conversation;
@@ -683,7 +777,11 @@ ngx_chat_bus_process(void)
             bus->position = bus->copies[i].gseq;
         }
 
-        if (n < NGX_CHAT_BUS_CHUNK) {
+        if (n < NGX_CHAT_BUS_CHUNK && found != 0) {
+            break;
+        }
+
+        if (n == 0) {
             break;
         }
     }
@@ -874,6 +972,15 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     shpool = ngx_chat_worker.shpool;
     sh = ngx_chat_worker.sh;
 
+    if (bus->started
+        && (len != bus->epoch_len
+            || ngx_memcmp(bus->epoch, PQgetvalue(res, 0, 1), len) != 0
+            || v < bus->position))
+    {
+        ngx_chat_bus_reset(v, (u_char *) PQgetvalue(res, 0, 1), len);
+        return;
+    }
+
     ngx_shmtx_lock(&shpool->mutex);
 
     if (!sh->started
@@ -882,7 +989,6 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     {
         /* a first start, or the database was replaced under us */
         sh->published = v;
-        sh->base = v;
         ngx_memcpy(sh->epoch, PQgetvalue(res, 0, 1), len);
         sh->epoch_len = len;
         sh->started = 1;
@@ -907,6 +1013,73 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 }
 
 
+/*
+ * The database was replaced or restored under running workers: its clock
+ * is another epoch's, or went back.  Positions of the old one mean
+ * nothing, so the ring is emptied (the first worker to notice does it),
+ * this worker starts again at the store's clock, and every local session
+ * is told to resync.
+ */
+static void
+ngx_chat_bus_reset(uint64_t v, u_char *epoch, size_t len)
+{
+    ngx_uint_t          i;
+    ngx_queue_t        *q, *next;
+    ngx_chat_bus_t     *bus;
+    ngx_slab_pool_t    *shpool;
+    ngx_chat_shctx_t   *sh;
+    ngx_chat_session_t *s;
+
+    bus = &ngx_chat_bus;
+    shpool = ngx_chat_worker.shpool;
+    sh = ngx_chat_worker.sh;
+
+    ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
+                  "chat: the database changed under the bus (clock %uL, "
+                  "was at %uL): sessions are told to resync",
+                  v, bus->position);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (sh->epoch_len != len || ngx_memcmp(sh->epoch, epoch, len) != 0
+        || v < sh->published)
+    {
+        /* once for the whole zone: bounded by the ring's size */
+        for (i = 0; i < sh->nslots; i++) {
+            ngx_chat_bus_free_slot(&sh->slots[i]);
+        }
+
+        sh->published = v;
+        ngx_memcpy(sh->epoch, epoch, len);
+        sh->epoch_len = len;
+    }
+
+    ngx_memcpy(bus->epoch, sh->epoch, sh->epoch_len);
+    bus->epoch_len = sh->epoch_len;
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    bus->position = v;
+    bus->clock = v;
+
+    if (bus->hole.timer_set) {
+        ngx_del_timer(&bus->hole);
+    }
+
+    for (q = ngx_queue_head(&bus->sessions);
+         q != ngx_queue_sentinel(&bus->sessions);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        s = ngx_queue_data(q, ngx_chat_session_t, queue);
+
+        ngx_chat_session_resync(s, "the store was replaced");
+    }
+
+    ngx_chat_bus_process();
+}
+
+
 static void
 ngx_chat_bus_tick_handler(ngx_event_t *ev)
 {
@@ -925,8 +1098,14 @@ ngx_chat_bus_tick_handler(ngx_event_t *ev)
             ngx_chat_bus_clock();
         }
 
-    } else if (bus->ticks % 2 == 0 && !bus->clocking && !bus->fetching
-               && bus->position == bus->clock && ngx_chat_db_ready())
+    } else if (*(volatile uint64_t *) &ngx_chat_worker.sh->published
+               > bus->position)
+    {
+        ngx_chat_bus_process();
+
+    } else if (bus->ticks % NGX_CHAT_BUS_CLOCK_TICKS == 0 && !bus->clocking
+               && !bus->fetching && bus->position == bus->clock
+               && ngx_chat_db_ready())
     {
         ngx_chat_bus_clock();
     }
@@ -940,65 +1119,78 @@ ngx_chat_bus_tick_handler(ngx_event_t *ev)
 static void
 ngx_chat_bus_dispatch(uint64_t gseq, int64_t conv, u_char *data, size_t len)
 {
-    u_char              *frame;
-    size_t               flen;
     ngx_queue_t         *q, *next;
     ngx_chat_sub_t      *sub;
     ngx_chat_conv_t     *cv;
+    ngx_chat_event_t     ev;
     ngx_chat_session_t  *s;
 
-    if (len < 10 || ngx_strncmp(data, "{\"kind\":\"message.", 17) != 0) {
-        ngx_chat_bus_membership(conv, data, len);
-    }
+    ngx_chat_event_init(&ev, gseq, conv, data, len);
+
+    /* new members are subscribed before the event goes out */
+    ngx_chat_bus_membership(&ev, 1);
 
     cv = ngx_chat_bus_conv(conv);
-    if (cv == NULL) {
-        return;
-    }
 
-    frame = NULL;
-    flen = 0;
+    if (cv) {
+        for (q = ngx_queue_head(&cv->subs);
+             q != ngx_queue_sentinel(&cv->subs);
+             q = next)
+        {
+            next = ngx_queue_next(q);
 
-    for (q = ngx_queue_head(&cv->subs);
-         q != ngx_queue_sentinel(&cv->subs);
-         q = next)
-    {
-        next = ngx_queue_next(q);
+            sub = ngx_queue_data(q, ngx_chat_sub_t, queue);
+            s = sub->session;
 
-        sub = ngx_queue_data(q, ngx_chat_sub_t, queue);
-        s = sub->session;
-
-        if (s->state != NGX_CHAT_SESSION_LIVE || gseq <= s->cursor) {
-            continue;
-        }
-
-        if (frame == NULL) {
-            frame = ngx_chat_bus_frame(gseq, data, len, &flen);
-            if (frame == NULL) {
-                return;
+            if (s->state != NGX_CHAT_SESSION_LIVE || gseq <= s->cursor) {
+                continue;
             }
-        }
 
-        ngx_chat_session_deliver(s, gseq, frame, flen);
+            /* a session past its window leaves LIVE and catches up later */
+            (void) ngx_chat_session_deliver(s, &ev);
+        }
     }
+
+    /* removed members get the event that removes them, then nothing */
+    ngx_chat_bus_membership(&ev, 0);
 }
 
 
 /*
- * conversation.created (and later member.added) subscribe the local
- * sessions of the members before the event itself is fanned out.
+ * Events that change membership (conversation.created, member.added,
+ * member.removed) name the members; only those are parsed, and only the
+ * members with sessions in this worker are looked at.
  */
 static void
-ngx_chat_bus_membership(int64_t conv, u_char *data, size_t len)
+ngx_chat_bus_membership(ngx_chat_event_t *ev, ngx_uint_t subscribe)
 {
     size_t               i;
     json_t              *root, *members, *m;
     ngx_str_t            user;
-    ngx_queue_t         *q;
+    ngx_queue_t         *q, *next;
     ngx_chat_user_t     *u;
     ngx_chat_session_t  *s;
 
-    root = ngx_chat_json_parse(data, len);
+    if (subscribe) {
+        if (!(ev->kind.len == 20
+              && ngx_strncmp(ev->kind.data, "conversation.created", 20) == 0)
+            && !(ev->kind.len == 12
+                 && ngx_strncmp(ev->kind.data, "member.added", 12) == 0))
+        {
+            return;
+        }
+
+    } else if (!(ev->kind.len == 14
+                 && ngx_strncmp(ev->kind.data, "member.removed", 14) == 0))
+    {
+        return;
+    }
+
+    if (ngx_chat_bus.nsessions == 0) {
+        return;
+    }
+
+    root = ngx_chat_json_parse(ev->payload.data, ev->payload.len);
     if (root == NULL) {
         return;
     }
@@ -1025,10 +1217,17 @@ ngx_chat_bus_membership(int64_t conv, u_char *data, size_t len)
 
             for (q = ngx_queue_head(&u->sessions);
                  q != ngx_queue_sentinel(&u->sessions);
-                 q = ngx_queue_next(q))
+                 q = next)
             {
+                next = ngx_queue_next(q);
                 s = ngx_queue_data(q, ngx_chat_session_t, user_queue);
-                (void) ngx_chat_bus_subscribe(s, conv);
+
+                if (subscribe) {
+                    (void) ngx_chat_bus_subscribe(s, ev->conversation);
+
+                } else {
+                    ngx_chat_bus_unsubscribe(s, ev->conversation);
+                }
             }
         }
     }
@@ -1037,17 +1236,24 @@ ngx_chat_bus_membership(int64_t conv, u_char *data, size_t len)
 }
 
 
-/* catch a session up from its cursor to our position out of the ring */
-
+/*
+ * Catches a session up from its cursor to the worker's position out of the
+ * ring.  Each hold of the zone mutex is bounded: the slot headers of a
+ * stretch are copied out first and filtered by the session's subscriptions
+ * outside the lock, then only the session's events are copied, up to a
+ * byte budget.  NGX_OK: caught up; NGX_AGAIN: the transport's window is
+ * full; NGX_DECLINED: the ring no longer holds it, read the store;
+ * NGX_ERROR: the session is closing.
+ */
 ngx_int_t
 ngx_chat_bus_replay(ngx_chat_session_t *s)
 {
-    size_t             flen;
-    u_char            *frame;
-    uint64_t           g, upto;
-    ngx_uint_t         i, n;
+    uint64_t           g, upto, last;
+    ngx_int_t          rc;
+    ngx_uint_t         i, k, m, n, index;
     ngx_chat_bus_t    *bus;
     ngx_chat_slot_t   *slot;
+    ngx_chat_event_t   ev;
     ngx_slab_pool_t   *shpool;
     ngx_chat_shctx_t  *sh;
 
@@ -1066,12 +1272,13 @@ ngx_chat_bus_replay(ngx_chat_session_t *s)
     }
 
     while (s->cursor < upto) {
+
         n = 0;
-        bus->copy.len = 0;
+        last = ngx_min(upto, s->cursor + NGX_CHAT_BUS_SCAN);
 
         ngx_shmtx_lock(&shpool->mutex);
 
-        for (g = s->cursor + 1; g <= upto && n < NGX_CHAT_BUS_CHUNK; g++) {
+        for (g = s->cursor + 1; g <= last; g++) {
             slot = &sh->slots[g % sh->nslots];
 
             if (slot->gseq != g) {
@@ -1079,42 +1286,83 @@ ngx_chat_bus_replay(ngx_chat_session_t *s)
                 return NGX_DECLINED;
             }
 
-            if (!ngx_chat_bus_subscribed(s, slot->conversation)) {
-                continue;
-            }
-
-            if (ngx_chat_buf_add(&bus->copy, slot->data, slot->len)
-                != NGX_OK)
-            {
-                ngx_shmtx_unlock(&shpool->mutex);
-                return NGX_ERROR;
-            }
-
-            bus->copies[n].gseq = g;
-            bus->copies[n].off = bus->copy.len - slot->len;
-            bus->copies[n].len = slot->len;
+            bus->scan[n].gseq = g;
+            bus->scan[n].conv = slot->conversation;
             n++;
         }
 
         ngx_shmtx_unlock(&shpool->mutex);
 
-        for (i = 0; i < n; i++) {
-            frame = ngx_chat_bus_frame(bus->copies[i].gseq,
-                                       bus->copy.data + bus->copies[i].off,
-                                       bus->copies[i].len, &flen);
-            if (frame == NULL) {
-                return NGX_ERROR;
-            }
-
-            ngx_chat_session_deliver(s, bus->copies[i].gseq, frame, flen);
-
-            if (s->state == NGX_CHAT_SESSION_CLOSED) {
-                return NGX_ERROR;
+        for (i = 0, m = 0; i < n; i++) {
+            if (ngx_chat_bus_sub_index(s, bus->scan[i].conv, &index)
+                == NGX_OK)
+            {
+                bus->scan[m++] = bus->scan[i];
             }
         }
 
-        /* nothing of the session's in (cursor, g): it has all of them */
-        s->cursor = g - 1;
+        if (m == 0) {
+            /* nothing of the session's in the stretch: it has all of it */
+            s->cursor = last;
+            continue;
+        }
+
+        bus->copy.len = 0;
+        k = 0;
+
+        if (ngx_chat_buf_reserve(&bus->copy, NGX_CHAT_BUS_COPY_RESERVE)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        ngx_shmtx_lock(&shpool->mutex);
+
+        for (i = 0; i < m; i++) {
+            g = bus->scan[i].gseq;
+            slot = &sh->slots[g % sh->nslots];
+
+            if (slot->gseq != g) {
+                break;
+            }
+
+            if (bus->copy.len + slot->len > bus->copy.cap
+                || (k && bus->copy.len + slot->len > NGX_CHAT_BUS_COPY_BYTES))
+            {
+                break;
+            }
+
+            (void) ngx_chat_buf_add(&bus->copy, slot->data, slot->len);
+
+            bus->copies[k].gseq = g;
+            bus->copies[k].conv = slot->conversation;
+            bus->copies[k].off = bus->copy.len - slot->len;
+            bus->copies[k].len = slot->len;
+            k++;
+        }
+
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        if (k == 0) {
+            /* overwritten meanwhile (or out of memory): read the store */
+            return NGX_DECLINED;
+        }
+
+        for (i = 0; i < k; i++) {
+            ngx_chat_event_init(&ev, bus->copies[i].gseq,
+                                bus->copies[i].conv,
+                                bus->copy.data + bus->copies[i].off,
+                                bus->copies[i].len);
+
+            rc = ngx_chat_session_deliver(s, &ev);
+
+            if (rc != NGX_OK) {
+                return rc;
+            }
+        }
+
+        /* everything scanned before the next event of the session is had */
+        s->cursor = (k < m) ? bus->scan[k].gseq - 1 : last;
     }
 
     return NGX_OK;
@@ -1166,10 +1414,6 @@ ngx_chat_bus_register(ngx_chat_session_t *s)
     ngx_queue_insert_tail(&ngx_chat_bus.sessions, &s->queue);
     ngx_chat_bus.nsessions++;
 
-    (void) ngx_atomic_fetch_add(
-               &ngx_chat_worker.sh->workers[ngx_chat_worker.slot].connections,
-               1);
-
     return NGX_OK;
 }
 
@@ -1192,10 +1436,6 @@ ngx_chat_bus_unregister(ngx_chat_session_t *s)
     ngx_chat_bus.nsessions--;
     s->user_node = NULL;
 
-    (void) ngx_atomic_fetch_add(
-               &ngx_chat_worker.sh->workers[ngx_chat_worker.slot].connections,
-               -1);
-
     if (--u->count == 0) {
         ngx_rbtree_delete(&ngx_chat_bus.users, &u->sn.node);
         ngx_free(u);
@@ -1212,21 +1452,59 @@ ngx_chat_bus_conv(int64_t id)
 }
 
 
-ngx_int_t
-ngx_chat_bus_subscribed(ngx_chat_session_t *s, int64_t conv)
+/*
+ * A session's subscriptions are kept sorted by conversation id: lookups
+ * are a binary search, and a join, whose memberships come in id order,
+ * appends.  NGX_OK: subscribed, at *index; NGX_DECLINED: not, *index is
+ * where it would go.
+ */
+static ngx_int_t
+ngx_chat_bus_sub_index(ngx_chat_session_t *s, int64_t conv, ngx_uint_t *index)
 {
-    ngx_uint_t       i;
+    int64_t          key;
+    ngx_uint_t       lo, hi, mid;
     ngx_chat_sub_t  *sub;
 
-    for (i = 0; i < s->nsubs; i++) {
-        sub = s->subs[i];
+    lo = 0;
+    hi = s->nsubs;
 
-        if ((int64_t) sub->conv->node.key == conv) {
-            return 1;
+    if (hi && (int64_t) ((ngx_chat_sub_t *) s->subs[hi - 1])->conv->node.key
+              < conv)
+    {
+        *index = hi;
+        return NGX_DECLINED;
+    }
+
+    while (lo < hi) {
+        mid = lo + (hi - lo) / 2;
+        sub = s->subs[mid];
+        key = (int64_t) sub->conv->node.key;
+
+        if (key == conv) {
+            *index = mid;
+            return NGX_OK;
+        }
+
+        if (key < conv) {
+            lo = mid + 1;
+
+        } else {
+            hi = mid;
         }
     }
 
-    return 0;
+    *index = lo;
+
+    return NGX_DECLINED;
+}
+
+
+ngx_int_t
+ngx_chat_bus_subscribed(ngx_chat_session_t *s, int64_t conv)
+{
+    ngx_uint_t  index;
+
+    return ngx_chat_bus_sub_index(s, conv, &index) == NGX_OK;
 }
 
 
@@ -1234,11 +1512,11 @@ ngx_int_t
 ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv)
 {
     void            **subs;
-    ngx_uint_t        n;
+    ngx_uint_t        n, index;
     ngx_chat_sub_t   *sub;
     ngx_chat_conv_t  *cv;
 
-    if (ngx_chat_bus_subscribed(s, conv)) {
+    if (ngx_chat_bus_sub_index(s, conv, &index) == NGX_OK) {
         return NGX_OK;
     }
 
@@ -1287,30 +1565,62 @@ ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv)
     sub->conv = cv;
     ngx_queue_insert_tail(&cv->subs, &sub->queue);
 
-    s->subs[s->nsubs++] = sub;
+    if (index < s->nsubs) {
+        ngx_memmove(&s->subs[index + 1], &s->subs[index],
+                    (s->nsubs - index) * sizeof(void *));
+    }
+
+    s->subs[index] = sub;
+    s->nsubs++;
 
     return NGX_OK;
+}
+
+
+static void
+ngx_chat_bus_sub_free(ngx_chat_sub_t *sub)
+{
+    ngx_chat_conv_t  *cv;
+
+    cv = sub->conv;
+
+    ngx_queue_remove(&sub->queue);
+    ngx_free(sub);
+
+    if (ngx_queue_empty(&cv->subs)) {
+        ngx_rbtree_delete(&ngx_chat_bus.convs, &cv->node);
+        ngx_free(cv);
+    }
+}
+
+
+void
+ngx_chat_bus_unsubscribe(ngx_chat_session_t *s, int64_t conv)
+{
+    ngx_uint_t  index;
+
+    if (ngx_chat_bus_sub_index(s, conv, &index) != NGX_OK) {
+        return;
+    }
+
+    ngx_chat_bus_sub_free(s->subs[index]);
+
+    s->nsubs--;
+
+    if (index < s->nsubs) {
+        ngx_memmove(&s->subs[index], &s->subs[index + 1],
+                    (s->nsubs - index) * sizeof(void *));
+    }
 }
 
 
 void
 ngx_chat_bus_unsubscribe_all(ngx_chat_session_t *s)
 {
-    ngx_uint_t        i;
-    ngx_chat_sub_t   *sub;
-    ngx_chat_conv_t  *cv;
+    ngx_uint_t  i;
 
     for (i = 0; i < s->nsubs; i++) {
-        sub = s->subs[i];
-        cv = sub->conv;
-
-        ngx_queue_remove(&sub->queue);
-        ngx_free(sub);
-
-        if (ngx_queue_empty(&cv->subs)) {
-            ngx_rbtree_delete(&ngx_chat_bus.convs, &cv->node);
-            ngx_free(cv);
-        }
+        ngx_chat_bus_sub_free(s->subs[i]);
     }
 
     ngx_free(s->subs);

@@ -22,7 +22,7 @@
 #define NGX_CHAT_DB_RETRY_DEFAULT 1000
 #define NGX_CHAT_DB_GUARD_SLACK   5000
 #define NGX_CHAT_DB_TEXT_LEN      512
-#define NGX_CHAT_DB_MAX_KEYWORDS  8
+#define NGX_CHAT_DB_MAX_KEYWORDS  16
 
 #define NGX_CHAT_DB_SCHEMA_SQL                                               \
     "SELECT coalesce(max(version), 0) FROM chat_schema_version"
@@ -44,6 +44,24 @@ typedef struct {
     unsigned                   first:1;          /* first attempt */
     unsigned                   flushing:1;
 } ngx_chat_db_conn_t;
+
+
+/* a file libpq finds in the home directory unless it is named */
+typedef struct {
+    const char                *keyword;
+    const char                *env;
+    const char                *path;             /* under the home */
+    const char                *unless;           /* makes libpq skip it */
+    const char                *unless_env;
+} ngx_chat_db_file_t;
+
+
+/* one entry of the host list of a conninfo, as libpq will get it */
+typedef struct {
+    ngx_str_t                  host;
+    ngx_str_t                  hostaddr;
+    ngx_str_t                  port;
+} ngx_chat_db_host_t;
 
 
 typedef struct {
@@ -71,8 +89,22 @@ typedef struct {
 } ngx_chat_db_t;
 
 
+static char *ngx_chat_db_resolve(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf,
+    PQconninfoOption *opts);
+static ngx_int_t ngx_chat_db_split(ngx_conf_t *cf, const char *list,
+    ngx_array_t *a);
+static ngx_uint_t ngx_chat_db_host_is_name(ngx_str_t *host);
+static ngx_int_t ngx_chat_db_add_host(ngx_conf_t *cf, ngx_array_t *out,
+    ngx_str_t *host, ngx_str_t *port, ngx_uint_t *resolved);
+static ngx_str_t *ngx_chat_db_join(ngx_conf_t *cf, ngx_array_t *hosts,
+    size_t offset);
+static u_char *ngx_chat_db_conninfo(ngx_conf_t *cf, PQconninfoOption *opts,
+    ngx_str_t *host, ngx_str_t *hostaddr, ngx_str_t *port);
+static const char *ngx_chat_db_opt(PQconninfoOption *opts,
+    const char *keyword);
 static ngx_int_t ngx_chat_db_init_params(ngx_cycle_t *cycle);
-static void ngx_chat_db_check_host(const char *host);
+static ngx_int_t ngx_chat_db_pin_files(ngx_cycle_t *cycle,
+    PQconninfoOption *opts, ngx_uint_t n);
 static void ngx_chat_db_connect(ngx_chat_db_conn_t *dbc);
 static void ngx_chat_db_connect_poll(ngx_chat_db_conn_t *dbc);
 static ngx_int_t ngx_chat_db_attach(ngx_chat_db_conn_t *dbc);
@@ -107,6 +139,439 @@ static ngx_str_t *ngx_chat_db_text(const char *msg);
 
 
 static ngx_chat_db_t  ngx_chat_db;
+
+
+static ngx_chat_db_file_t  ngx_chat_db_files[] = {
+    { "passfile", "PGPASSFILE", ".pgpass", NULL, NULL },
+    { "sslcert", "PGSSLCERT", ".postgresql/postgresql.crt", NULL, NULL },
+    { "sslkey", "PGSSLKEY", ".postgresql/postgresql.key", NULL, NULL },
+    { "sslrootcert", "PGSSLROOTCERT", ".postgresql/root.crt", NULL, NULL },
+    { "sslcrl", "PGSSLCRL", ".postgresql/root.crl",
+      "sslcrldir", "PGSSLCRLDIR" },
+    { NULL, NULL, NULL, NULL, NULL }
+};
+
+
+/*
+ * "chat_db conninfo", at configuration time: nginx -t, start and reload,
+ * in the master before any worker exists, where blocking is allowed.  A
+ * host name would make libpq call getaddrinfo() -- blocking DNS -- on
+ * every connect inside a worker: names are resolved here, once, and
+ * given to libpq as hostaddr.  host stays, for TLS verification and the
+ * password file; every address of a name becomes an entry of the host list
+ * of its own, so libpq still tries them in turn.  A reload resolves again.
+ */
+
+char *
+ngx_chat_db_conf(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_main_conf_t *cmcf = conf;
+
+    char              *rv, *errmsg;
+    ngx_str_t         *value;
+    PQconninfoOption  *opts;
+
+    if (cmcf->db_conninfo.data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    errmsg = NULL;
+
+    opts = PQconninfoParse((char *) value[1].data, &errmsg);
+    if (opts == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid chat_db conninfo: %V",
+                           ngx_chat_db_text(errmsg ? errmsg
+                                                   : "out of memory"));
+        if (errmsg) {
+            PQfreemem(errmsg);
+        }
+
+        return NGX_CONF_ERROR;
+    }
+
+    cmcf->db_conninfo = value[1];
+
+    rv = ngx_chat_db_resolve(cf, cmcf, opts);
+
+    PQconninfoFree(opts);
+
+    return rv;
+}
+
+
+static char *
+ngx_chat_db_resolve(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf,
+    PQconninfoOption *opts)
+{
+    u_char              *conninfo;
+    ngx_str_t           *host, *port, none;
+    ngx_uint_t           i, resolved;
+    ngx_array_t          hosts, ports, out;
+    const char          *hostaddr;
+
+    hostaddr = ngx_chat_db_opt(opts, "hostaddr");
+
+    /* with hostaddr the operator has chosen the addresses already */
+
+    if (hostaddr) {
+        return NGX_CONF_OK;
+    }
+
+    if (ngx_chat_db_split(cf, ngx_chat_db_opt(opts, "host"), &hosts)
+           != NGX_OK
+        || ngx_chat_db_split(cf, ngx_chat_db_opt(opts, "port"), &ports)
+           != NGX_OK
+        || ngx_array_init(&out, cf->pool, 4, sizeof(ngx_chat_db_host_t))
+           != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    /* libpq's own rule: one port for all hosts, or one port per host */
+
+    if (ports.nelts > 1 && ports.nelts != hosts.nelts) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_db has %ui ports for %ui hosts",
+                           ports.nelts, hosts.nelts);
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_str_null(&none);
+
+    host = hosts.elts;
+    port = ports.elts;
+    resolved = 0;
+
+    for (i = 0; i < hosts.nelts; i++) {
+        if (ngx_chat_db_add_host(cf, &out, &host[i],
+                                 ports.nelts > 1 ? &port[i] : &none,
+                                 &resolved)
+            != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (!resolved) {
+        /* socket directories and addresses: libpq resolves nothing */
+        return NGX_CONF_OK;
+    }
+
+    conninfo = ngx_chat_db_conninfo(cf, opts,
+                   ngx_chat_db_join(cf, &out,
+                                    offsetof(ngx_chat_db_host_t, host)),
+                   ngx_chat_db_join(cf, &out,
+                                    offsetof(ngx_chat_db_host_t, hostaddr)),
+                   ports.nelts > 1
+                   ? ngx_chat_db_join(cf, &out,
+                                      offsetof(ngx_chat_db_host_t, port))
+                   : NULL);
+    if (conninfo == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    cmcf->db_conninfo.data = conninfo;
+    cmcf->db_conninfo.len = ngx_strlen(conninfo);
+
+    return NGX_CONF_OK;
+}
+
+
+/* a comma separated list of libpq, empty items kept; none for NULL */
+
+static ngx_int_t
+ngx_chat_db_split(ngx_conf_t *cf, const char *list, ngx_array_t *a)
+{
+    u_char     *p, *last, *end;
+    ngx_str_t  *s;
+
+    if (ngx_array_init(a, cf->pool, 4, sizeof(ngx_str_t)) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (list == NULL) {
+        return NGX_OK;
+    }
+
+    p = (u_char *) list;
+    last = p + ngx_strlen(list);
+
+    for ( ;; ) {
+        end = ngx_strlchr(p, last, ',');
+        if (end == NULL) {
+            end = last;
+        }
+
+        s = ngx_array_push(a);
+        if (s == NULL) {
+            return NGX_ERROR;
+        }
+
+        s->data = p;
+        s->len = end - p;
+
+        if (end == last) {
+            return NGX_OK;
+        }
+
+        p = end + 1;
+    }
+}
+
+
+/* what libpq would hand to getaddrinfo() as a name */
+
+static ngx_uint_t
+ngx_chat_db_host_is_name(ngx_str_t *host)
+{
+#if (NGX_HAVE_INET6)
+    u_char  addr6[16];
+#endif
+
+    /* the default socket, a socket directory, an abstract socket */
+
+    if (host->len == 0 || host->data[0] == '/' || host->data[0] == '@') {
+        return 0;
+    }
+
+    if (ngx_inet_addr(host->data, host->len) != INADDR_NONE) {
+        return 0;
+    }
+
+#if (NGX_HAVE_INET6)
+    if (ngx_inet6_addr(host->data, host->len, addr6) == NGX_OK) {
+        return 0;
+    }
+#endif
+
+    return 1;
+}
+
+
+/* one host of the list; a name becomes one entry per address */
+
+static ngx_int_t
+ngx_chat_db_add_host(ngx_conf_t *cf, ngx_array_t *out, ngx_str_t *host,
+    ngx_str_t *port, ngx_uint_t *resolved)
+{
+    u_char              *p, *last;
+    size_t               len;
+    ngx_str_t            list;
+    ngx_uint_t           i;
+    ngx_url_t            u;
+    ngx_chat_db_host_t  *h;
+
+    if (!ngx_chat_db_host_is_name(host)) {
+        h = ngx_array_push(out);
+        if (h == NULL) {
+            return NGX_ERROR;
+        }
+
+        h->host = *host;
+        ngx_str_null(&h->hostaddr);
+        h->port = *port;
+
+        return NGX_OK;
+    }
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+    u.host = *host;
+
+    if (ngx_inet_resolve_host(cf->pool, &u) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_db host \"%V\" could not be resolved "
+                           "(%s); give \"hostaddr=\" or a socket directory",
+                           host, u.err ? u.err : "error");
+        return NGX_ERROR;
+    }
+
+    /* the addresses, ", " between them: the entries and the log line */
+
+    len = u.naddrs * (NGX_SOCKADDR_STRLEN + 2);
+
+    p = ngx_pnalloc(cf->pool, len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    list.data = p;
+    last = p + len;
+
+    for (i = 0; i < u.naddrs; i++) {
+        h = ngx_array_push(out);
+        if (h == NULL) {
+            return NGX_ERROR;
+        }
+
+        if (i) {
+            *p++ = ',';
+            *p++ = ' ';
+        }
+
+        h->host = *host;
+        h->port = *port;
+        h->hostaddr.data = p;
+        h->hostaddr.len = ngx_sock_ntop(u.addrs[i].sockaddr,
+                                        u.addrs[i].socklen, p, last - p, 0);
+        p += h->hostaddr.len;
+    }
+
+    list.len = p - list.data;
+
+    ngx_conf_log_error(NGX_LOG_NOTICE, cf, 0,
+                       "chat_db host \"%V\" resolved to %V: workers connect "
+                       "to %s without DNS (resolved again on reload)",
+                       host, &list,
+                       u.naddrs > 1 ? "these addresses" : "this address");
+
+    (*resolved)++;
+
+    return NGX_OK;
+}
+
+
+/* the field at offset of every entry, comma separated */
+
+static ngx_str_t *
+ngx_chat_db_join(ngx_conf_t *cf, ngx_array_t *hosts, size_t offset)
+{
+    u_char              *p;
+    size_t               len;
+    ngx_str_t           *s, *f;
+    ngx_uint_t           i;
+    ngx_chat_db_host_t  *h;
+
+    s = ngx_palloc(cf->pool, sizeof(ngx_str_t));
+    if (s == NULL) {
+        return NULL;
+    }
+
+    h = hosts->elts;
+    len = 0;
+
+    for (i = 0; i < hosts->nelts; i++) {
+        f = (ngx_str_t *) ((u_char *) &h[i] + offset);
+        len += f->len + 1;
+    }
+
+    p = ngx_pnalloc(cf->pool, len);
+    if (p == NULL) {
+        return NULL;
+    }
+
+    s->data = p;
+
+    for (i = 0; i < hosts->nelts; i++) {
+        f = (ngx_str_t *) ((u_char *) &h[i] + offset);
+
+        if (i) {
+            *p++ = ',';
+        }
+
+        p = ngx_cpymem(p, f->data, f->len);
+    }
+
+    s->len = p - s->data;
+
+    return s;
+}
+
+
+/*
+ * The conninfo the workers get: every option given, as keyword='value',
+ * with host, hostaddr and (when not NULL) port replaced.
+ */
+
+static u_char *
+ngx_chat_db_conninfo(ngx_conf_t *cf, PQconninfoOption *opts,
+    ngx_str_t *host, ngx_str_t *hostaddr, ngx_str_t *port)
+{
+    u_char            *conninfo, *p, *v, *last;
+    size_t             len;
+    ngx_str_t          val, *repl;
+    PQconninfoOption  *o;
+
+    if (host == NULL || hostaddr == NULL) {
+        return NULL;
+    }
+
+    len = 1;
+
+    for (o = opts; o->keyword; o++) {
+        len += ngx_strlen(o->keyword) + sizeof(" =''") - 1
+               + 2 * (o->val ? ngx_strlen(o->val) : 0);
+    }
+
+    len += 2 * (host->len + hostaddr->len + (port ? port->len : 0));
+
+    conninfo = ngx_pnalloc(cf->pool, len);
+    if (conninfo == NULL) {
+        return NULL;
+    }
+
+    p = conninfo;
+
+    for (o = opts; o->keyword; o++) {
+
+        if (ngx_strcmp(o->keyword, "host") == 0) {
+            repl = host;
+
+        } else if (ngx_strcmp(o->keyword, "hostaddr") == 0) {
+            repl = hostaddr;
+
+        } else if (port && ngx_strcmp(o->keyword, "port") == 0) {
+            repl = port;
+
+        } else if (o->val == NULL) {
+            continue;
+
+        } else {
+            val.data = (u_char *) o->val;
+            val.len = ngx_strlen(o->val);
+            repl = &val;
+        }
+
+        if (p != conninfo) {
+            *p++ = ' ';
+        }
+
+        p = ngx_sprintf(p, "%s='", o->keyword);
+
+        for (v = repl->data, last = v + repl->len; v < last; v++) {
+            if (*v == '\'' || *v == '\\') {
+                *p++ = '\\';
+            }
+
+            *p++ = *v;
+        }
+
+        *p++ = '\'';
+    }
+
+    *p = '\0';
+
+    return conninfo;
+}
+
+
+/* the value of an option, NULL when it is not given or empty */
+
+static const char *
+ngx_chat_db_opt(PQconninfoOption *opts, const char *keyword)
+{
+    PQconninfoOption  *o;
+
+    for (o = opts; o->keyword; o++) {
+        if (ngx_strcmp(o->keyword, keyword) == 0) {
+            return (o->val && o->val[0]) ? o->val : NULL;
+        }
+    }
+
+    return NULL;
+}
 
 
 ngx_int_t
@@ -195,10 +660,11 @@ ngx_chat_db_init_params(ngx_cycle_t *cycle)
     char                  *errmsg;
     u_char                *conninfo, *options, *p;
     size_t                 len;
+    ngx_int_t              rc;
     ngx_uint_t             n;
-    const char            *user_options, *host, *hostaddr;
+    const char            *user_options;
     ngx_chat_main_conf_t  *cmcf;
-    PQconninfoOption      *opts, *o;
+    PQconninfoOption      *opts;
 
     cmcf = ngx_chat_worker.cmcf;
 
@@ -226,29 +692,7 @@ ngx_chat_db_init_params(ngx_cycle_t *cycle)
         return NGX_DECLINED;
     }
 
-    user_options = NULL;
-    host = NULL;
-    hostaddr = NULL;
-
-    for (o = opts; o->keyword; o++) {
-        if (o->val == NULL || o->val[0] == '\0') {
-            continue;
-        }
-
-        if (ngx_strcmp(o->keyword, "options") == 0) {
-            user_options = o->val;
-
-        } else if (ngx_strcmp(o->keyword, "host") == 0) {
-            host = o->val;
-
-        } else if (ngx_strcmp(o->keyword, "hostaddr") == 0) {
-            hostaddr = o->val;
-        }
-    }
-
-    if (host && hostaddr == NULL && ngx_worker == 0) {
-        ngx_chat_db_check_host(host);
-    }
+    user_options = ngx_chat_db_opt(opts, "options");
 
     options = NULL;
 
@@ -277,8 +721,6 @@ ngx_chat_db_init_params(ngx_cycle_t *cycle)
         *p = '\0';
     }
 
-    PQconninfoFree(opts);
-
     /*
      * With expand_dbname the conninfo string is expanded in place of
      * "dbname": keywords before it are defaults the conninfo may override,
@@ -289,6 +731,16 @@ ngx_chat_db_init_params(ngx_cycle_t *cycle)
 
     ngx_chat_db.keywords[n] = "fallback_application_name";
     ngx_chat_db.values[n++] = "nginx chat";
+
+    rc = ngx_chat_db_pin_files(cycle, opts, n);
+
+    PQconninfoFree(opts);
+
+    if (rc == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    n = rc;
 
     ngx_chat_db.keywords[n] = "dbname";
     ngx_chat_db.values[n++] = (const char *) conninfo;
@@ -309,44 +761,68 @@ ngx_chat_db_init_params(ngx_cycle_t *cycle)
 }
 
 
-static void
-ngx_chat_db_check_host(const char *host)
+/*
+ * libpq looks up the home directory -- getpwuid(), through NSS, which may
+ * ask a directory server -- on every connect where it needs the password
+ * file or, with TLS, the client certificate, key, root certificate and
+ * CRL and none of them is named.  The worker looks it up once, here, and
+ * names libpq's own default paths, as defaults that the conninfo still
+ * overrides, for each file neither the conninfo nor the environment names.
+ * Returns the next keyword slot.
+ */
+
+static ngx_int_t
+ngx_chat_db_pin_files(ngx_cycle_t *cycle, PQconninfoOption *opts,
+    ngx_uint_t n)
 {
-    u_char      *p, *last, *end;
-#if (NGX_HAVE_INET6)
-    u_char       addr6[16];
-#endif
-    ngx_uint_t   numeric;
+    u_char              *p;
+    size_t               len;
+    ngx_str_t            home;
+    struct passwd       *pw;
+    ngx_chat_db_file_t  *f;
 
-    p = (u_char *) host;
-    last = p + ngx_strlen(host);
+    /* libpq 15 takes $HOME first, like pqGetHomeDirectory() */
 
-    while (p < last) {
-        end = ngx_strlchr(p, last, ',');
-        if (end == NULL) {
-            end = last;
+    home.data = (u_char *) getenv("HOME");
+
+    if (home.data == NULL || home.data[0] == '\0') {
+        pw = getpwuid(geteuid());
+
+        if (pw == NULL || pw->pw_dir == NULL || pw->pw_dir[0] == '\0') {
+            return n;
         }
 
-        numeric = (end == p || *p == '/' || *p == '@'
-                   || ngx_inet_addr(p, end - p) != INADDR_NONE);
-
-#if (NGX_HAVE_INET6)
-        if (!numeric) {
-            numeric = (ngx_inet6_addr(p, end - p, addr6) == NGX_OK);
-        }
-#endif
-
-        if (!numeric) {
-            ngx_log_error(NGX_LOG_WARN, ngx_chat_db.log, 0,
-                          "chat: database host \"%*s\" is resolved with a "
-                          "blocking DNS lookup on every connect; use "
-                          "\"hostaddr=\" or a socket directory",
-                          end - p, p);
-            return;
-        }
-
-        p = end + 1;
+        home.data = (u_char *) pw->pw_dir;
     }
+
+    home.len = ngx_strlen(home.data);
+
+    for (f = ngx_chat_db_files; f->keyword; f++) {
+
+        if (ngx_chat_db_opt(opts, f->keyword) || getenv(f->env)) {
+            continue;
+        }
+
+        if (f->unless
+            && (ngx_chat_db_opt(opts, f->unless) || getenv(f->unless_env)))
+        {
+            continue;
+        }
+
+        len = home.len + 1 + ngx_strlen(f->path) + 1;
+
+        p = ngx_pnalloc(cycle->pool, len);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        (void) ngx_sprintf(p, "%V/%s%Z", &home, f->path);
+
+        ngx_chat_db.keywords[n] = f->keyword;
+        ngx_chat_db.values[n++] = (const char *) p;
+    }
+
+    return n;
 }
 
 

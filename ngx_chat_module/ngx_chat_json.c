@@ -256,3 +256,32 @@ ngx_chat_valid_user_id(u_char *p, size_t n)
 
     return NGX_OK;
 }
+
+
+/*
+ * The error object of every reply and REST answer (PROTOCOL section 2):
+ * {"code":"...","message":"..."[,"retry_after_ms":N]}.
+ */
+ngx_int_t
+ngx_chat_buf_add_error(ngx_chat_buf_t *b, const char *code, const char *msg,
+    ngx_msec_t retry_after)
+{
+    if (ngx_chat_buf_add_lit(b, "{\"code\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(b, (u_char *) code, ngx_strlen(code))
+           != NGX_OK
+        || ngx_chat_buf_add_lit(b, ",\"message\":") != NGX_OK
+        || ngx_chat_buf_add_json_str(b, (u_char *) msg, ngx_strlen(msg))
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (retry_after
+        && (ngx_chat_buf_add_lit(b, ",\"retry_after_ms\":") != NGX_OK
+            || ngx_chat_buf_add_uint(b, retry_after) != NGX_OK))
+    {
+        return NGX_ERROR;
+    }
+
+    return ngx_chat_buf_add_lit(b, "}");
+}

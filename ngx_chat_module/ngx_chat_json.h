@@ -26,6 +26,8 @@ ngx_int_t ngx_chat_buf_add(ngx_chat_buf_t *b, const void *p, size_t n);
 ngx_int_t ngx_chat_buf_add_json_str(ngx_chat_buf_t *b, const u_char *p,
     size_t n);
 ngx_int_t ngx_chat_buf_add_uint(ngx_chat_buf_t *b, uint64_t v);
+ngx_int_t ngx_chat_buf_add_error(ngx_chat_buf_t *b, const char *code,
+    const char *msg, ngx_msec_t retry_after);
 void ngx_chat_buf_free(ngx_chat_buf_t *b);
 
 #define ngx_chat_buf_add_lit(b, s)  ngx_chat_buf_add(b, s, sizeof(s) - 1)

@@ -17,6 +17,8 @@ static char *ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent,
 static char *ngx_chat(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_chat_jwt_alg(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_chat_jwt_key(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_chat_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_chat_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_chat_init_process(ngx_cycle_t *cycle);
@@ -50,9 +52,9 @@ static ngx_command_t  ngx_chat_commands[] = {
 
     { ngx_string("chat_db"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_str_slot,
+      ngx_chat_db_conf,
       NGX_HTTP_MAIN_CONF_OFFSET,
-      offsetof(ngx_chat_main_conf_t, db_conninfo),
+      0,
       NULL },
 
     { ngx_string("chat_db_pool_size"),
@@ -105,10 +107,24 @@ static ngx_command_t  ngx_chat_commands[] = {
       NULL },
 
     { ngx_string("chat_jwt_key"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE12,
+      ngx_chat_jwt_key,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_jwt_issuer"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_str_slot,
       NGX_HTTP_MAIN_CONF_OFFSET,
-      offsetof(ngx_chat_main_conf_t, jwt_key_file),
+      offsetof(ngx_chat_main_conf_t, jwt_issuer),
+      NULL },
+
+    { ngx_string("chat_jwt_audience"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, jwt_audience),
       NULL },
 
     { ngx_string("chat_jwt_leeway"),
@@ -201,6 +217,27 @@ static ngx_command_t  ngx_chat_commands[] = {
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_chat_main_conf_t, catchup_page),
       &ngx_chat_batch_bounds },
+
+    { ngx_string("chat_max_rewind"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, max_rewind),
+      NULL },
+
+    { ngx_string("chat_max_connections_per_address"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, max_connections_per_address),
+      NULL },
+
+    { ngx_string("chat_max_unauthenticated"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, max_unauthenticated),
+      NULL },
 
     { ngx_string("chat_max_connections_per_user"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
@@ -300,9 +337,10 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     cmcf->db_conninfo = { 0, NULL };
-     *     cmcf->jwt_key_file = { 0, NULL };
-     *     cmcf->jwt_secret = { 0, NULL };
-     *     cmcf->jwt_pkey = NULL;
+     *     cmcf->jwt_keys = NULL;
+     *     cmcf->jwt_kids = 0;
+     *     cmcf->jwt_issuer = { 0, NULL };
+     *     cmcf->jwt_audience = { 0, NULL };
      *     cmcf->shm_zone = NULL;
      *     cmcf->enabled = 0;
      */
@@ -327,6 +365,9 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->auth_timeout = NGX_CONF_UNSET_MSEC;
     cmcf->send_timeout = NGX_CONF_UNSET_MSEC;
     cmcf->catchup_page = NGX_CONF_UNSET_UINT;
+    cmcf->max_rewind = NGX_CONF_UNSET_UINT;
+    cmcf->max_connections_per_address = NGX_CONF_UNSET_UINT;
+    cmcf->max_unauthenticated = NGX_CONF_UNSET_UINT;
     cmcf->max_connections = NGX_CONF_UNSET_UINT;
 
     return cmcf;
@@ -358,6 +399,9 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(cmcf->auth_timeout, 10000);
     ngx_conf_init_msec_value(cmcf->send_timeout, 30000);
     ngx_conf_init_uint_value(cmcf->catchup_page, 256);
+    ngx_conf_init_uint_value(cmcf->max_rewind, 100000000);
+    ngx_conf_init_uint_value(cmcf->max_connections_per_address, 1024);
+    ngx_conf_init_uint_value(cmcf->max_unauthenticated, 4096);
     ngx_conf_init_uint_value(cmcf->max_connections, 32);
 
     if (cmcf->max_message < 1024) {
@@ -380,6 +424,20 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "chat_shm_size is too small for %ui bus slots",
                            cmcf->bus_slots);
+        return NGX_CONF_ERROR;
+    }
+
+    /* an empty value would be a check that no token can pass */
+
+    if (cmcf->jwt_issuer.data != NULL && cmcf->jwt_issuer.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_jwt_issuer must not be empty");
+        return NGX_CONF_ERROR;
+    }
+
+    if (cmcf->jwt_audience.data != NULL && cmcf->jwt_audience.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_jwt_audience must not be empty");
         return NGX_CONF_ERROR;
     }
 
@@ -409,6 +467,7 @@ ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_chat_loc_conf_t *prev = parent;
     ngx_chat_loc_conf_t *conf = child;
 
+    size_t                     size;
     ngx_chat_main_conf_t      *cmcf;
     ngx_http_core_loc_conf_t  *clcf;
 
@@ -420,16 +479,22 @@ ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     /*
      * REST bodies are read into memory: nginx would write a body larger
-     * than its buffer to a temporary file, with blocking file I/O
+     * than its buffer to a temporary file, with blocking file I/O.  The
+     * buffer holds a body of chat_max_message_size with room for chunked
+     * framing; the api's body filter refuses anything larger.  nginx's own
+     * client_max_body_size is off here: the api enforces the limit and
+     * answers in JSON, nginx would answer with an HTML page.
      */
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_chat_module);
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
 
-    if (cmcf->max_message != NGX_CONF_UNSET_SIZE
-        && clcf->client_body_buffer_size < cmcf->max_message)
-    {
-        clcf->client_body_buffer_size = cmcf->max_message;
+    size = cmcf->max_message + cmcf->max_message / 8;
+
+    if (clcf->client_body_buffer_size < size) {
+        clcf->client_body_buffer_size = size;
     }
+
+    clcf->client_max_body_size = 0;
 
     return NGX_CONF_OK;
 }
@@ -493,6 +558,77 @@ ngx_chat_jwt_alg(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* chat_jwt_key file [kid=name]; the file is read by ngx_chat_auth.c */
+
+static char *
+ngx_chat_jwt_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_main_conf_t *cmcf = conf;
+
+    ngx_str_t           *value, kid;
+    ngx_uint_t           i;
+    ngx_chat_jwt_key_t  *key;
+
+    value = cf->args->elts;
+
+    ngx_str_null(&kid);
+
+    if (cf->args->nelts == 3) {
+
+        if (value[2].len <= sizeof("kid=") - 1
+            || ngx_strncmp(value[2].data, "kid=", sizeof("kid=") - 1) != 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\", "
+                               "it must be \"kid=<name>\"", &value[2]);
+            return NGX_CONF_ERROR;
+        }
+
+        kid.data = value[2].data + sizeof("kid=") - 1;
+        kid.len = value[2].len - (sizeof("kid=") - 1);
+    }
+
+    if (cmcf->jwt_keys == NULL) {
+        cmcf->jwt_keys = ngx_array_create(cf->pool, 2,
+                                          sizeof(ngx_chat_jwt_key_t));
+        if (cmcf->jwt_keys == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    /* a kid must name one key, or a token could pick between two */
+
+    key = cmcf->jwt_keys->elts;
+
+    for (i = 0; kid.len && i < cmcf->jwt_keys->nelts; i++) {
+
+        if (key[i].kid.len == kid.len
+            && ngx_strncmp(key[i].kid.data, kid.data, kid.len) == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "duplicate chat_jwt_key kid \"%V\"", &kid);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    key = ngx_array_push(cmcf->jwt_keys);
+    if (key == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(key, sizeof(ngx_chat_jwt_key_t));
+
+    key->file = value[1];
+    key->kid = kid;
+
+    if (kid.len) {
+        cmcf->jwt_kids++;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static ngx_int_t
 ngx_chat_postconfiguration(ngx_conf_t *cf)
 {
@@ -510,7 +646,7 @@ ngx_chat_postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    if (cmcf->jwt_key_file.len == 0) {
+    if (cmcf->jwt_keys == NULL || cmcf->jwt_keys->nelts == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"chat\" requires \"chat_jwt_key\" in the "
                            "http block");
@@ -518,6 +654,10 @@ ngx_chat_postconfiguration(ngx_conf_t *cf)
     }
 
     if (ngx_chat_auth_init_conf(cf, cmcf) != NGX_CONF_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_api_init(cf) != NGX_OK) {
         return NGX_ERROR;
     }
 

@@ -82,6 +82,15 @@ typedef struct ngx_chat_transport_s  ngx_chat_transport_t;
 typedef struct ngx_chat_query_s      ngx_chat_query_t;
 
 
+/* one "chat_jwt_key": the file is read at configuration time */
+typedef struct {
+    ngx_str_t                  file;
+    ngx_str_t                  kid;              /* empty: no kid */
+    ngx_str_t                  secret;           /* HS256 key bytes */
+    EVP_PKEY                  *pkey;             /* RS256 / ES256 */
+} ngx_chat_jwt_key_t;
+
+
 typedef struct {
     ngx_str_t                  db_conninfo;
     ngx_uint_t                 db_pool_size;
@@ -92,9 +101,10 @@ typedef struct {
     ngx_msec_t                 db_retry_max;
 
     ngx_uint_t                 jwt_alg;
-    ngx_str_t                  jwt_key_file;
-    ngx_str_t                  jwt_secret;       /* HS256 key bytes */
-    EVP_PKEY                  *jwt_pkey;         /* RS256 / ES256 */
+    ngx_array_t               *jwt_keys;         /* of ngx_chat_jwt_key_t */
+    ngx_uint_t                 jwt_kids;         /* keys with a kid */
+    ngx_str_t                  jwt_issuer;       /* iss required, if set */
+    ngx_str_t                  jwt_audience;     /* in aud required, if set */
     time_t                     jwt_leeway;
     time_t                     ticket_ttl;
     ngx_array_t               *origins;          /* of ngx_str_t */
@@ -111,7 +121,10 @@ typedef struct {
     ngx_msec_t                 auth_timeout;
     ngx_msec_t                 send_timeout;
     ngx_uint_t                 catchup_page;
+    ngx_uint_t                 max_rewind;       /* events; 0: any */
     ngx_uint_t                 max_connections;  /* per user per worker */
+    ngx_uint_t                 max_connections_per_address;
+    ngx_uint_t                 max_unauthenticated;
 
     ngx_flag_t                 enabled;          /* any "chat" location */
 } ngx_chat_main_conf_t;
@@ -143,6 +156,8 @@ typedef struct {
     ngx_rbtree_node_t          sentinel;
     ngx_queue_t                expire;           /* oldest first */
     ngx_uint_t                 count;
+    ngx_rbtree_t               users;            /* users with tickets */
+    ngx_rbtree_node_t          users_sentinel;
 } ngx_chat_tickets_sh_t;
 
 
@@ -155,25 +170,16 @@ typedef struct {
 } ngx_chat_slot_t;
 
 
-typedef struct {
-    ngx_atomic_t               connections;      /* sessions of the slot */
-    ngx_pid_t                  pid;
-} ngx_chat_worker_sh_t;
-
-
 #define NGX_CHAT_MAX_WORKERS  256
 
 typedef struct {
     uint64_t                   published;        /* highest gseq in ring */
-    uint64_t                   base;             /* gseq the ring began at */
     ngx_uint_t                 started;          /* published is known */
     u_char                     epoch[16];        /* chat_clock.epoch */
     size_t                     epoch_len;
     ngx_uint_t                 nslots;
     ngx_chat_slot_t           *slots;
-    ngx_uint_t                 generation;       /* zone (re)creations */
     ngx_chat_tickets_sh_t      tickets;
-    ngx_chat_worker_sh_t       workers[NGX_CHAT_MAX_WORKERS];
 } ngx_chat_shctx_t;
 
 
@@ -194,31 +200,56 @@ extern ngx_module_t            ngx_chat_module;
 
 
 /*
+ * One event on its way to sessions.  Durable events have a gseq; the
+ * encodings a transport needs are built on first use and shared by every
+ * session the event goes to.
+ */
+typedef struct {
+    uint64_t                   gseq;             /* 0: ephemeral */
+    int64_t                    conversation;
+    ngx_str_t                  kind;             /* in payload */
+    ngx_str_t                  payload;          /* event object JSON */
+    ngx_str_t                  envelope;         /* {"type":"event",...} */
+} ngx_chat_event_t;
+
+
+/*
  * Transport interface.  The core (session) never knows which transport
  * carries it.  A transport:
  *   - creates the session with ngx_chat_session_create() once the
  *     connection is established (identity may be NULL when the client
- *     will authenticate in-band with "hello");
+ *     will authenticate in-band with "hello"; cursor, when not empty, is
+ *     the cursor the client resumes from);
  *   - hands every complete, valid UTF-8 text message to
  *     ngx_chat_session_recv();
  *   - calls ngx_chat_session_drained() when its output queue becomes empty
- *     after having been non-empty;
+ *     after a send() or send_event() answered NGX_AGAIN;
  *   - calls ngx_chat_session_closed() exactly once when the connection is
  *     gone, only from its own event handlers, never from inside send() or
  *     close(); after that call the session never calls the transport.
+ *
+ * Flow control: send() and send_event() queue their data and answer
+ *   NGX_OK      queued, there is room for more;
+ *   NGX_AGAIN   queued, but the queue is now past its window: the session
+ *               delivers no more events until drained() (a reader that does
+ *               not drain within chat_send_timeout is cut by the transport);
+ *   NGX_ERROR   the connection is closing or had to be cut.
  */
 struct ngx_chat_transport_s {
     ngx_str_t                  name;
 
-    /*
-     * Queue one JSON text for the client.  NGX_OK, or NGX_ERROR when the
-     * connection is closing or had to be cut (the queue went over
-     * max_queue: the transport closes with 4008 by itself).
-     */
+    /* a reply or a control message: one JSON text */
     ngx_int_t                (*send)(ngx_chat_session_t *s, u_char *data,
                                      size_t len);
 
-    /* start an orderly close with a WebSocket-style code */
+    /* an event, in the transport's own encoding */
+    ngx_int_t                (*send_event)(ngx_chat_session_t *s,
+                                           ngx_chat_event_t *ev);
+
+    /*
+     * Start an orderly close.  code is a WebSocket close code (PROTOCOL
+     * section 4); other transports map it to their own form.
+     */
     void                     (*close)(ngx_chat_session_t *s, ngx_uint_t code,
                                       const char *reason);
 
@@ -246,15 +277,19 @@ struct ngx_chat_session_s {
     uint64_t                   id;
     uint64_t                   cursor;           /* last gseq delivered */
     uint64_t                   catchup_upto;     /* worker position */
+    uint64_t                   start;            /* cursor when it began */
 
     ngx_uint_t                 state;
     ngx_uint_t                 refs;             /* pending operations */
+    ngx_uint_t                 sends;            /* sends in the store */
+    size_t                     send_bytes;       /* their bodies */
 
     ngx_queue_t                queue;            /* all local sessions */
     ngx_queue_t                user_queue;       /* sessions of one user */
     void                      *user_node;
+    ngx_queue_t                catchup_queue;    /* waiting for the pool */
 
-    void                     **subs;             /* subscriptions */
+    void                     **subs;             /* by conversation id */
     ngx_uint_t                 nsubs;
     ngx_uint_t                 nalloc;
 
@@ -268,23 +303,27 @@ struct ngx_chat_session_s {
     unsigned                   authenticated:1;
     unsigned                   hello_done:1;
     unsigned                   catchup_busy:1;
+    unsigned                   catchup_waiting:1;
     unsigned                   wait_drain:1;
     unsigned                   transport_gone:1;
     unsigned                   pending_close:1;
     unsigned                   has_cursor:1;
     unsigned                   bad_cursor:1;
     unsigned                   catchup_stale:1;
+    unsigned                   delivered:1;      /* since start */
+    unsigned                   unauth:1;         /* counted as such */
 };
 
 
 /* ngx_chat_session.c */
 ngx_chat_session_t *ngx_chat_session_create(ngx_chat_transport_t *t,
-    void *tctx, ngx_log_t *log, ngx_chat_identity_t *id);
+    void *tctx, ngx_log_t *log, ngx_chat_identity_t *id, ngx_str_t *cursor);
 void ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len);
 void ngx_chat_session_drained(ngx_chat_session_t *s);
 void ngx_chat_session_closed(ngx_chat_session_t *s);
-void ngx_chat_session_deliver(ngx_chat_session_t *s, uint64_t gseq,
-    u_char *frame, size_t len);
+ngx_int_t ngx_chat_session_deliver(ngx_chat_session_t *s,
+    ngx_chat_event_t *ev);
+void ngx_chat_session_resync(ngx_chat_session_t *s, const char *reason);
 
 
 /* ngx_chat_auth.c */
@@ -302,8 +341,12 @@ ngx_int_t ngx_chat_auth_request(ngx_http_request_t *r,
     ngx_chat_identity_t *id, const char **code, const char **msg);
 ngx_int_t ngx_chat_origin_allowed(ngx_http_request_t *r);
 void ngx_chat_tickets_init_zone(ngx_chat_tickets_sh_t *t);
+/*
+ * NGX_OK, NGX_BUSY when the table is full of other users' live tickets
+ * (*retry_after: ms until the oldest one runs out), or NGX_ERROR.
+ */
 ngx_int_t ngx_chat_ticket_issue(ngx_chat_identity_t *id, ngx_pool_t *pool,
-    ngx_str_t *ticket);
+    ngx_str_t *ticket, ngx_msec_t *retry_after);
 ngx_int_t ngx_chat_ticket_redeem(ngx_str_t *ticket, ngx_pool_t *pool,
     ngx_chat_identity_t *id);
 
@@ -344,6 +387,7 @@ typedef struct {
 
 extern ngx_chat_stmt_t         ngx_chat_stmts[];  /* { NULL } terminated */
 
+char *ngx_chat_db_conf(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 ngx_int_t ngx_chat_db_init_process(ngx_cycle_t *cycle);
 void ngx_chat_db_exit_process(void);
 ngx_int_t ngx_chat_db_query(ngx_chat_query_t *q);
@@ -384,6 +428,8 @@ struct ngx_chat_send_s {
     ngx_str_t                  attachments;      /* JSON text or empty */
     ngx_msec_t                 deadline;         /* give up "busy" retries */
     ngx_msec_t                 busy_since;       /* first found busy */
+    unsigned                   alone:1;          /* in a batch of its own */
+    unsigned                   counted:1;        /* in its sender's share */
 
     /* result */
     ngx_int_t                  rc;               /* NGX_OK or error */
@@ -444,10 +490,13 @@ ngx_int_t ngx_chat_bus_register(ngx_chat_session_t *s);
 void ngx_chat_bus_unregister(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv);
 ngx_int_t ngx_chat_bus_subscribed(ngx_chat_session_t *s, int64_t conv);
+void ngx_chat_bus_unsubscribe(ngx_chat_session_t *s, int64_t conv);
 void ngx_chat_bus_unsubscribe_all(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_bus_replay(ngx_chat_session_t *s);
-u_char *ngx_chat_bus_frame(uint64_t gseq, u_char *data, size_t len,
-    size_t *out_len);
+uint64_t ngx_chat_bus_known(void);
+void ngx_chat_event_init(ngx_chat_event_t *ev, uint64_t gseq, int64_t conv,
+    u_char *data, size_t len);
+ngx_int_t ngx_chat_event_envelope(ngx_chat_event_t *ev);
 u_char *ngx_chat_cursor_print(u_char *p, uint64_t gseq);
 ngx_int_t ngx_chat_cursor_parse(u_char *p, size_t n, uint64_t *gseq);
 
@@ -460,6 +509,7 @@ ngx_int_t ngx_chat_ws_handler(ngx_http_request_t *r);
 
 
 /* ngx_chat_api.c */
+ngx_int_t ngx_chat_api_init(ngx_conf_t *cf);
 ngx_int_t ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path);
 ngx_int_t ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message, ngx_msec_t retry_after);

@@ -7,22 +7,36 @@
  *
  *   NEW      waiting for "hello" (unless the upgrade carried credentials)
  *   JOINING  memberships are loaded from the store and subscribed
- *   CATCHUP  events after the client's cursor are replayed: from the bus
- *            ring when it still holds them, else from the store in pages
+ *   CATCHUP  events after the cursor are replayed: from the bus ring when
+ *            it still holds them, else from the store in pages
  *   LIVE     the bus fans events out to it
  *
  * The session is subscribed before catch-up starts, and the bus skips
  * sessions that are not LIVE; catch-up ends by replaying the ring up to
  * the worker's position, so the hand-over to live delivery has neither a
  * gap nor a duplicate: every event is delivered iff gseq > s->cursor.
+ *
+ * Flow control: a transport whose queue passes its window answers
+ * NGX_AGAIN; a LIVE session then drops back to CATCHUP and waits for
+ * "drained", and catch-up continues from its cursor, out of the ring or
+ * the store, in pieces no larger than the window.  So a backlog of any
+ * size, or a burst, costs a session at most its queue, and a reader is
+ * only cut when it does not drain in time (the transport's business).
  */
 
 
 #include "ngx_chat_module.h"
 #include "ngx_chat_json.h"
+#include "ngx_chat_limit.h"
 
 
-#define NGX_CHAT_REQ_ID_MAX   64
+#define NGX_CHAT_REQ_ID_MAX        64
+
+/* sends of one session waiting for the store */
+#define NGX_CHAT_SESSION_SENDS     64
+
+/* a client that sends faster than the store answers is told to wait */
+#define NGX_CHAT_SESSION_SEND_WAIT 100
 
 
 typedef struct {
@@ -34,6 +48,11 @@ typedef struct {
 static ngx_int_t ngx_chat_session_req_id(json_t *root, ngx_chat_req_id_t *id);
 static void ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
+static ngx_int_t ngx_chat_session_verify(ngx_chat_session_t *s,
+    ngx_str_t *token, ngx_chat_req_id_t *rid, ngx_uint_t close);
+static void ngx_chat_session_want(ngx_chat_session_t *s, ngx_str_t *cursor);
+static ngx_int_t ngx_chat_session_check(ngx_chat_session_t *s,
+    uint64_t known);
 static void ngx_chat_session_auth(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
 static void ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
@@ -45,9 +64,12 @@ static void ngx_chat_session_join(ngx_chat_session_t *s);
 static void ngx_chat_session_join_done(ngx_chat_join_t *j);
 static void ngx_chat_session_welcome(ngx_chat_session_t *s);
 static void ngx_chat_session_join_failed(ngx_chat_session_t *s);
+static void ngx_chat_session_rewind(ngx_chat_session_t *s, uint64_t cursor);
 static void ngx_chat_session_catchup(ngx_chat_session_t *s);
+static ngx_int_t ngx_chat_session_catchup_query(ngx_chat_session_t *s);
 static void ngx_chat_session_catchup_done(ngx_chat_query_t *q,
     PGresult *res, ngx_int_t rc);
+static void ngx_chat_session_catchup_next(void);
 static ngx_int_t ngx_chat_session_set_identity(ngx_chat_session_t *s,
     ngx_chat_identity_t *id);
 static void ngx_chat_session_set_timer(ngx_chat_session_t *s);
@@ -60,16 +82,23 @@ static void ngx_chat_reply_ok(ngx_chat_session_t *s, u_char *id, size_t idlen,
     u_char *result, size_t len);
 static void ngx_chat_reply_error(ngx_chat_session_t *s, u_char *id,
     size_t idlen, const char *code, const char *msg, ngx_msec_t retry);
-static void ngx_chat_session_write(ngx_chat_session_t *s, ngx_chat_buf_t *b);
+static void ngx_chat_session_resync_required(ngx_chat_session_t *s,
+    const char *reason);
+static ngx_int_t ngx_chat_session_write(ngx_chat_session_t *s,
+    ngx_chat_buf_t *b);
 
 
 static uint64_t        ngx_chat_session_seq;
 static ngx_chat_buf_t  ngx_chat_reply_buf;
 
+/* store pages of catch-up: a share of the pool, the rest waits in turn */
+static ngx_uint_t      ngx_chat_catchup_inflight;
+static ngx_queue_t     ngx_chat_catchup_waiting;
+
 
 ngx_chat_session_t *
 ngx_chat_session_create(ngx_chat_transport_t *t, void *tctx, ngx_log_t *log,
-    ngx_chat_identity_t *id)
+    ngx_chat_identity_t *id, ngx_str_t *cursor)
 {
     ngx_chat_session_t  *s;
 
@@ -97,36 +126,63 @@ ngx_chat_session_create(ngx_chat_transport_t *t, void *tctx, ngx_log_t *log,
         return NULL;
     }
 
+    if (id == NULL) {
+        /* counted until it authenticates: see chat_max_unauthenticated */
+        s->unauth = 1;
+        ngx_chat_limit_unauth_add(1);
+    }
+
+    /* ?cursor= on the upgrade: a browser resumes without a race */
+    if (cursor) {
+        ngx_chat_session_want(s, cursor);
+    }
+
     ngx_chat_session_set_timer(s);
 
     return s;
 }
 
 
+/*
+ * The join keeps its own copy of the user, so the identity may change
+ * (a refreshed token) at any time; it is copied only when it changed.
+ */
 static ngx_int_t
 ngx_chat_session_set_identity(ngx_chat_session_t *s, ngx_chat_identity_t *id)
 {
     u_char  *p;
 
-    p = ngx_alloc(id->user.len + id->name.len + 1, s->log);
-    if (p == NULL) {
-        return NGX_ERROR;
+    if (s->idmem == NULL
+        || id->user.len != s->user.len
+        || id->name.len != s->name.len
+        || ngx_memcmp(id->user.data, s->user.data, s->user.len) != 0
+        || ngx_memcmp(id->name.data, s->name.data, s->name.len) != 0)
+    {
+        p = ngx_alloc(id->user.len + id->name.len + 1, s->log);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_free(s->idmem);
+        s->idmem = p;
+
+        s->user.data = p;
+        s->user.len = id->user.len;
+        p = ngx_cpymem(p, id->user.data, id->user.len);
+
+        s->name.data = p;
+        s->name.len = id->name.len;
+        ngx_memcpy(p, id->name.data, id->name.len);
     }
-
-    ngx_free(s->idmem);
-    s->idmem = p;
-
-    s->user.data = p;
-    s->user.len = id->user.len;
-    p = ngx_cpymem(p, id->user.data, id->user.len);
-
-    s->name.data = p;
-    s->name.len = id->name.len;
-    ngx_memcpy(p, id->name.data, id->name.len);
 
     s->role = id->role;
     s->exp = id->exp;
     s->authenticated = 1;
+
+    if (s->unauth) {
+        s->unauth = 0;
+        ngx_chat_limit_unauth_add(-1);
+    }
 
     return NGX_OK;
 }
@@ -254,7 +310,7 @@ ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len)
                == NGX_OK
             && ngx_chat_buf_add_lit(&ngx_chat_reply_buf, "}") == NGX_OK)
         {
-            ngx_chat_session_write(s, &ngx_chat_reply_buf);
+            (void) ngx_chat_session_write(s, &ngx_chat_reply_buf);
         }
 
         goto done;
@@ -351,11 +407,9 @@ static void
 ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid)
 {
-    const char           *code, *msg;
-    ngx_str_t             token, cursor, device;
-    ngx_int_t             rc;
-    ngx_pool_t           *pool;
-    ngx_chat_identity_t   id;
+    ngx_str_t   token, cursor, device;
+    ngx_int_t   rc;
+    uint64_t    start;
 
     if (s->hello_id) {
         ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
@@ -382,51 +436,10 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
         return;
     }
 
-    if (rc == NGX_OK) {
-        pool = ngx_create_pool(1024, s->log);
-        if (pool == NULL) {
-            return;
-        }
-
-        if (ngx_chat_auth_verify(&token, pool, &id, &code, &msg) != NGX_OK)
-        {
-            ngx_chat_reply_error(s, rid->data, rid->len, code, msg, 0);
-            ngx_destroy_pool(pool);
-            ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY, code);
-            return;
-        }
-
-        if (s->authenticated
-            && (id.user.len != s->user.len
-                || ngx_strncmp(id.user.data, s->user.data, s->user.len) != 0))
-        {
-            ngx_chat_reply_error(s, rid->data, rid->len, "forbidden",
-                                 "the token is for another user", 0);
-            ngx_destroy_pool(pool);
-            ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY, "forbidden");
-            return;
-        }
-
-        rc = ngx_chat_session_set_identity(s, &id);
-        ngx_destroy_pool(pool);
-
-        if (rc != NGX_OK) {
-            ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
-            return;
-        }
-    }
-
-    s->has_cursor = 0;
-    s->bad_cursor = 0;
-
-    if (cursor.len) {
-        s->has_cursor = 1;
-
-        if (ngx_chat_cursor_parse(cursor.data, cursor.len, &s->want)
-            != NGX_OK)
-        {
-            s->bad_cursor = 1;
-        }
+    if (rc == NGX_OK
+        && ngx_chat_session_verify(s, &token, rid, 1) != NGX_OK)
+    {
+        return;
     }
 
     s->hello_id = ngx_alloc(rid->len, s->log);
@@ -441,28 +454,165 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
     switch (s->state) {
 
     case NGX_CHAT_SESSION_NEW:
+        ngx_chat_session_want(s, &cursor);
         ngx_chat_session_join(s);
         return;
 
     case NGX_CHAT_SESSION_JOINING:
         /* the implicit join answers it when it completes */
+        ngx_chat_session_want(s, &cursor);
         return;
 
     default:
-        /* a hello after an implicit join: resume from its cursor */
-        if (s->has_cursor && !s->bad_cursor
-            && s->want > ngx_chat_bus_position())
-        {
+        break;
+    }
+
+    /*
+     * A hello after an implicit join (credentials on the upgrade, no
+     * ?cursor=): the stream began at s->start.  A client cursor at or past
+     * it needs nothing replayed; an older one is replayed only while
+     * nothing has been delivered yet, else the order could not be kept.
+     */
+
+    start = s->start;
+    ngx_chat_session_want(s, &cursor);
+
+    if (s->has_cursor && !s->bad_cursor
+        && ngx_chat_session_check(s, ngx_chat_bus_known()) == NGX_OK)
+    {
+        if (s->want >= start) {
+            if (s->want > s->cursor) {
+                s->cursor = s->want;
+            }
+
+        } else if (!s->delivered) {
+            ngx_chat_session_rewind(s, s->want);
+
+        } else {
             s->bad_cursor = 1;
         }
+    }
 
-        if (s->has_cursor && !s->bad_cursor) {
-            s->cursor = s->want;
-            s->state = NGX_CHAT_SESSION_CATCHUP;
+    ngx_chat_session_welcome(s);
+    ngx_chat_session_catchup(s);
+}
+
+
+/* hello{token} and auth: the same user, or a first identity */
+
+static ngx_int_t
+ngx_chat_session_verify(ngx_chat_session_t *s, ngx_str_t *token,
+    ngx_chat_req_id_t *rid, ngx_uint_t close)
+{
+    ngx_int_t             rc;
+    const char           *code, *msg;
+    ngx_pool_t           *pool;
+    ngx_chat_identity_t   id;
+
+    pool = ngx_create_pool(1024, s->log);
+    if (pool == NULL) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_auth_verify(token, pool, &id, &code, &msg) != NGX_OK) {
+        ngx_chat_reply_error(s, rid->data, rid->len, code, msg, 0);
+        ngx_destroy_pool(pool);
+
+        if (close) {
+            ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY, code);
         }
 
-        ngx_chat_session_welcome(s);
-        ngx_chat_session_catchup(s);
+        return NGX_DECLINED;
+    }
+
+    if (s->authenticated
+        && (id.user.len != s->user.len
+            || ngx_strncmp(id.user.data, s->user.data, s->user.len) != 0))
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "forbidden",
+                             "the token is for another user", 0);
+        ngx_destroy_pool(pool);
+
+        if (close) {
+            ngx_chat_session_close(s, NGX_CHAT_CLOSE_POLICY, "forbidden");
+        }
+
+        return NGX_DECLINED;
+    }
+
+    rc = ngx_chat_session_set_identity(s, &id);
+    ngx_destroy_pool(pool);
+
+    if (rc != NGX_OK) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* the cursor a client resumes from; empty: from where the session is */
+
+static void
+ngx_chat_session_want(ngx_chat_session_t *s, ngx_str_t *cursor)
+{
+    s->has_cursor = 0;
+    s->bad_cursor = 0;
+
+    if (cursor->len == 0) {
+        return;
+    }
+
+    s->has_cursor = 1;
+
+    if (ngx_chat_cursor_parse(cursor->data, cursor->len, &s->want) != NGX_OK)
+    {
+        s->bad_cursor = 1;
+    }
+}
+
+
+/*
+ * A cursor is known if it is not past the newest event anybody has seen
+ * committed: the store's clock at join, or what any worker has published
+ * (not only what this worker has dispatched: a client may come from a
+ * worker that is ahead).  One too far behind is too costly to replay.
+ */
+static ngx_int_t
+ngx_chat_session_check(ngx_chat_session_t *s, uint64_t known)
+{
+    uint64_t  max;
+
+    if (s->want > known) {
+        s->bad_cursor = 1;
+        return NGX_DECLINED;
+    }
+
+    max = ngx_chat_worker.cmcf->max_rewind;
+
+    if (max && known - s->want > max) {
+        s->bad_cursor = 1;
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The one resume routine: the stream continues after cursor.  A store
+ * page on its way for an earlier cursor is discarded when it arrives.
+ */
+static void
+ngx_chat_session_rewind(ngx_chat_session_t *s, uint64_t cursor)
+{
+    s->cursor = cursor;
+    s->state = NGX_CHAT_SESSION_CATCHUP;
+
+    if (s->catchup_busy) {
+        s->catchup_stale = 1;
     }
 }
 
@@ -502,14 +652,20 @@ ngx_chat_session_join(ngx_chat_session_t *s)
         return;
     }
 
-    j = ngx_calloc(sizeof(ngx_chat_join_t), ngx_chat_worker.log);
+    /* the join outlives any identity change: it has its own user */
+
+    j = ngx_calloc(sizeof(ngx_chat_join_t) + s->user.len,
+                   ngx_chat_worker.log);
     if (j == NULL) {
         ngx_chat_bus_unregister(s);
         ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
         return;
     }
 
-    j->user = s->user;
+    j->user.data = (u_char *) &j[1];
+    j->user.len = s->user.len;
+    ngx_memcpy(j->user.data, s->user.data, s->user.len);
+
     j->handler = ngx_chat_session_join_done;
     j->data = s;
 
@@ -569,14 +725,15 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
         p = last + 1;
     }
 
-    if (s->has_cursor && !s->bad_cursor && s->want > j->clock) {
-        s->bad_cursor = 1;
-    }
-
-    if (s->has_cursor && !s->bad_cursor) {
+    if (s->has_cursor && !s->bad_cursor
+        && ngx_chat_session_check(s, ngx_max(j->clock, ngx_chat_bus_known()))
+           == NGX_OK)
+    {
         s->cursor = s->want;
     }
 
+    s->start = s->cursor;
+    s->delivered = 0;
     s->hello_done = 1;
     s->state = NGX_CHAT_SESSION_CATCHUP;
 
@@ -658,23 +815,14 @@ ngx_chat_session_welcome(ngx_chat_session_t *s)
         goto failed;
     }
 
-    ngx_chat_session_write(s, b);
+    (void) ngx_chat_session_write(s, b);
 
     ngx_free(s->hello_id);
     s->hello_id = NULL;
 
     if (s->bad_cursor) {
         s->bad_cursor = 0;
-        b->len = 0;
-
-        if (ngx_chat_buf_add_lit(b, "{\"type\":\"resync_required\","
-                                    "\"cursor\":\"") == NGX_OK
-            && ngx_chat_buf_add(b, cbuf, last - cbuf) == NGX_OK
-            && ngx_chat_buf_add_lit(b, "\",\"reason\":\"unknown cursor\"}")
-               == NGX_OK)
-        {
-            ngx_chat_session_write(s, b);
-        }
+        ngx_chat_session_resync_required(s, "unknown cursor");
     }
 
     return;
@@ -688,14 +836,61 @@ failed:
 
 
 static void
+ngx_chat_session_resync_required(ngx_chat_session_t *s, const char *reason)
+{
+    u_char          *last;
+    ngx_chat_buf_t  *b;
+    u_char           cbuf[NGX_CHAT_CURSOR_LEN];
+
+    b = &ngx_chat_reply_buf;
+    b->len = 0;
+    last = ngx_chat_cursor_print(cbuf, s->cursor);
+
+    if (ngx_chat_buf_add_lit(b, "{\"type\":\"resync_required\",\"cursor\":\"")
+        == NGX_OK
+        && ngx_chat_buf_add(b, cbuf, last - cbuf) == NGX_OK
+        && ngx_chat_buf_add_lit(b, "\",\"reason\":") == NGX_OK
+        && ngx_chat_buf_add_json_str(b, (u_char *) reason, ngx_strlen(reason))
+           == NGX_OK
+        && ngx_chat_buf_add_lit(b, "}") == NGX_OK)
+    {
+        (void) ngx_chat_session_write(s, b);
+    }
+}
+
+
+/*
+ * The bus was reset (the database was replaced): the session continues
+ * live from the bus's new position and the client reloads over REST.
+ */
+void
+ngx_chat_session_resync(ngx_chat_session_t *s, const char *reason)
+{
+    if (s->state == NGX_CHAT_SESSION_CLOSED || !s->hello_done) {
+        return;
+    }
+
+    if (s->catchup_busy) {
+        s->catchup_stale = 1;
+    }
+
+    s->cursor = ngx_chat_bus_position();
+    s->start = s->cursor;
+    s->delivered = 0;
+    s->state = NGX_CHAT_SESSION_CATCHUP;
+
+    ngx_chat_session_resync_required(s, reason);
+    ngx_chat_session_catchup(s);
+}
+
+
+static void
 ngx_chat_session_catchup(ngx_chat_session_t *s)
 {
-    u_char            *p;
-    ngx_int_t          rc;
-    ngx_chat_query_t  *q;
+    ngx_int_t  rc;
 
     if (s->state != NGX_CHAT_SESSION_CATCHUP || s->catchup_busy
-        || s->wait_drain)
+        || s->catchup_waiting || s->wait_drain || s->pending_close)
     {
         return;
     }
@@ -707,18 +902,53 @@ ngx_chat_session_catchup(ngx_chat_session_t *s)
         return;
     }
 
-    if (rc == NGX_ERROR) {
+    if (rc != NGX_DECLINED) {
+        /* NGX_AGAIN: deliver() set wait_drain; NGX_ERROR: closing */
         return;
     }
 
     /* the ring no longer holds all of it: read the store */
 
-    q = ngx_chat_query_alloc(NGX_CHAT_STMT_CATCHUP,
-                             s->user.len + 1 + 2 * NGX_INT64_LEN + 2);
-    if (q == NULL) {
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+    if (ngx_chat_catchup_waiting.next == NULL) {
+        ngx_queue_init(&ngx_chat_catchup_waiting);
+    }
+
+    if (ngx_chat_catchup_inflight
+        >= ngx_max(ngx_chat_worker.cmcf->db_pool_size / 2, 1))
+    {
+        ngx_queue_insert_tail(&ngx_chat_catchup_waiting, &s->catchup_queue);
+        s->catchup_waiting = 1;
         return;
     }
+
+    if (ngx_chat_session_catchup_query(s) != NGX_OK) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
+                               "store unavailable");
+    }
+}
+
+
+/*
+ * A page of the user's events after the cursor: a merge over the user's
+ * memberships, no larger in bytes than the room left in the transport's
+ * window (and at least one event).
+ */
+static ngx_int_t
+ngx_chat_session_catchup_query(ngx_chat_session_t *s)
+{
+    u_char            *p;
+    size_t             room, pending, window;
+    ngx_chat_query_t  *q;
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_CATCHUP,
+                             s->user.len + 1 + 3 * NGX_INT64_LEN + 3);
+    if (q == NULL) {
+        return NGX_ERROR;
+    }
+
+    window = ngx_chat_worker.cmcf->max_queue / 2;
+    pending = s->transport->pending(s);
+    room = (pending < window) ? window - pending : 1;
 
     p = (u_char *) &q[1];
 
@@ -734,6 +964,10 @@ ngx_chat_session_catchup(ngx_chat_session_t *s)
     p = ngx_sprintf(p, "%ui", ngx_chat_worker.cmcf->catchup_page);
     *p++ = '\0';
 
+    q->params[3] = (char *) p;
+    p = ngx_sprintf(p, "%uz", room);
+    *p++ = '\0';
+
     q->handler = ngx_chat_session_catchup_done;
     q->data = s;
 
@@ -741,13 +975,14 @@ ngx_chat_session_catchup(ngx_chat_session_t *s)
 
     if (ngx_chat_db_query(q) != NGX_OK) {
         ngx_chat_query_free(q);
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_GOING_AWAY,
-                               "store unavailable");
-        return;
+        return NGX_ERROR;
     }
 
+    ngx_chat_catchup_inflight++;
     s->refs++;
     s->catchup_busy = 1;
+
+    return NGX_OK;
 }
 
 
@@ -755,14 +990,18 @@ static void
 ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc)
 {
-    int                  i, n;
-    u_char              *frame;
-    size_t               flen;
+    int                  i, n, page;
+    int64_t              conv;
     uint64_t             gseq;
+    ngx_int_t            drc;
+    ngx_chat_event_t     ev;
     ngx_chat_session_t  *s;
 
     s = q->data;
     ngx_chat_query_free(q);
+
+    ngx_chat_catchup_inflight--;
+    ngx_chat_session_catchup_next();
 
     if (ngx_chat_session_unref(s) != NGX_OK) {
         return;
@@ -771,7 +1010,7 @@ ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
     s->catchup_busy = 0;
 
     if (s->catchup_stale) {
-        /* a sync rewound the cursor while this page was on its way */
+        /* the cursor was rewound while this page was on its way */
         s->catchup_stale = 0;
         ngx_chat_session_catchup(s);
         return;
@@ -784,6 +1023,9 @@ ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
     }
 
     n = PQntuples(res);
+    page = n ? (int) ngx_atoi((u_char *) PQgetvalue(res, 0, 3),
+                              PQgetlength(res, 0, 3))
+             : 0;
 
     for (i = 0; i < n; i++) {
         gseq = ngx_atoof((u_char *) PQgetvalue(res, i, 0),
@@ -793,21 +1035,25 @@ ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
             continue;
         }
 
-        frame = ngx_chat_bus_frame(gseq, (u_char *) PQgetvalue(res, i, 2),
-                                   PQgetlength(res, i, 2), &flen);
-        if (frame == NULL) {
-            ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        conv = ngx_atoof((u_char *) PQgetvalue(res, i, 1),
+                         PQgetlength(res, i, 1));
+
+        ngx_chat_event_init(&ev, gseq, conv, (u_char *) PQgetvalue(res, i, 2),
+                            PQgetlength(res, i, 2));
+
+        drc = ngx_chat_session_deliver(s, &ev);
+
+        if (drc == NGX_ERROR) {
             return;
         }
 
-        ngx_chat_session_deliver(s, gseq, frame, flen);
-
-        if (s->state == NGX_CHAT_SESSION_CLOSED || s->pending_close) {
+        if (drc == NGX_AGAIN && i + 1 < n) {
+            /* the rest of the page comes again once the client drained */
             return;
         }
     }
 
-    if ((ngx_uint_t) n < ngx_chat_worker.cmcf->catchup_page) {
+    if (page == n && (ngx_uint_t) n < ngx_chat_worker.cmcf->catchup_page) {
         /*
          * A short page saw every event committed before it was asked
          * for, and everything up to catchup_upto was committed by then.
@@ -817,12 +1063,31 @@ ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
         }
     }
 
-    if (s->transport->pending(s) > ngx_chat_worker.cmcf->max_queue / 2) {
-        s->wait_drain = 1;
-        return;
-    }
-
     ngx_chat_session_catchup(s);
+}
+
+
+/* a store page of catch-up came back: the next waiting session's turn */
+
+static void
+ngx_chat_session_catchup_next(void)
+{
+    ngx_queue_t         *q;
+    ngx_chat_session_t  *s;
+
+    while (ngx_chat_catchup_waiting.next
+           && !ngx_queue_empty(&ngx_chat_catchup_waiting)
+           && ngx_chat_catchup_inflight
+              < ngx_max(ngx_chat_worker.cmcf->db_pool_size / 2, 1))
+    {
+        q = ngx_queue_head(&ngx_chat_catchup_waiting);
+        ngx_queue_remove(q);
+
+        s = ngx_queue_data(q, ngx_chat_session_t, catchup_queue);
+        s->catchup_waiting = 0;
+
+        ngx_chat_session_catchup(s);
+    }
 }
 
 
@@ -836,19 +1101,41 @@ ngx_chat_session_drained(ngx_chat_session_t *s)
 }
 
 
-void
-ngx_chat_session_deliver(ngx_chat_session_t *s, uint64_t gseq, u_char *frame,
-    size_t len)
+/*
+ * NGX_OK, NGX_AGAIN (delivered; the window is full: the session waits for
+ * "drained" and catches up from its cursor then) or NGX_ERROR.
+ */
+ngx_int_t
+ngx_chat_session_deliver(ngx_chat_session_t *s, ngx_chat_event_t *ev)
 {
+    ngx_int_t  rc;
+
     if (s->pending_close) {
-        return;
+        return NGX_ERROR;
     }
 
-    s->cursor = gseq;
+    if (ev->gseq) {
+        s->cursor = ev->gseq;
+    }
 
-    if (s->transport->send(s, frame, len) != NGX_OK) {
+    s->delivered = 1;
+
+    rc = s->transport->send_event(s, ev);
+
+    if (rc == NGX_ERROR) {
         s->pending_close = 1;
+        return NGX_ERROR;
     }
+
+    if (rc == NGX_AGAIN) {
+        s->wait_drain = 1;
+
+        if (s->state == NGX_CHAT_SESSION_LIVE) {
+            s->state = NGX_CHAT_SESSION_CATCHUP;
+        }
+    }
+
+    return rc;
 }
 
 
@@ -856,6 +1143,7 @@ static void
 ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid)
 {
+    ngx_int_t         rc;
     const char       *code, *msg;
     ngx_chat_send_t  *snd;
 
@@ -866,14 +1154,41 @@ ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
         return;
     }
 
+    /*
+     * One connection cannot fill the worker's store queue, and the replies
+     * it is owed (each carries its message) fit half the output queue.
+     */
+
+    if (s->sends
+        && (s->sends >= NGX_CHAT_SESSION_SENDS
+            || s->send_bytes + snd->body.len
+               > ngx_chat_worker.cmcf->max_queue / 2))
+    {
+        ngx_free(snd);
+        ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
+                             "too many sends waiting for the store",
+                             NGX_CHAT_SESSION_SEND_WAIT);
+        return;
+    }
+
     snd->req_id_len = rid->len;
     ngx_memcpy(snd->req_id, rid->data, rid->len);
 
     snd->handler = ngx_chat_session_send_done;
     snd->data = s;
 
-    if (ngx_chat_store_send(snd) != NGX_OK) {
+    rc = ngx_chat_store_send(snd);
+
+    if (rc != NGX_OK) {
         ngx_free(snd);
+
+        if (rc == NGX_BUSY) {
+            ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
+                                 "too many sends of this user waiting for "
+                                 "the store", NGX_CHAT_SESSION_SEND_WAIT);
+            return;
+        }
+
         ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
                              "the store is unavailable",
                              ngx_chat_db_retry_after());
@@ -881,6 +1196,8 @@ ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
     }
 
     s->refs++;
+    s->sends++;
+    s->send_bytes += snd->body.len;
 }
 
 
@@ -891,6 +1208,8 @@ ngx_chat_session_send_done(ngx_chat_send_t *snd)
     ngx_chat_session_t  *s;
 
     s = snd->data;
+    s->sends--;
+    s->send_bytes -= snd->body.len;
 
     if (ngx_chat_session_unref(s) != NGX_OK) {
         return;
@@ -915,7 +1234,7 @@ ngx_chat_session_send_done(ngx_chat_send_t *snd)
         return;
     }
 
-    ngx_chat_session_write(s, b);
+    (void) ngx_chat_session_write(s, b);
 }
 
 
@@ -923,12 +1242,9 @@ static void
 ngx_chat_session_auth(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid)
 {
-    u_char               *p;
-    const char           *code, *msg;
-    ngx_str_t             token;
-    ngx_pool_t           *pool;
-    ngx_chat_identity_t   id;
-    u_char                result[64];
+    u_char     *p;
+    ngx_str_t   token;
+    u_char      result[64];
 
     if (ngx_chat_json_str(root, "token", &token, 8192, 1) != NGX_OK) {
         ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
@@ -936,33 +1252,9 @@ ngx_chat_session_auth(ngx_chat_session_t *s, json_t *root,
         return;
     }
 
-    pool = ngx_create_pool(1024, s->log);
-    if (pool == NULL) {
+    if (ngx_chat_session_verify(s, &token, rid, 0) != NGX_OK) {
         return;
     }
-
-    if (ngx_chat_auth_verify(&token, pool, &id, &code, &msg) != NGX_OK) {
-        ngx_chat_reply_error(s, rid->data, rid->len, code, msg, 0);
-        ngx_destroy_pool(pool);
-        return;
-    }
-
-    if (id.user.len != s->user.len
-        || ngx_strncmp(id.user.data, s->user.data, s->user.len) != 0)
-    {
-        ngx_chat_reply_error(s, rid->data, rid->len, "forbidden",
-                             "the token is for another user", 0);
-        ngx_destroy_pool(pool);
-        return;
-    }
-
-    if (ngx_chat_session_set_identity(s, &id) != NGX_OK) {
-        ngx_destroy_pool(pool);
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
-        return;
-    }
-
-    ngx_destroy_pool(pool);
 
     if (s->timer.timer_set) {
         ngx_del_timer(&s->timer);
@@ -980,7 +1272,6 @@ ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid)
 {
     u_char     *p;
-    uint64_t    want;
     ngx_str_t   cursor;
     u_char      result[NGX_CHAT_CURSOR_LEN + 16];
 
@@ -990,50 +1281,31 @@ ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
         return;
     }
 
-    if (ngx_chat_cursor_parse(cursor.data, cursor.len, &want) != NGX_OK
-        || want > ngx_chat_bus_position())
+    ngx_chat_session_want(s, &cursor);
+
+    if (s->bad_cursor
+        || ngx_chat_session_check(s, ngx_chat_bus_known()) != NGX_OK)
     {
-        p = ngx_cpymem(result, "{\"cursor\":\"", sizeof("{\"cursor\":\"") - 1);
-        p = ngx_chat_cursor_print(p, s->cursor);
-        *p++ = '"';
-        *p++ = '}';
+        s->bad_cursor = 0;
         ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
                              "unknown cursor: reload over REST", 0);
-
-        ngx_chat_reply_buf.len = 0;
-
-        if (ngx_chat_buf_add_lit(&ngx_chat_reply_buf,
-                                 "{\"type\":\"resync_required\",")
-            == NGX_OK
-            && ngx_chat_buf_add(&ngx_chat_reply_buf, result + 1,
-                                p - result - 2) == NGX_OK
-            && ngx_chat_buf_add_lit(&ngx_chat_reply_buf,
-                                    ",\"reason\":\"unknown cursor\"}")
-               == NGX_OK)
-        {
-            ngx_chat_session_write(s, &ngx_chat_reply_buf);
-        }
-
+        ngx_chat_session_resync_required(s, "unknown cursor");
         return;
     }
 
     p = ngx_cpymem(result, "{\"cursor\":\"", sizeof("{\"cursor\":\"") - 1);
-    p = ngx_chat_cursor_print(p, want);
+    p = ngx_chat_cursor_print(p, s->want);
     *p++ = '"';
     *p++ = '}';
     ngx_chat_reply_ok(s, rid->data, rid->len, result, p - result);
 
-    if (want < s->cursor) {
-        s->cursor = want;
-        s->state = NGX_CHAT_SESSION_CATCHUP;
-        s->wait_drain = 0;
-
-        if (s->catchup_busy) {
-            s->catchup_stale = 1;
-            return;
-        }
-
+    if (s->want < s->cursor) {
+        ngx_chat_session_rewind(s, s->want);
         ngx_chat_session_catchup(s);
+
+    } else {
+        /* the client has these already (from another connection) */
+        s->cursor = s->want;
     }
 }
 
@@ -1048,6 +1320,11 @@ ngx_chat_session_closed(ngx_chat_session_t *s)
 
     if (s->timer.timer_set) {
         ngx_del_timer(&s->timer);
+    }
+
+    if (s->catchup_waiting) {
+        ngx_queue_remove(&s->catchup_queue);
+        s->catchup_waiting = 0;
     }
 
     ngx_chat_bus_unregister(s);
@@ -1078,6 +1355,10 @@ ngx_chat_session_unref(ngx_chat_session_t *s)
 static void
 ngx_chat_session_free(ngx_chat_session_t *s)
 {
+    if (s->unauth) {
+        ngx_chat_limit_unauth_add(-1);
+    }
+
     ngx_free(s->hello_id);
     ngx_free(s->idmem);
     ngx_free(s);
@@ -1097,16 +1378,36 @@ ngx_chat_session_close(ngx_chat_session_t *s, ngx_uint_t code,
 }
 
 
-static void
+/*
+ * Replies and control messages are always queued: what a client is owed
+ * for its own requests is bounded by what it sends.
+ */
+static ngx_int_t
 ngx_chat_session_write(ngx_chat_session_t *s, ngx_chat_buf_t *b)
 {
+    ngx_int_t  rc;
+
     if (s->pending_close || s->state == NGX_CHAT_SESSION_CLOSED) {
-        return;
+        return NGX_ERROR;
     }
 
-    if (s->transport->send(s, b->data, b->len) != NGX_OK) {
+    rc = s->transport->send(s, b->data, b->len);
+
+    if (rc == NGX_ERROR) {
         s->pending_close = 1;
+        return NGX_ERROR;
     }
+
+    if (rc == NGX_AGAIN) {
+        /* the window is full: events wait for "drained" */
+        s->wait_drain = 1;
+
+        if (s->state == NGX_CHAT_SESSION_LIVE) {
+            s->state = NGX_CHAT_SESSION_CATCHUP;
+        }
+    }
+
+    return rc;
 }
 
 
@@ -1128,7 +1429,7 @@ ngx_chat_reply_ok(ngx_chat_session_t *s, u_char *id, size_t idlen,
         return;
     }
 
-    ngx_chat_session_write(s, b);
+    (void) ngx_chat_session_write(s, b);
 }
 
 
@@ -1143,27 +1444,12 @@ ngx_chat_reply_error(ngx_chat_session_t *s, u_char *id, size_t idlen,
 
     if (ngx_chat_buf_add_lit(b, "{\"type\":\"reply\",\"id\":") != NGX_OK
         || ngx_chat_buf_add(b, id, idlen) != NGX_OK
-        || ngx_chat_buf_add_lit(b, ",\"ok\":false,\"error\":{\"code\":")
-           != NGX_OK
-        || ngx_chat_buf_add_json_str(b, (u_char *) code, ngx_strlen(code))
-           != NGX_OK
-        || ngx_chat_buf_add_lit(b, ",\"message\":") != NGX_OK
-        || ngx_chat_buf_add_json_str(b, (u_char *) msg, ngx_strlen(msg))
-           != NGX_OK)
+        || ngx_chat_buf_add_lit(b, ",\"ok\":false,\"error\":") != NGX_OK
+        || ngx_chat_buf_add_error(b, code, msg, retry) != NGX_OK
+        || ngx_chat_buf_add_lit(b, "}") != NGX_OK)
     {
         return;
     }
 
-    if (retry
-        && (ngx_chat_buf_add_lit(b, ",\"retry_after_ms\":") != NGX_OK
-            || ngx_chat_buf_add_uint(b, retry) != NGX_OK))
-    {
-        return;
-    }
-
-    if (ngx_chat_buf_add_lit(b, "}}") != NGX_OK) {
-        return;
-    }
-
-    ngx_chat_session_write(s, b);
+    (void) ngx_chat_session_write(s, b);
 }

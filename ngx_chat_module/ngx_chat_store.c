@@ -46,12 +46,19 @@ typedef struct {
 } ngx_chat_join_batch_t;
 
 
-/* a conversation carried by a batch in flight */
+/* a conversation carried by a batch in flight, or with deferred sends */
 typedef struct {
     ngx_rbtree_node_t          node;             /* key: conversation id */
     ngx_chat_batch_t          *owner;
     ngx_uint_t                 count;
 } ngx_chat_carried_t;
+
+
+/* a sender's sends waiting in this worker's store queue */
+typedef struct {
+    ngx_str_node_t             sn;
+    ngx_uint_t                 count;
+} ngx_chat_sender_t;
 
 
 typedef struct {
@@ -63,6 +70,10 @@ typedef struct {
     ngx_uint_t                 queued;           /* submitted, not built */
     ngx_rbtree_t               carried;
     ngx_rbtree_node_t          carried_sentinel;
+    ngx_rbtree_t               held;             /* deferred convs */
+    ngx_rbtree_node_t          held_sentinel;
+    ngx_rbtree_t               senders;
+    ngx_rbtree_node_t          senders_sentinel;
     ngx_msec_t                 retry_delay;
     ngx_msec_t                 sent_at;          /* the batch in flight */
     ngx_event_t                flush;
@@ -85,6 +96,8 @@ static void ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_store_defer(ngx_chat_send_t *snd);
 static ngx_uint_t ngx_chat_store_deferred(int64_t conv);
+static void ngx_chat_store_hold(ngx_chat_send_t *snd);
+static ngx_int_t ngx_chat_store_sender(ngx_chat_send_t *snd, ngx_int_t inc);
 static void ngx_chat_store_hold_pending(void);
 static ngx_uint_t ngx_chat_store_in_batch(ngx_chat_batch_t *b,
     ngx_chat_send_t *snd);
@@ -124,17 +137,33 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
 
     /* one row per user, in order; one snapshot for all of them */
     { "chat_memberships",
-      "SELECT coalesce((SELECT string_agg(m.conversation_id::text, ',') "
+      "SELECT coalesce((SELECT string_agg(m.conversation_id::text, ',' "
+      "ORDER BY m.conversation_id) "
       "FROM chat_members m WHERE m.user_id = u.u), ''), "
       "(SELECT v FROM chat_clock) "
       "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
       "AS u (u, ord) ORDER BY u.ord", 1 },
 
+    /*
+     * A merge over the user's memberships: per conversation the first
+     * events after the cursor by the (conversation_id, gseq) index, the
+     * first $3 of them all, cut where they pass $4 bytes (at least one).
+     * n is the page before the cut: a page with n < $3 and all n rows
+     * saw everything.
+     */
     { "chat_catchup",
-      "SELECT e.gseq, e.conversation_id, e.payload FROM chat_events e "
-      "WHERE e.conversation_id IN "
-      "(SELECT m.conversation_id FROM chat_members m WHERE m.user_id = $1) "
-      "AND e.gseq > $2::bigint ORDER BY e.gseq LIMIT $3::int", 3 },
+      "SELECT t.gseq, t.conversation_id, t.payload, t.n FROM ("
+      "SELECT e.gseq, e.conversation_id, e.payload, p.n, "
+      "sum(octet_length(e.payload)) OVER (ORDER BY e.gseq ROWS "
+      "UNBOUNDED PRECEDING) - octet_length(e.payload) AS before "
+      "FROM (SELECT x.gseq, count(*) OVER () AS n FROM ("
+      "SELECT y.gseq FROM chat_members m CROSS JOIN LATERAL ("
+      "SELECT e.gseq FROM chat_events e "
+      "WHERE e.conversation_id = m.conversation_id "
+      "AND e.gseq > $2::bigint ORDER BY e.gseq LIMIT $3::int) y "
+      "WHERE m.user_id = $1 ORDER BY y.gseq LIMIT $3::int) x) p "
+      "JOIN chat_events e ON e.gseq = p.gseq) t "
+      "WHERE t.before < $4::bigint ORDER BY t.gseq", 4 },
 
     { "chat_create_conversation",
       "SELECT o_created, o_conv, o_json, o_gseq, o_event "
@@ -227,8 +256,6 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
     size_t extra, const char **code, const char **msg)
 {
     u_char           *p;
-    char             *att;
-    size_t            attlen;
     json_t           *a;
     int64_t           reply_to;
     ngx_str_t         cmid, body, format;
@@ -274,37 +301,22 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
         return NULL;
     }
 
-    att = NULL;
-    attlen = 0;
+    /*
+     * Attachments are ids of uploads, which do not exist yet: arbitrary
+     * client JSON must not be stored and fanned out to other members.
+     */
     a = json_object_get(root, "attachments");
 
-    if (a && !json_is_null(a)) {
-        if (!json_is_array(a) || json_array_size(a) > 16) {
-            *msg = "\"attachments\" must be an array of at most 16 items";
-            return NULL;
-        }
-
-        att = json_dumps(a, JSON_COMPACT);
-        if (att == NULL) {
-            *code = "internal";
-            *msg = "out of memory";
-            return NULL;
-        }
-
-        attlen = ngx_strlen(att);
-
-        if (attlen > 4096) {
-            free(att);
-            *code = "too_large";
-            *msg = "\"attachments\" is too large";
-            return NULL;
-        }
+    if (a && !json_is_null(a)
+        && !(json_is_array(a) && json_array_size(a) == 0))
+    {
+        *msg = "\"attachments\" are not supported yet";
+        return NULL;
     }
 
     snd = ngx_chat_store_send_alloc(sender->len + cmid.len + body.len
-                                    + format.len + attlen + extra);
+                                    + format.len + extra);
     if (snd == NULL) {
-        free(att);
         *code = "internal";
         *msg = "out of memory";
         return NULL;
@@ -328,12 +340,6 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
     snd->format.len = format.len;
     p = ngx_cpymem(p, format.data, format.len);
 
-    snd->attachments.data = p;
-    snd->attachments.len = attlen;
-    p = ngx_cpymem(p, att, attlen);
-
-    free(att);
-
     snd->req_id = p;
     snd->conversation = conv;
     snd->reply_to = reply_to;
@@ -344,8 +350,9 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
 
 /*
  * NGX_OK: the handler will be called.  NGX_DECLINED: the store cannot take
- * it now (unavailable, or the queue is full); the caller answers at once
- * and still owns snd.
+ * it now (unavailable, or the queue is full); NGX_BUSY: the sender has
+ * its share of the queue waiting already.  Either way the caller answers
+ * at once and still owns snd.
  */
 ngx_int_t
 ngx_chat_store_send(ngx_chat_send_t *snd)
@@ -373,6 +380,10 @@ ngx_chat_store_send(ngx_chat_send_t *snd)
 
         ngx_rbtree_init(&st->carried, &st->carried_sentinel,
                         ngx_rbtree_insert_value);
+        ngx_rbtree_init(&st->held, &st->held_sentinel,
+                        ngx_rbtree_insert_value);
+        ngx_rbtree_init(&st->senders, &st->senders_sentinel,
+                        ngx_str_rbtree_insert_value);
     }
 
     if (!ngx_chat_db_ready()
@@ -381,13 +392,26 @@ ngx_chat_store_send(ngx_chat_send_t *snd)
         return NGX_DECLINED;
     }
 
+    /* no sender takes more than its share of the queue */
+
+    switch (ngx_chat_store_sender(snd, 1)) {
+
+    case NGX_OK:
+        break;
+
+    case NGX_BUSY:
+        return NGX_BUSY;
+
+    default:
+        return NGX_DECLINED;
+    }
+
     snd->deadline = ngx_current_msec
                     + ngx_chat_worker.cmcf->db_statement_timeout;
 
     if (st->ndeferred && ngx_chat_store_deferred(snd->conversation)) {
         /* keep the order of sends to a conversation that is held */
-        ngx_queue_insert_tail(&st->deferred, &snd->queue);
-        st->ndeferred++;
+        ngx_chat_store_hold(snd);
         return NGX_OK;
     }
 
@@ -519,6 +543,11 @@ ngx_chat_store_build(ngx_chat_query_t *q)
             continue;
         }
 
+        /* a send of a batch that failed goes on its own */
+        if (snd->alone && b->n) {
+            continue;
+        }
+
         if (b->n && ngx_chat_buf_add_lit(&b->json, ",") != NGX_OK) {
             return NGX_ERROR;
         }
@@ -534,6 +563,10 @@ ngx_chat_store_build(ngx_chat_query_t *q)
 
         if (ngx_chat_store_carry(b, snd->conversation) != NGX_OK) {
             return NGX_ERROR;
+        }
+
+        if (snd->alone) {
+            break;
         }
     }
 
@@ -638,6 +671,30 @@ ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             /* a duplicate raced us from another worker: run it again */
             ngx_chat_store_requeue(b);
             goto done;
+        }
+
+        if (rc == NGX_ERROR && b->n > 1 && !ngx_chat_store_transient(state)) {
+            /*
+             * One bad item must not fail everybody's send: each goes
+             * again in a batch of its own, and only the bad one fails.
+             */
+            ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
+                          "chat: a batch of %ui sends failed (%s), "
+                          "storing them one by one", b->n,
+                          state ? state : "-");
+
+            for (idx = 0; idx < b->n; idx++) {
+                b->items[idx]->alone = 1;
+            }
+
+            ngx_chat_store_requeue(b);
+            goto done;
+        }
+
+        if (rc == NGX_ERROR && res) {
+            ngx_log_error(NGX_LOG_ERR, ngx_chat_worker.log, 0,
+                          "chat: a send could not be stored: %s",
+                          PQresultErrorMessage(res));
         }
 
         for (idx = 0; idx < b->n; idx++) {
@@ -755,8 +812,7 @@ ngx_chat_store_defer(ngx_chat_send_t *snd)
 
     st = &ngx_chat_store;
 
-    ngx_queue_insert_tail(&st->deferred, &snd->queue);
-    st->ndeferred++;
+    ngx_chat_store_hold(snd);
 
     if (snd->busy_since == 0) {
         snd->busy_since = ngx_current_msec;
@@ -777,24 +833,104 @@ ngx_chat_store_defer(ngx_chat_send_t *snd)
 }
 
 
+/* the deferred queue, and a tree of the conversations it holds */
+
+static void
+ngx_chat_store_hold(ngx_chat_send_t *snd)
+{
+    ngx_chat_store_t    *st;
+    ngx_chat_carried_t  *h;
+
+    st = &ngx_chat_store;
+
+    ngx_queue_insert_tail(&st->deferred, &snd->queue);
+    st->ndeferred++;
+
+    h = (ngx_chat_carried_t *) ngx_chat_rbtree_lookup(&st->held,
+                                   (ngx_rbtree_key_t) snd->conversation);
+    if (h) {
+        h->count++;
+        return;
+    }
+
+    h = ngx_calloc(sizeof(ngx_chat_carried_t), ngx_chat_worker.log);
+
+    if (h == NULL) {
+        /* the retry takes it all the same; only the lookup misses it */
+        return;
+    }
+
+    h->node.key = (ngx_rbtree_key_t) snd->conversation;
+    h->count = 1;
+    ngx_rbtree_insert(&st->held, &h->node);
+}
+
+
 static ngx_uint_t
 ngx_chat_store_deferred(int64_t conv)
 {
-    ngx_queue_t      *q;
-    ngx_chat_send_t  *snd;
+    return ngx_chat_rbtree_lookup(&ngx_chat_store.held,
+                                  (ngx_rbtree_key_t) conv)
+           != NULL;
+}
 
-    for (q = ngx_queue_head(&ngx_chat_store.deferred);
-         q != ngx_queue_sentinel(&ngx_chat_store.deferred);
-         q = ngx_queue_next(q))
-    {
-        snd = ngx_queue_data(q, ngx_chat_send_t, queue);
 
-        if (snd->conversation == conv) {
-            return 1;
+/*
+ * Counts a sender's sends in the queue (inc 1 on entry, -1 on the way
+ * out).  NGX_BUSY: the sender already has its share.
+ */
+static ngx_int_t
+ngx_chat_store_sender(ngx_chat_send_t *snd, ngx_int_t inc)
+{
+    uint32_t            hash;
+    ngx_uint_t          share;
+    ngx_chat_store_t   *st;
+    ngx_chat_sender_t  *sd;
+
+    st = &ngx_chat_store;
+    hash = ngx_crc32_short(snd->sender.data, snd->sender.len);
+
+    sd = (ngx_chat_sender_t *) ngx_str_rbtree_lookup(&st->senders,
+                                                     &snd->sender, hash);
+
+    if (inc < 0) {
+        if (sd && snd->counted) {
+            snd->counted = 0;
+
+            if (--sd->count == 0) {
+                ngx_rbtree_delete(&st->senders, &sd->sn.node);
+                ngx_free(sd);
+            }
         }
+
+        return NGX_OK;
     }
 
-    return 0;
+    share = ngx_max(ngx_chat_worker.cmcf->db_queue_size / 8, 64);
+
+    if (sd == NULL) {
+        sd = ngx_alloc(sizeof(ngx_chat_sender_t) + snd->sender.len,
+                       ngx_chat_worker.log);
+        if (sd == NULL) {
+            return NGX_ERROR;
+        }
+
+        sd->sn.str.data = (u_char *) &sd[1];
+        sd->sn.str.len = snd->sender.len;
+        ngx_memcpy(sd->sn.str.data, snd->sender.data, snd->sender.len);
+        sd->sn.node.key = hash;
+        sd->count = 0;
+
+        ngx_rbtree_insert(&st->senders, &sd->sn.node);
+
+    } else if (sd->count >= share) {
+        return NGX_BUSY;
+    }
+
+    sd->count++;
+    snd->counted = 1;
+
+    return NGX_OK;
 }
 
 
@@ -1018,8 +1154,7 @@ ngx_chat_store_hold_pending(void)
         ngx_queue_remove(q);
         st->npending--;
 
-        ngx_queue_insert_tail(&st->deferred, q);
-        st->ndeferred++;
+        ngx_chat_store_hold(snd);
     }
 }
 
@@ -1029,8 +1164,9 @@ ngx_chat_store_hold_pending(void)
 static void
 ngx_chat_store_retry(ngx_event_t *ev)
 {
-    ngx_queue_t       *q;
-    ngx_chat_store_t  *st;
+    ngx_queue_t        *q;
+    ngx_rbtree_node_t  *node;
+    ngx_chat_store_t   *st;
 
     st = &ngx_chat_store;
 
@@ -1047,6 +1183,12 @@ ngx_chat_store_retry(ngx_event_t *ev)
 
     st->npending += st->ndeferred;
     st->ndeferred = 0;
+
+    while (st->held.root != st->held.sentinel) {
+        node = ngx_rbtree_min(st->held.root, st->held.sentinel);
+        ngx_rbtree_delete(&st->held, node);
+        ngx_free(node);
+    }
 
     if (!st->flush.posted) {
         ngx_post_event(&st->flush, &ngx_posted_events);
@@ -1081,6 +1223,8 @@ ngx_chat_store_fail(ngx_chat_send_t *snd, const char *code, const char *msg,
 static void
 ngx_chat_store_finish(ngx_chat_send_t *snd)
 {
+    (void) ngx_chat_store_sender(snd, -1);
+
     snd->handler(snd);
     ngx_free(snd);
 }

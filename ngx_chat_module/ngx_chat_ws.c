@@ -28,6 +28,7 @@
 #include <ngx_sha1.h>
 
 #include "ngx_chat_module.h"
+#include "ngx_chat_limit.h"
 
 
 #define NGX_CHAT_WS_OP_CONT          0x0
@@ -102,9 +103,11 @@ struct ngx_chat_ws_ctx_s {
     size_t                     out_frame;       /* rest of a partly sent one */
 
     ngx_msec_t                 last_recv;
+    ngx_msec_t                 paused_at;
     time_t                     lingering_time;
 
     u_char                    *addr;            /* no pool: peer address */
+    ngx_chat_limit_addr_t     *limit;           /* counts the address */
     ngx_log_t                  log;
 
     ngx_chat_ws_utf8_t         utf8;
@@ -124,6 +127,7 @@ struct ngx_chat_ws_ctx_s {
     unsigned                   close_received:1;
     unsigned                   fail:1;          /* do not wait for the peer */
     unsigned                   drop:1;
+    unsigned                   paused:1;        /* past the window */
 };
 
 
@@ -199,6 +203,11 @@ static void ngx_chat_ws_cleanup(void *data);
 
 static ngx_int_t ngx_chat_ws_send(ngx_chat_session_t *s, u_char *data,
     size_t len);
+static ngx_int_t ngx_chat_ws_send_event(ngx_chat_session_t *s,
+    ngx_chat_event_t *ev);
+static ngx_int_t ngx_chat_ws_queue_text(ngx_chat_ws_ctx_t *ctx, u_char *data,
+    size_t len);
+static void ngx_chat_ws_too_slow(ngx_chat_ws_ctx_t *ctx);
 static void ngx_chat_ws_close(ngx_chat_session_t *s, ngx_uint_t code,
     const char *reason);
 static size_t ngx_chat_ws_pending(ngx_chat_session_t *s);
@@ -207,6 +216,7 @@ static size_t ngx_chat_ws_pending(ngx_chat_session_t *s);
 ngx_chat_transport_t  ngx_chat_ws_transport = {
     ngx_string("websocket"),
     ngx_chat_ws_send,
+    ngx_chat_ws_send_event,
     ngx_chat_ws_close,
     ngx_chat_ws_pending
 };
@@ -279,6 +289,12 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
                                    "internal", "authentication failed", 0);
     }
 
+    if (id == NULL && ngx_chat_limit_unauth_full()) {
+        return ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                   "rate_limited", "too many connections "
+                                   "waiting to authenticate", 1000);
+    }
+
     cln = ngx_http_cleanup_add(r, 0);
     if (cln == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -293,6 +309,18 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
 
     cln->handler = ngx_chat_ws_cleanup;
     cln->data = ctx;
+
+    rc = ngx_chat_limit_addr_acquire(r->connection, &ctx->limit);
+
+    if (rc == NGX_BUSY) {
+        return ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                   "rate_limited", "too many connections "
+                                   "from this address", 5000);
+    }
+
+    if (rc != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     ctx->connection = r->connection;
     ctx->request = r;
@@ -705,6 +733,7 @@ static void
 ngx_chat_ws_detach(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx)
 {
     ngx_buf_t                 *b;
+    ngx_str_t                  cursor;
     ngx_connection_t          *c;
     ngx_http_cleanup_t        *cln;
     ngx_http_connection_t     *hc;
@@ -745,11 +774,16 @@ ngx_chat_ws_detach(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx)
     ctx->log.data = ctx;
     ctx->log.action = "serving websocket";
 
-    /* the identity lives in r->pool: the session copies it */
+    /* the identity and the arguments live in r->pool: the session copies */
+
+    if (ngx_http_arg(r, (u_char *) "cursor", 6, &cursor) != NGX_OK) {
+        ngx_str_null(&cursor);
+    }
 
     if (!ngx_exiting && !ctx->drop) {
         ctx->session = ngx_chat_session_create(&ngx_chat_ws_transport, ctx,
-                                               &ctx->log, ctx->identity);
+                                               &ctx->log, ctx->identity,
+                                               &cursor);
         if (ctx->session == NULL) {
             ctx->fail = 1;
         }
@@ -975,7 +1009,12 @@ ngx_chat_ws_read_handler(ngx_event_t *rev)
 
     budget = NGX_CHAT_WS_READ_BUDGET;
 
-    while (!ctx->drop) {
+    /*
+     * A client whose queue is past the window is not read: its requests
+     * wait in the socket until it has read what it is owed.
+     */
+
+    while (!ctx->drop && !ctx->paused) {
 
         p = ngx_chat_ws_buffer;
         ngx_memcpy(p, ctx->buffer, ctx->buffer_used);
@@ -1070,6 +1109,24 @@ ngx_chat_ws_write_handler(ngx_event_t *wev)
     ctx = c->data;
 
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0, "chat ws write handler");
+
+    if (wev->timedout && ctx->paused && !ctx->closing) {
+        /* it did not drain its queue within chat_send_timeout */
+        wev->timedout = 0;
+        ngx_chat_ws_too_slow(ctx);
+
+        if (!ctx->drop && ngx_chat_ws_flush(ctx) == NGX_ERROR) {
+            ctx->drop = 1;
+        }
+
+        rc = ngx_chat_ws_done(ctx);
+
+        if (rc != NGX_OK) {
+            ngx_chat_ws_finalize(ctx, rc);
+        }
+
+        return;
+    }
 
     if (wev->timedout) {
         ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT,
@@ -1723,21 +1780,18 @@ ngx_chat_ws_queue(ngx_chat_ws_ctx_t *ctx, ngx_uint_t opcode, u_char *data,
 
     pending = ctx->out ? (size_t) (ctx->out_last - ctx->out_pos) : 0;
 
+    /*
+     * Events stop at the window (half the queue), and a client past it is
+     * not read any more; past it still come the replies to the sends it
+     * had made, which the session bounds to another half.  A frame always
+     * fits an empty queue, so a large event cannot wedge a session.
+     */
+
     if (opcode != NGX_CHAT_WS_OP_CLOSE
-        && pending + size > ngx_chat_worker.cmcf->max_queue)
+        && pending
+        && pending + size > 2 * ngx_chat_worker.cmcf->max_queue)
     {
-        ngx_log_error(NGX_LOG_INFO, c->log, 0,
-                      "client websocket too slow: %uz bytes queued, "
-                      "closing with %d", pending, NGX_CHAT_CLOSE_SLOW);
-
-        if (ctx->out) {
-            /* keep the rest of a frame already partly sent */
-            ctx->out_last = ctx->out_pos + ctx->out_frame;
-        }
-
-        ctx->fail = 1;
-        ngx_chat_ws_start_close(ctx, NGX_CHAT_CLOSE_SLOW, "too slow");
-
+        ngx_chat_ws_too_slow(ctx);
         return NGX_ERROR;
     }
 
@@ -1776,6 +1830,30 @@ ngx_chat_ws_queue(ngx_chat_ws_ctx_t *ctx, ngx_uint_t opcode, u_char *data,
     ngx_post_event(c->write, &ngx_posted_events);
 
     return NGX_OK;
+}
+
+
+/* the client is cut: what is queued beyond the frame on the wire goes */
+
+static void
+ngx_chat_ws_too_slow(ngx_chat_ws_ctx_t *ctx)
+{
+    size_t  pending;
+
+    pending = ctx->out ? (size_t) (ctx->out_last - ctx->out_pos) : 0;
+
+    ngx_log_error(NGX_LOG_INFO, ctx->connection->log, 0,
+                  "client websocket too slow: %uz bytes queued, "
+                  "closing with %d", pending, NGX_CHAT_CLOSE_SLOW);
+
+    if (ctx->out) {
+        /* keep the rest of a frame already partly sent */
+        ctx->out_last = ctx->out_pos + ctx->out_frame;
+    }
+
+    ctx->paused = 0;
+    ctx->fail = 1;
+    ngx_chat_ws_start_close(ctx, NGX_CHAT_CLOSE_SLOW, "too slow");
 }
 
 
@@ -1899,6 +1977,7 @@ ngx_chat_ws_flush(ngx_chat_ws_ctx_t *ctx)
     ssize_t                n;
     ngx_uint_t             sent;
     ngx_event_t           *wev;
+    ngx_msec_int_t         t;
     ngx_connection_t      *c;
     ngx_chat_main_conf_t  *cmcf;
 
@@ -1968,8 +2047,15 @@ ngx_chat_ws_flush(ngx_chat_ws_ctx_t *ctx)
         return NGX_OK;
     }
 
-    if (ctx->session) {
-        ngx_chat_session_drained(ctx->session);
+    if (ctx->paused) {
+        ctx->paused = 0;
+
+        /* the requests that waited in the socket */
+        ngx_post_event(c->read, &ngx_posted_events);
+
+        if (ctx->session) {
+            ngx_chat_session_drained(ctx->session);
+        }
     }
 
     return NGX_OK;
@@ -1982,9 +2068,24 @@ blocked:
 
     cmcf = ngx_chat_worker.cmcf;
 
+    if (cmcf->send_timeout == 0) {
+        return NGX_AGAIN;
+    }
+
+    if (ctx->paused) {
+        /* a paused reader must drain within the timeout, however slowly */
+        if (!wev->timer_set) {
+            t = (ngx_msec_int_t) (ctx->paused_at + cmcf->send_timeout
+                                  - ngx_current_msec);
+            ngx_add_timer(wev, (ngx_msec_t) ngx_max(t, 1));
+        }
+
+        return NGX_AGAIN;
+    }
+
     /* the timeout runs from the last progress, not from the last send() */
 
-    if (cmcf->send_timeout && (sent || !wev->timer_set)) {
+    if (sent || !wev->timer_set) {
         ngx_add_timer(wev, cmcf->send_timeout);
     }
 
@@ -2272,6 +2373,9 @@ ngx_chat_ws_free(ngx_chat_ws_ctx_t *ctx)
 {
     ngx_chat_ws_msg_free(ctx);
 
+    ngx_chat_limit_addr_release(ctx->limit);
+    ctx->limit = NULL;
+
     if (ctx->in) {
         ngx_free(ctx->in);
         ctx->in = NULL;
@@ -2305,15 +2409,50 @@ ngx_chat_ws_cleanup(void *data)
 static ngx_int_t
 ngx_chat_ws_send(ngx_chat_session_t *s, u_char *data, size_t len)
 {
-    ngx_chat_ws_ctx_t  *ctx;
+    return ngx_chat_ws_queue_text(s->tctx, data, len);
+}
 
-    ctx = s->tctx;
 
+static ngx_int_t
+ngx_chat_ws_send_event(ngx_chat_session_t *s, ngx_chat_event_t *ev)
+{
+    if (ngx_chat_event_envelope(ev) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_chat_ws_queue_text(s->tctx, ev->envelope.data,
+                                  ev->envelope.len);
+}
+
+
+static ngx_int_t
+ngx_chat_ws_queue_text(ngx_chat_ws_ctx_t *ctx, u_char *data, size_t len)
+{
     if (ctx->closing || ctx->drop) {
         return NGX_ERROR;
     }
 
-    return ngx_chat_ws_queue(ctx, NGX_CHAT_WS_OP_TEXT, data, len);
+    if (ngx_chat_ws_queue(ctx, NGX_CHAT_WS_OP_TEXT, data, len) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if ((size_t) (ctx->out_last - ctx->out_pos)
+        <= ngx_chat_worker.cmcf->max_queue / 2)
+    {
+        return NGX_OK;
+    }
+
+    if (!ctx->paused) {
+        ctx->paused = 1;
+        ctx->paused_at = ngx_current_msec;
+
+        /* the deadline runs from now, not from the last progress */
+        if (ctx->connection->write->timer_set) {
+            ngx_del_timer(ctx->connection->write);
+        }
+    }
+
+    return NGX_AGAIN;
 }
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/python3
 # A WebSocket client that stops reading while its conversation is flooded
-# is cut (close 4008, or its TCP connection dropped) once chat_max_queue
-# bytes wait for it -- the worker's memory does not grow with the flood --
-# and the conversation's other members keep receiving every message.
+# stops being sent events once half of chat_max_queue waits for it, and is
+# cut (close 4008, or its TCP connection dropped) when it has not drained
+# that within chat_send_timeout -- the worker's memory does not grow with
+# the flood -- and the conversation's other members keep receiving every
+# message.
 import asyncio
 import http.client
 import json
@@ -30,7 +32,7 @@ os.environ.setdefault("ASAN_OPTIONS",
 
 pg = PgCluster()
 # (REST bodies of up to chat_max_message_size, 64k, are accepted)
-ng = Nginx(pg, workers=2, http="chat_max_queue 128k;")
+ng = Nginx(pg, workers=2, http="chat_max_queue 128k;\nchat_send_timeout 3s;")
 
 loop = asyncio.new_event_loop()
 asyncio.set_event_loop(loop)
@@ -250,7 +252,7 @@ is_(sorted(set(sts)), [201], "flood: %d messages posted, each 201" % FLOOD)
 # the slow reader was cut by the queue limit, not by anything else
 m = ng.wait_log(r"client websocket too slow: (\d+) bytes queued, closing with 4008", timeout=10,
                 start=log_mark)
-ok(m is not None, "error.log: slow reader closed with 4008 (queue limit)")
+ok(m is not None, "error.log: slow reader closed with 4008 (did not drain in chat_send_timeout)")
 if m:
     queued = int(m.group(1))
     ok(queued <= MAX_QUEUE, "bytes queued when cut (%d) <= chat_max_queue (%d)" % (queued, MAX_QUEUE))

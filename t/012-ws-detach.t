@@ -239,7 +239,9 @@ def rss_kib(pid):
 if sanitized:
     skip("memory per connection: not measured under a sanitizer", 2)
 else:
-    ng_mem = Nginx(pg, workers=1, worker_connections=4096)
+    # every client is 127.0.0.1: no per-address cap for this one
+    ng_mem = Nginx(pg, workers=1, worker_connections=4096,
+                   http="chat_max_connections_per_address 0;")
     wpid = ng_mem.worker_pids()[0]
     tok = token("memuser")
     warm = [RawWS(ng_mem, headers=dict(PROTO), token=tok) for _ in range(20)]

@@ -16,8 +16,11 @@
 # 2,000 in flight) runs through the same random drops.
 # Then: hello without a cursor starts live, a garbage / foreign-epoch /
 # future cursor gets resync_required, a cursor from before the storm
-# replays everything, and `sync` rewinds a live connection (also while it
-# is still being caught up from the store).
+# replays everything, and `sync` rewinds a live connection -- also while it
+# is still being caught up from the store: on a dedicated nginx (catch-up
+# pages of 16, a ring that holds none of the backlog) the next store page is
+# held in PostgreSQL while the sync goes out, and after the sync reply the
+# stream must be exactly the DB's events after the sync cursor, once each.
 import asyncio
 import os
 import random
@@ -559,57 +562,241 @@ async def after(initial_cursor, per):
     await s.close()
 
 
-def sync_during_catchup(initial_cursor, trials=3):
-    """`sync` that rewinds while the session is still being caught up from
-    the store (a page query in flight): after the sync reply the client
-    must get every event after the sync cursor, once, in order."""
-    convs = [int(x) for x in user_convs("u1")]
-    for t in range(trials):
-        ws = RawWS(NG["cur"], timeout=10)
-        ws.send_json({"type": "hello", "id": 1, "token": TOK["u1"], "cursor": initial_cursor})
-        while True:
-            m = ws.recv_json()
-            if m is None or (m.get("type") == "reply" and m.get("id") == 1):
-                break
-        first = []
-        while len(first) < 300:
-            m = ws.recv_json()
-            if m is None:
-                break
-            first.append(m)
-        if len(first) < 300 or not ok(m and m.get("type") == "event",
-                                       "sync trial %d: catch-up from the store runs" % t):
-            ws.close()
-            continue
-        back = first[9]["cursor"]
-        ws.send_json({"type": "sync", "id": 2, "cursor": back})
-        want = [g for g, in pg.query("SELECT gseq FROM chat_events WHERE conversation_id = "
-                                     "ANY(%s::bigint[]) AND gseq > %s ORDER BY gseq",
-                                     convs, gseq(back))]
-        reply, post = None, []
-        while len(post) < len(want) + 1:
-            try:
-                m = ws.recv_json(timeout=3)
-            except socket.timeout:
-                break
-            if m is None:
-                break
-            if m.get("type") == "reply" and m.get("id") == 2:
-                reply = m
-            elif reply is not None:
-                post.append(m)
-        ws.close()
-        ok(reply and reply.get("ok"), "sync trial %d: sync during catch-up answered ok" % t)
-        got = [gseq(m.get("cursor")) for m in post]
-        if not is_(got == want, True, "sync trial %d: after the reply every event after the "
-                   "sync cursor arrives once, in order (%d events)" % (t, len(want))):
-            diag("  sync cursor gseq %s; got %d events starting %s; want %d starting %s"
-                 % (gseq(back), len(got), got[:3], len(want), want[:3]))
+# ---- sync while the catch-up still reads the store ----------------------
+# A dedicated nginx reads catch-up in pages of 16 events, its ring (1024
+# slots) starts after the whole backlog (so all of it comes from the
+# store), and a session can run at most ~200 KB ahead of what the client
+# has read (chat_max_queue 256k: a 128 KB window; a listen socket with
+# sndbuf=32k; the client's SO_RCVBUF 32k).  Each trial resumes u1 from the
+# pre-storm cursor, reads SYNC_READ events, then holds the store's next page
+# in PostgreSQL (LOCK TABLE chat_events, seen waiting in pg_stat_activity):
+# the `sync` is sent while that page is in flight, the page comes back after
+# the reply and is stale.  Nothing is left to timing.
+
+SYNC_MIN_BACKLOG = 4000     # u1's events after the pre-storm cursor, at least
+SYNC_READ = 300
+
+
+def u1_backlog(after_gseq):
+    """[(gseq, conversation_id, kind, message id or None)] of u1's
+    conversations after `after_gseq`, in gseq order (what a catch-up from
+    there must deliver)."""
+    return [tuple(r) for r in pg.query(
+        "SELECT e.gseq, e.conversation_id::text, e.kind, "
+        "e.payload::jsonb -> 'message' ->> 'id' FROM chat_events e "
+        "WHERE e.conversation_id IN (SELECT conversation_id FROM chat_members "
+        "WHERE user_id = 'u1') AND e.gseq > %s ORDER BY e.gseq", after_gseq)]
+
+
+async def sync_backlog(initial_cursor):
+    """Tops u1's backlog after the pre-storm cursor up to SYNC_MIN_BACKLOG
+    events (only needed with a small STORM_MESSAGES); sent through the
+    storm's nginx, before the dedicated one starts."""
+    need = SYNC_MIN_BACKLOG - len(u1_backlog(gseq(initial_cursor)))
+    if need <= 0:
+        return
+    stats = {"acks": {}, "retries": 0, "errors": [], "pids": set(), "reconnects": 0}
+    items = [(G, "backlog%05d" % i, "backlog %d" % i) for i in range(need)]
+    conn = await sender("u1", items, stats, None, 50)
+    if conn["c"] is not None:
+        await conn["c"].close()
+    is_((len(stats["acks"]), stats["errors"][:3]), (need, []),
+        "sync during catch-up: %d more messages stored for u1's backlog" % need)
+
+
+def catchup_ws(port):
+    """A RawWS to `port` whose socket has a 32 KB receive buffer (set before
+    connect, so the TCP window stays small)."""
+    ws = RawWS(port=port, handshake=False, timeout=10)
+    ws.sock.close()
+    sk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    sk.settimeout(10)
+    sk.connect(("127.0.0.1", port))
+    ws.sock, ws.buf = sk, b""
+    ws.handshake("/chat/ws", {"Sec-WebSocket-Protocol": "chat.v1"})
+    return ws
+
+
+def recv_or_none(ws, timeout):
+    """The next JSON message; "timeout" after `timeout` s of silence; None
+    at EOF or a close."""
+    try:
+        return ws.recv_json(timeout=timeout)
+    except socket.timeout:
+        return "timeout"
+
+
+def n_durable(msgs):
+    return sum(1 for m in msgs if m.get("type") == "event" and "cursor" in m)
+
+
+def read_until(ws, into, pred, timeout, quiet=None):
+    """Appends messages to `into` until pred() holds (then, with `quiet`,
+    until `quiet` s pass without one), `timeout` s pass, or the connection
+    ends.  pred is a callable, or a number: that many durable events in
+    `into`.  Returns "ok", "timeout" or "eof"."""
+    if not callable(pred):
+        want, seen = pred, [n_durable(into)]
+
+        def count(m):
+            seen[0] += m.get("type") == "event" and "cursor" in m
+    else:
+        want, seen, count = None, None, lambda m: None
+    deadline = time.monotonic() + timeout
+    while not (pred() if want is None else seen[0] >= want):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout"
+        m = recv_or_none(ws, min(left, 1.0))
+        if m is None:
+            return "eof"
+        if m != "timeout":
+            into.append(m)
+            count(m)
+    while quiet:
+        m = recv_or_none(ws, quiet)
+        if m == "timeout":
+            break
+        if m is None:
+            return "eof"
+        into.append(m)
+    return "ok"
+
+
+def as_rows(msgs):
+    """(gseq, conversation_id, kind, message id) of the durable events among
+    msgs; anything that is not an event is kept as ("not an event", type)."""
+    out = []
+    for m in msgs:
+        if m.get("type") == "event" and "cursor" in m:
+            e = m.get("event") or {}
+            out.append((gseq(m["cursor"]), e.get("conversation_id"), e.get("kind"),
+                        (e.get("message") or {}).get("id")))
+        elif m.get("type") != "event":           # ephemeral events are fine
+            out.append(("not an event", m.get("type")))
+    return out
+
+
+def pages_held_waiting():
+    """Catch-up page queries (the chat_catchup statement) waiting on a lock."""
+    return pg.query("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND wait_event_type = 'Lock' "
+                    "AND position('CROSS JOIN LATERAL' in query) > 0")[0][0]
+
+
+def sync_trial(port, label, initial_cursor, backlog, pick):
+    """One trial; `pick(durable events received so far)` names the sync
+    cursor.  Every path ends in assertions (failures, not skips)."""
+    ws = catchup_ws(port)
+    is_(ws.status, 101, "%s: WebSocket to the dedicated nginx" % label)
+    ws.send_json({"type": "hello", "id": 1, "token": TOK["u1"], "cursor": initial_cursor})
+    got, hello = [], {}
+    read_until(ws, got, lambda: any(m.get("type") == "reply" and m.get("id") == 1
+                                    for m in got), 10)
+    for i, m in enumerate(got):
+        if m.get("type") == "reply" and m.get("id") == 1:
+            hello = got.pop(i)
+            break
+    is_((hello.get("ok"), (hello.get("result") or {}).get("cursor")), (True, initial_cursor),
+        "%s: hello with the pre-storm cursor" % label)
+
+    # catch-up from the store is under way
+    read_until(ws, got, SYNC_READ, 30)
+    ok(len(as_rows(got)) >= SYNC_READ, "%s: catch-up runs (%d events read of %d)"
+       % (label, len(as_rows(got)), len(backlog)))
+
+    # hold the next store page in PostgreSQL
+    lk, locked = pg.conn(autocommit=False), False
+    try:
+        with lk.cursor() as cur:
+            cur.execute("SET LOCAL lock_timeout = '20s'")
+            cur.execute("LOCK TABLE chat_events IN ACCESS EXCLUSIVE MODE")
+        locked = True
+    except Exception as e:  # noqa: BLE001
+        diag("  LOCK TABLE chat_events: %r" % (e,))
+    held, deadline = 0, time.monotonic() + 15
+    while locked and time.monotonic() < deadline:
+        # keep reading (a full window would stop the session short of its
+        # next query) until the page query is seen waiting
+        read_until(ws, got, lambda: True, 0, quiet=0.05)
+        held = pages_held_waiting()
+        if held:
+            break
+    read_until(ws, got, lambda: True, 0, quiet=0.5)   # all it sent before the page
+    before = as_rows(got)
+    ok(locked and held >= 1, "%s: a store page of the catch-up is in flight (held in "
+       "PostgreSQL) when the sync goes out" % label)
+    ok(SYNC_READ <= len(before) < len(backlog), "%s: ... %d of %d events delivered by then, "
+       "the rest still to come" % (label, len(before), len(backlog)))
+    is_(before == backlog[:len(before)], True, "%s: ... those are the backlog's first %d "
+        "events, in order, once each" % (label, len(before)))
+
+    back = pick([m for m in got if m.get("type") == "event" and "cursor" in m])
+    ws.send_json({"type": "sync", "id": 2, "cursor": back})
+    pre, reply = [], {}
+    read_until(ws, pre, lambda: any(m.get("type") == "reply" and m.get("id") == 2
+                                    for m in pre), 10)
+    for i, m in enumerate(pre):
+        if m.get("type") == "reply" and m.get("id") == 2:
+            reply = pre.pop(i)
+            post = pre[i:]                       # after the reply
+            pre = pre[:i]
+            break
+    else:
+        post = []
+    is_((reply.get("ok"), (reply.get("result") or {}).get("cursor")), (True, back),
+        "%s: the sync is answered while the page is held, with its cursor" % label)
+    held_after = pages_held_waiting() if locked else 0
+    try:
+        lk.rollback()
+        lk.close()
+    except Exception:  # noqa: BLE001
+        pass
+    ok(held_after >= 1, "%s: ... and the page was still in flight then" % label)
+
+    # after the reply: exactly the backlog after the sync cursor
+    want = [r for r in backlog if r[0] > gseq(back)]
+    st = read_until(ws, post, len(want), 60, quiet=0.7)
+    ws.close()
+    rows = as_rows(post)
+    if not is_(rows == want, True, "%s: after the sync reply every event after the sync "
+               "cursor (gseq %s) arrives exactly once, in order, as in the DB (%d events)"
+               % (label, gseq(back), len(want))):
+        gs = [r[0] for r in rows]
+        diag("  read: %s; got %d (first %s, last %s), want %d (first %s, last %s); "
+             "duplicates %d; missing %d; extra %d; out of order %d"
+             % (st, len(rows), rows[:1], rows[-1:], len(want), want[:1], want[-1:],
+                len(gs) - len(set(gs)), len(set(want) - set(rows)), len(set(rows) - set(want)),
+                sum(1 for a, b in zip(gs, gs[1:]) if not (isinstance(a, int) and
+                                                          isinstance(b, int) and b > a))))
+
+
+def sync_during_catchup(initial_cursor):
+    """`sync` while the session is still being caught up from the store (a
+    page query in flight): after the sync reply the client gets exactly the
+    events after the sync cursor, once each, in order -- duplicates of what
+    it had are allowed only before the reply."""
+    backlog = u1_backlog(gseq(initial_cursor))
+    ok(len(backlog) >= SYNC_MIN_BACKLOG, "sync during catch-up: u1 has %d events after the "
+       "pre-storm cursor (at least %d)" % (len(backlog), SYNC_MIN_BACKLOG))
+    is_(NG["cur"].stop(), 0, "sync during catch-up: the storm's nginx stops cleanly")
+    port = free_port()
+    NG["cur"] = Nginx(pg, workers=2, http="chat_catchup_page 16;\nchat_bus_slots 1024;\n"
+                      "chat_max_queue 256k;",
+                      server="listen 127.0.0.1:%d sndbuf=32k;" % port)
+    for label, pick in (
+            ("sync to the 10th event", lambda evs: evs[9]["cursor"]),
+            ("sync to the middle", lambda evs: evs[len(evs) // 2]["cursor"]),
+            ("sync to the hello cursor", lambda evs: initial_cursor),
+            ("sync to the last event (no rewind)", lambda evs: evs[-1]["cursor"])):
+        sync_trial(port, "sync during catch-up, " + label, initial_cursor, backlog, pick)
 
 
 async def main():
     initial_cursor, per = await storm()
     await after(initial_cursor, per)
+    await sync_backlog(initial_cursor)
     return initial_cursor
 
 

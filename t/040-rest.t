@@ -7,7 +7,10 @@
 import http.client
 import json
 import os
+import re
+import socket
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from chattest import *  # noqa: E402,F403
@@ -333,6 +336,109 @@ for method, path in (("PUT", "/chat/api/conversations"), ("DELETE", "/chat/api/m
     is_json_error(st, h, b, 405, "%s %s" % (method, path))
 is_(pg.query("SELECT count(*) FROM chat_conversations"), [(5,)],
     "DB: 5 conversations (no failed create stored one)")
+
+# ------------------------------------------------------ request bodies ----
+# Bodies are read into memory only: one over chat_max_message_size (64k)
+# is refused with 413 too_large in JSON -- chunked or not, all at once or
+# trickling in -- and nginx never buffers a body to a temporary file
+# (it would log "a client request body is buffered to a temporary file").
+
+MAX = 64 * 1024
+TEMP_RE = r"buffered to a temporary file"
+log_mark = len(ng.error_log())
+
+
+def raw_post(path, payload, chunk=None, delay=0.0, tok=TA, length=None):
+    """POSTs payload (bytes) on a new connection, chunked in pieces of
+    `chunk` bytes when chunk is given (each piece written on its own,
+    `delay` s apart), else with Content-Length (`length` overrides it).
+    Returns (status, headers, parsed JSON body or raw bytes)."""
+    head = ("POST %s HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\n"
+            "Content-Type: application/json\r\n" % (path, tok))
+    head += ("Transfer-Encoding: chunked\r\n" if chunk
+             else "Content-Length: %d\r\n" % (len(payload) if length is None else length))
+    s = socket.create_connection(("127.0.0.1", ng.port), timeout=10)
+    data = b""
+    try:
+        s.sendall(head.encode() + b"\r\n")
+        pieces = ([payload[i:i + chunk] for i in range(0, len(payload), chunk)]
+                  if chunk else [payload])
+        try:
+            for i, p in enumerate(pieces):
+                if chunk:
+                    p = b"%x\r\n%s\r\n" % (len(p), p) + (b"0\r\n\r\n" if i == len(pieces) - 1 else b"")
+                s.sendall(p)
+                if delay:
+                    time.sleep(delay)
+        except OSError:
+            pass    # refused midway: the answer is waiting
+        while b"\r\n\r\n" not in data:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+        hd, _, rest = data.partition(b"\r\n\r\n")
+        lines = hd.decode("latin-1").split("\r\n")
+        st = int(lines[0].split()[1]) if lines and len(lines[0].split()) > 1 else None
+        hdrs = {}
+        for l in lines[1:]:
+            k, _, v = l.partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        n = int(hdrs.get("content-length", "0"))
+        while len(rest) < n:
+            b = s.recv(65536)
+            if not b:
+                break
+            rest += b
+        try:
+            body = json.loads(rest[:n])
+        except ValueError:
+            body = rest
+        return st, hdrs, body
+    finally:
+        s.close()
+
+
+def msg_body(cmid, total):
+    """A message JSON of exactly `total` bytes."""
+    base = json.dumps({"client_msg_id": cmid, "body": ""}).encode()
+    return json.dumps({"client_msg_id": cmid, "body": "b" * (total - len(base))}).encode()
+
+
+MSGS = "/chat/api/conversations/%s/messages" % gid
+big = msg_body("too-big", 100 * 1024)
+st, h, b = raw_post(MSGS, big, chunk=8192)
+is_json_error(st, h, b, 413, "a chunked 100k body, all at once", "too_large")
+is_(h.get("connection"), "close", "... and the connection is not kept (the body was not read)")
+st, h, b = raw_post(MSGS, big, chunk=8192, delay=0.02)
+is_json_error(st, h, b, 413, "a chunked 100k body, trickling in", "too_large")
+st, h, b = raw_post(MSGS, msg_body("exact-plus-1", MAX + 1), chunk=4096)
+is_json_error(st, h, b, 413, "a chunked body of chat_max_message_size + 1", "too_large")
+st, h, b = raw_post(MSGS, msg_body("fine-chunks", 16 * 1024), chunk=1)
+is_json_error(st, h, b, 413, "a 16k body in 1-byte chunks (its framing would overflow "
+              "the buffer)", "too_large")
+st, h, b = raw_post(MSGS, b"", length=2 * 1024 * 1024)
+is_json_error(st, h, b, 413, "Content-Length 2m (above nginx's default "
+              "client_max_body_size too)", "too_large")
+st, h, b = raw_post(MSGS, msg_body("cl-plus-1", MAX + 1))
+is_json_error(st, h, b, 413, "a body of chat_max_message_size + 1 with Content-Length",
+              "too_large")
+
+for label, payload, chunk, delay in (
+        ("chunked, just under the limit", msg_body("under-c", MAX - 300), 1024, 0),
+        ("chunked, exactly the limit", msg_body("exact-c", MAX), 4096, 0),
+        ("chunked, exactly the limit, trickling in", msg_body("exact-t", MAX), 8192, 0.02),
+        ("Content-Length, exactly the limit", msg_body("exact-l", MAX), None, 0)):
+    st, h, b = raw_post(MSGS, payload, chunk=chunk, delay=delay)
+    is_(st, 201, "a message body %s (%d bytes): 201" % (label, len(payload)))
+    if st != 201:
+        diag("%r" % (b if not isinstance(b, bytes) else b[:300],))
+
+ok(not re.search(TEMP_RE, ng.error_log()[log_mark:]),
+   "no request body was buffered to a temporary file")
+tmpd = os.path.join(ng.dir, "client_body_temp")
+is_(sorted(os.listdir(tmpd)) if os.path.isdir(tmpd) else [], [],
+    "client_body_temp is empty")
 
 # ------------------------------------------------------ keep-alive ----
 # Several requests on one HTTP/1.1 connection: each gets its answer.

@@ -1029,6 +1029,7 @@ class ChatClient:
         self.ws = ws
         self.hello = None
         self.messages = []
+        self.received = []       # every message, replies too, in order
         self._pending = []       # messages not yet taken by wait_event
         self._replies = {}
         self._next_id = 1
@@ -1046,6 +1047,7 @@ class ChatClient:
                     msg = _json.loads(raw)
                 except ValueError:
                     msg = {"type": "_unparsed", "raw": raw}
+                self.received.append(msg)
                 if isinstance(msg, dict) and msg.get("type") == "reply" and "id" in msg:
                     self._replies[msg["id"]] = msg
                 else:
