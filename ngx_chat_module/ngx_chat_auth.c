@@ -13,7 +13,9 @@
 #include <ngx_http.h>
 
 #include "ngx_chat_module.h"
+#include "ngx_chat_auth.h"
 
+#include <jansson.h>
 #include <openssl/bn.h>
 #include <openssl/crypto.h>
 #include <openssl/ec.h>

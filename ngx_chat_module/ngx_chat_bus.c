@@ -16,6 +16,12 @@
 
 
 #include "ngx_chat_module.h"
+#include "ngx_chat_auth.h"
+#include "ngx_chat_db.h"
+#include "ngx_chat_store.h"
+#include "ngx_chat_bus.h"
+#include "ngx_chat_transport.h"
+#include "ngx_chat_session.h"
 #include "ngx_chat_json.h"
 
 #include <sys/eventfd.h>

@@ -10,6 +10,8 @@
 #include <ngx_core.h>
 #include <ngx_event.h>
 #include "ngx_chat_module.h"
+#include "ngx_chat_db.h"
+#include "ngx_chat_store.h"
 
 
 #define NGX_CHAT_DB_CLOSED        0

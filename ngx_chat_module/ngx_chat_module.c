@@ -5,7 +5,11 @@
 
 
 #include "ngx_chat_module.h"
-#include "ngx_chat_json.h"
+#include "ngx_chat_auth.h"
+#include "ngx_chat_db.h"
+#include "ngx_chat_bus.h"
+#include "ngx_chat_ws.h"
+#include "ngx_chat_api.h"
 
 
 static ngx_int_t ngx_chat_handler(ngx_http_request_t *r);

@@ -2,21 +2,43 @@
 /*
  * Copyright (C) ngx_chat_module authors
  *
- * Shared types and the interfaces between the module's concerns:
+ * The types that every file of the module shares.  Each concern declares
+ * its interface in a header of its own, next to its .c file; a .c file
+ * includes this header and then exactly the headers of the concerns it
+ * uses, so its includes say what it depends on.  A header includes only
+ * what its own declarations need: ngx_chat_session.h and ngx_chat_bus.h
+ * include ngx_chat_transport.h (ngx_chat_event_t), ngx_chat_db.h brings
+ * libpq, ngx_chat_json.h and ngx_chat_store.h bring jansson.
  *
- *   ngx_chat_module.c    directives, configuration, zone, process hooks,
- *                        location handler (routes to ws / api)
- *   ngx_chat_auth.c      JWT verification (HS256/RS256/ES256), tickets
- *   ngx_chat_db.c        per-worker pool of non-blocking libpq connections
- *   ngx_chat_store.c     the SQL statements and the operations built on
- *                        them (batched sends, catch-up, conversations)
- *   ngx_chat_bus.c       shared-memory event ring, doorbells between
- *                        workers, ordered local delivery
- *   ngx_chat_session.c   one authenticated client, transport-agnostic:
- *                        requests, subscriptions, cursor, catch-up
- *   ngx_chat_ws.c        WebSocket transport (RFC 6455)
- *   ngx_chat_api.c       REST API
- *   ngx_chat_json.c      JSON helpers
+ *   ngx_chat_module.h      this header: nginx includes, schema version,
+ *                          ids, roles, JWT algorithms, close codes, main
+ *                          and location configuration, identity, the
+ *                          shared zone (tickets, bus ring), the per-worker
+ *                          state; forward typedefs of the session,
+ *                          transport and query structs
+ *   ngx_chat_module.c      directives, configuration, zone, process hooks,
+ *                          location handler (routes to ws / api)
+ *   ngx_chat_auth.[ch]     JWT verification (HS256/RS256/ES256), Origin
+ *                          allow-list, tickets
+ *   ngx_chat_db.[ch]       per-worker pool of non-blocking libpq
+ *                          connections; the query and statement types
+ *   ngx_chat_store.[ch]    the SQL statements (NGX_CHAT_STMT_*) and the
+ *                          operations built on them (batched sends, joins,
+ *                          catch-up, conversations); query alloc / free
+ *   ngx_chat_bus.[ch]      shared-memory event ring, doorbells between
+ *                          workers, ordered local delivery; event
+ *                          envelopes, cursors
+ *   ngx_chat_transport.h   the transport interface: ngx_chat_event_t, the
+ *                          transport struct, and the session calls a
+ *                          transport makes (create, recv, drained, closed)
+ *   ngx_chat_session.[ch]  one authenticated client, transport-agnostic:
+ *                          requests, subscriptions, cursor, catch-up; the
+ *                          session struct, deliver, resync
+ *   ngx_chat_ws.[ch]       WebSocket transport (RFC 6455)
+ *   ngx_chat_api.[ch]      REST API, JSON error replies
+ *   ngx_chat_json.[ch]     JSON helpers, growable buffers
+ *   ngx_chat_limit.[ch]    per-worker caps: connections per address,
+ *                          unauthenticated sessions
  */
 
 
@@ -28,8 +50,6 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include <libpq-fe.h>
-#include <jansson.h>
 #include <openssl/evp.h>
 
 
@@ -197,322 +217,6 @@ typedef struct {
 
 extern ngx_chat_worker_t       ngx_chat_worker;
 extern ngx_module_t            ngx_chat_module;
-
-
-/*
- * One event on its way to sessions.  Durable events have a gseq; the
- * encodings a transport needs are built on first use and shared by every
- * session the event goes to.
- */
-typedef struct {
-    uint64_t                   gseq;             /* 0: ephemeral */
-    int64_t                    conversation;
-    ngx_str_t                  kind;             /* in payload */
-    ngx_str_t                  payload;          /* event object JSON */
-    ngx_str_t                  envelope;         /* {"type":"event",...} */
-} ngx_chat_event_t;
-
-
-/*
- * Transport interface.  The core (session) never knows which transport
- * carries it.  A transport:
- *   - creates the session with ngx_chat_session_create() once the
- *     connection is established (identity may be NULL when the client
- *     will authenticate in-band with "hello"; cursor, when not empty, is
- *     the cursor the client resumes from);
- *   - hands every complete, valid UTF-8 text message to
- *     ngx_chat_session_recv();
- *   - calls ngx_chat_session_drained() when its output queue becomes empty
- *     after a send() or send_event() answered NGX_AGAIN;
- *   - calls ngx_chat_session_closed() exactly once when the connection is
- *     gone, only from its own event handlers, never from inside send() or
- *     close(); after that call the session never calls the transport.
- *
- * Flow control: send() and send_event() queue their data and answer
- *   NGX_OK      queued, there is room for more;
- *   NGX_AGAIN   queued, but the queue is now past its window: the session
- *               delivers no more events until drained() (a reader that does
- *               not drain within chat_send_timeout is cut by the transport);
- *   NGX_ERROR   the connection is closing or had to be cut.
- */
-struct ngx_chat_transport_s {
-    ngx_str_t                  name;
-
-    /* a reply or a control message: one JSON text */
-    ngx_int_t                (*send)(ngx_chat_session_t *s, u_char *data,
-                                     size_t len);
-
-    /* an event, in the transport's own encoding */
-    ngx_int_t                (*send_event)(ngx_chat_session_t *s,
-                                           ngx_chat_event_t *ev);
-
-    /*
-     * Start an orderly close.  code is a WebSocket close code (PROTOCOL
-     * section 4); other transports map it to their own form.
-     */
-    void                     (*close)(ngx_chat_session_t *s, ngx_uint_t code,
-                                      const char *reason);
-
-    /* bytes queued and not yet written to the socket */
-    size_t                   (*pending)(ngx_chat_session_t *s);
-};
-
-
-#define NGX_CHAT_SESSION_NEW        0    /* waiting for hello */
-#define NGX_CHAT_SESSION_JOINING    1    /* loading memberships */
-#define NGX_CHAT_SESSION_CATCHUP    2    /* replaying from cursor */
-#define NGX_CHAT_SESSION_LIVE       3
-#define NGX_CHAT_SESSION_CLOSED     4
-
-struct ngx_chat_session_s {
-    ngx_chat_transport_t      *transport;
-    void                      *tctx;             /* the transport's */
-    ngx_log_t                 *log;
-
-    ngx_str_t                  user;
-    ngx_str_t                  name;
-    ngx_uint_t                 role;
-    time_t                     exp;
-
-    uint64_t                   id;
-    uint64_t                   cursor;           /* last gseq delivered */
-    uint64_t                   catchup_upto;     /* worker position */
-    uint64_t                   start;            /* cursor when it began */
-
-    ngx_uint_t                 state;
-    ngx_uint_t                 refs;             /* pending operations */
-    ngx_uint_t                 sends;            /* sends in the store */
-    size_t                     send_bytes;       /* their bodies */
-
-    ngx_queue_t                queue;            /* all local sessions */
-    ngx_queue_t                user_queue;       /* sessions of one user */
-    void                      *user_node;
-    ngx_queue_t                catchup_queue;    /* waiting for the pool */
-
-    void                     **subs;             /* by conversation id */
-    ngx_uint_t                 nsubs;
-    ngx_uint_t                 nalloc;
-
-    ngx_event_t                timer;            /* auth and token expiry */
-
-    u_char                    *idmem;            /* user and name */
-    u_char                    *hello_id;         /* reply id while joining */
-    size_t                     hello_id_len;
-    uint64_t                   want;             /* cursor asked for */
-
-    unsigned                   authenticated:1;
-    unsigned                   hello_done:1;
-    unsigned                   catchup_busy:1;
-    unsigned                   catchup_waiting:1;
-    unsigned                   wait_drain:1;
-    unsigned                   transport_gone:1;
-    unsigned                   pending_close:1;
-    unsigned                   has_cursor:1;
-    unsigned                   bad_cursor:1;
-    unsigned                   catchup_stale:1;
-    unsigned                   delivered:1;      /* since start */
-    unsigned                   unauth:1;         /* counted as such */
-};
-
-
-/* ngx_chat_session.c */
-ngx_chat_session_t *ngx_chat_session_create(ngx_chat_transport_t *t,
-    void *tctx, ngx_log_t *log, ngx_chat_identity_t *id, ngx_str_t *cursor);
-void ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len);
-void ngx_chat_session_drained(ngx_chat_session_t *s);
-void ngx_chat_session_closed(ngx_chat_session_t *s);
-ngx_int_t ngx_chat_session_deliver(ngx_chat_session_t *s,
-    ngx_chat_event_t *ev);
-void ngx_chat_session_resync(ngx_chat_session_t *s, const char *reason);
-
-
-/* ngx_chat_auth.c */
-char *ngx_chat_auth_init_conf(ngx_conf_t *cf, ngx_chat_main_conf_t *cmcf);
-/*
- * Verifies a compact JWT with the configured algorithm and key.  On
- * success fills id (strings allocated from pool) and returns NGX_OK.
- * Otherwise returns NGX_DECLINED and sets *code to "unauthorized" or
- * "token_expired" and *msg to a short human-readable reason.
- */
-ngx_int_t ngx_chat_auth_verify(ngx_str_t *token, ngx_pool_t *pool,
-    ngx_chat_identity_t *id, const char **code, const char **msg);
-/* Authorization: Bearer, or ?ticket=; NGX_DECLINED when neither present */
-ngx_int_t ngx_chat_auth_request(ngx_http_request_t *r,
-    ngx_chat_identity_t *id, const char **code, const char **msg);
-ngx_int_t ngx_chat_origin_allowed(ngx_http_request_t *r);
-void ngx_chat_tickets_init_zone(ngx_chat_tickets_sh_t *t);
-/*
- * NGX_OK, NGX_BUSY when the table is full of other users' live tickets
- * (*retry_after: ms until the oldest one runs out), or NGX_ERROR.
- */
-ngx_int_t ngx_chat_ticket_issue(ngx_chat_identity_t *id, ngx_pool_t *pool,
-    ngx_str_t *ticket, ngx_msec_t *retry_after);
-ngx_int_t ngx_chat_ticket_redeem(ngx_str_t *ticket, ngx_pool_t *pool,
-    ngx_chat_identity_t *id);
-
-
-/* ngx_chat_db.c */
-#define NGX_CHAT_QUERY_MAX_PARAMS  8
-
-typedef void (*ngx_chat_query_handler_pt)(ngx_chat_query_t *q,
-    PGresult *res, ngx_int_t rc);
-
-/*
- * The caller owns q and everything params point to; the db layer never
- * frees them.  handler is called exactly once if ngx_chat_db_query()
- * returned NGX_OK:
- *   rc == NGX_OK        res is PGRES_TUPLES_OK or PGRES_COMMAND_OK
- *   rc == NGX_ERROR     the statement failed; res holds the error
- *   rc == NGX_DECLINED  the store is unavailable (connection lost);
- *                       res is NULL
- * res is cleared by the db layer after handler returns.
- */
-struct ngx_chat_query_s {
-    ngx_queue_t                queue;
-    ngx_uint_t                 stmt;             /* index in ngx_chat_stmts */
-    ngx_uint_t                 nparams;
-    const char                *params[NGX_CHAT_QUERY_MAX_PARAMS];
-    int                        lengths[NGX_CHAT_QUERY_MAX_PARAMS];
-    ngx_int_t                (*build)(ngx_chat_query_t *q);
-    ngx_chat_query_handler_pt  handler;
-    void                      *data;
-    ngx_msec_t                 start;
-};
-
-typedef struct {
-    const char                *name;
-    const char                *sql;
-    int                        nparams;
-} ngx_chat_stmt_t;
-
-extern ngx_chat_stmt_t         ngx_chat_stmts[];  /* { NULL } terminated */
-
-char *ngx_chat_db_conf(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
-ngx_int_t ngx_chat_db_init_process(ngx_cycle_t *cycle);
-void ngx_chat_db_exit_process(void);
-ngx_int_t ngx_chat_db_query(ngx_chat_query_t *q);
-ngx_int_t ngx_chat_db_ready(void);
-ngx_msec_t ngx_chat_db_retry_after(void);
-ngx_uint_t ngx_chat_db_busy(void);
-
-
-/* ngx_chat_store.c */
-#define NGX_CHAT_STMT_SEND_BATCH     0
-#define NGX_CHAT_STMT_CLOCK          1
-#define NGX_CHAT_STMT_EVENTS_AFTER   2
-#define NGX_CHAT_STMT_MEMBERSHIPS    3
-#define NGX_CHAT_STMT_CATCHUP        4
-#define NGX_CHAT_STMT_CREATE_CONV    5
-#define NGX_CHAT_STMT_LIST_CONVS     6
-#define NGX_CHAT_STMT_GET_CONV       7
-#define NGX_CHAT_STMT_HISTORY        8
-
-typedef struct ngx_chat_send_s  ngx_chat_send_t;
-
-typedef void (*ngx_chat_send_handler_pt)(ngx_chat_send_t *snd);
-
-/*
- * One message to store.  The owner (a session or a REST request) fills
- * the fields; the store copies nothing, so the owner keeps them alive
- * until handler runs.  After the handler returns the item is freed by
- * the store.
- */
-struct ngx_chat_send_s {
-    ngx_queue_t                queue;
-    ngx_str_t                  sender;
-    int64_t                    conversation;
-    ngx_str_t                  client_msg_id;
-    ngx_str_t                  body;
-    ngx_str_t                  format;
-    int64_t                    reply_to;         /* 0: none */
-    ngx_str_t                  attachments;      /* JSON text or empty */
-    ngx_msec_t                 deadline;         /* give up "busy" retries */
-    ngx_msec_t                 busy_since;       /* first found busy */
-    unsigned                   alone:1;          /* in a batch of its own */
-    unsigned                   counted:1;        /* in its sender's share */
-
-    /* result */
-    ngx_int_t                  rc;               /* NGX_OK or error */
-    ngx_uint_t                 duplicate;        /* stored before */
-    const char                *error;            /* error code */
-    const char                *error_msg;
-    ngx_msec_t                 retry_after;
-    ngx_str_t                  message;          /* message JSON */
-
-    ngx_chat_send_handler_pt   handler;
-    void                      *data;
-    u_char                    *req_id;           /* owner's request id */
-    size_t                     req_id_len;
-    u_char                    *mem;              /* extra bytes, for input */
-};
-
-/*
- * A session's memberships, loaded for it to join.  The owner fills user
- * and keeps it alive until handler runs; conversations (comma separated
- * ids) and clock are valid in the handler only.  rc: NGX_OK, or
- * NGX_DECLINED when the store was unavailable.
- */
-typedef struct ngx_chat_join_s  ngx_chat_join_t;
-
-struct ngx_chat_join_s {
-    ngx_queue_t                queue;
-    ngx_str_t                  user;
-    ngx_int_t                  rc;
-    ngx_str_t                  conversations;
-    uint64_t                   clock;
-    void                     (*handler)(ngx_chat_join_t *j);
-    void                      *data;
-};
-
-void ngx_chat_store_on_ready(void);
-ngx_chat_send_t *ngx_chat_store_send_alloc(size_t extra);
-ngx_chat_send_t *ngx_chat_store_send_from_json(json_t *root,
-    ngx_str_t *sender, int64_t conv, size_t extra, const char **code,
-    const char **msg);
-ngx_int_t ngx_chat_store_send(ngx_chat_send_t *snd);
-ngx_int_t ngx_chat_store_join(ngx_chat_join_t *j);
-ngx_chat_query_t *ngx_chat_query_alloc(ngx_uint_t stmt, size_t extra);
-void ngx_chat_query_free(ngx_chat_query_t *q);
-
-
-/* ngx_chat_bus.c */
-ngx_int_t ngx_chat_bus_init_module(ngx_cycle_t *cycle);
-ngx_int_t ngx_chat_bus_init_zone(ngx_shm_zone_t *shm_zone, void *data);
-ngx_int_t ngx_chat_bus_init_process(ngx_cycle_t *cycle);
-void ngx_chat_bus_exit_process(void);
-void ngx_chat_bus_on_db_ready(void);
-ngx_int_t ngx_chat_bus_started(void);
-uint64_t ngx_chat_bus_position(void);
-void ngx_chat_bus_publish(uint64_t gseq, int64_t conversation,
-    u_char *data, size_t len);
-void ngx_chat_bus_notify(void);
-ngx_int_t ngx_chat_bus_register(ngx_chat_session_t *s);
-void ngx_chat_bus_unregister(ngx_chat_session_t *s);
-ngx_int_t ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv);
-ngx_int_t ngx_chat_bus_subscribed(ngx_chat_session_t *s, int64_t conv);
-void ngx_chat_bus_unsubscribe(ngx_chat_session_t *s, int64_t conv);
-void ngx_chat_bus_unsubscribe_all(ngx_chat_session_t *s);
-ngx_int_t ngx_chat_bus_replay(ngx_chat_session_t *s);
-uint64_t ngx_chat_bus_known(void);
-void ngx_chat_event_init(ngx_chat_event_t *ev, uint64_t gseq, int64_t conv,
-    u_char *data, size_t len);
-ngx_int_t ngx_chat_event_envelope(ngx_chat_event_t *ev);
-u_char *ngx_chat_cursor_print(u_char *p, uint64_t gseq);
-ngx_int_t ngx_chat_cursor_parse(u_char *p, size_t n, uint64_t *gseq);
-
-#define NGX_CHAT_CURSOR_LEN  (16 + 1 + NGX_INT64_LEN)
-
-
-/* ngx_chat_ws.c */
-extern ngx_chat_transport_t    ngx_chat_ws_transport;
-ngx_int_t ngx_chat_ws_handler(ngx_http_request_t *r);
-
-
-/* ngx_chat_api.c */
-ngx_int_t ngx_chat_api_init(ngx_conf_t *cf);
-ngx_int_t ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path);
-ngx_int_t ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
-    const char *code, const char *message, ngx_msec_t retry_after);
 
 
 #endif /* _NGX_CHAT_MODULE_H_INCLUDED_ */

@@ -21,6 +21,9 @@
 
 
 #include "ngx_chat_module.h"
+#include "ngx_chat_db.h"
+#include "ngx_chat_store.h"
+#include "ngx_chat_bus.h"
 #include "ngx_chat_json.h"
 
 

@@ -28,6 +28,12 @@
 #include <ngx_sha1.h>
 
 #include "ngx_chat_module.h"
+#include "ngx_chat_auth.h"
+#include "ngx_chat_bus.h"
+#include "ngx_chat_transport.h"
+#include "ngx_chat_session.h"
+#include "ngx_chat_ws.h"
+#include "ngx_chat_api.h"
 #include "ngx_chat_limit.h"
 
 

@@ -1,0 +1,42 @@
+
+/*
+ * Copyright (C) ngx_chat_module authors
+ */
+
+
+#ifndef _NGX_CHAT_BUS_H_INCLUDED_
+#define _NGX_CHAT_BUS_H_INCLUDED_
+
+
+#include "ngx_chat_module.h"
+#include "ngx_chat_transport.h"
+
+
+ngx_int_t ngx_chat_bus_init_module(ngx_cycle_t *cycle);
+ngx_int_t ngx_chat_bus_init_zone(ngx_shm_zone_t *shm_zone, void *data);
+ngx_int_t ngx_chat_bus_init_process(ngx_cycle_t *cycle);
+void ngx_chat_bus_exit_process(void);
+void ngx_chat_bus_on_db_ready(void);
+ngx_int_t ngx_chat_bus_started(void);
+uint64_t ngx_chat_bus_position(void);
+void ngx_chat_bus_publish(uint64_t gseq, int64_t conversation,
+    u_char *data, size_t len);
+void ngx_chat_bus_notify(void);
+ngx_int_t ngx_chat_bus_register(ngx_chat_session_t *s);
+void ngx_chat_bus_unregister(ngx_chat_session_t *s);
+ngx_int_t ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv);
+ngx_int_t ngx_chat_bus_subscribed(ngx_chat_session_t *s, int64_t conv);
+void ngx_chat_bus_unsubscribe(ngx_chat_session_t *s, int64_t conv);
+void ngx_chat_bus_unsubscribe_all(ngx_chat_session_t *s);
+ngx_int_t ngx_chat_bus_replay(ngx_chat_session_t *s);
+uint64_t ngx_chat_bus_known(void);
+void ngx_chat_event_init(ngx_chat_event_t *ev, uint64_t gseq, int64_t conv,
+    u_char *data, size_t len);
+ngx_int_t ngx_chat_event_envelope(ngx_chat_event_t *ev);
+u_char *ngx_chat_cursor_print(u_char *p, uint64_t gseq);
+ngx_int_t ngx_chat_cursor_parse(u_char *p, size_t n, uint64_t *gseq);
+
+#define NGX_CHAT_CURSOR_LEN  (16 + 1 + NGX_INT64_LEN)
+
+
+#endif /* _NGX_CHAT_BUS_H_INCLUDED_ */

@@ -1,0 +1,77 @@
+
+/*
+ * Copyright (C) ngx_chat_module authors
+ */
+
+
+#ifndef _NGX_CHAT_SESSION_H_INCLUDED_
+#define _NGX_CHAT_SESSION_H_INCLUDED_
+
+
+#include "ngx_chat_module.h"
+#include "ngx_chat_transport.h"
+
+
+#define NGX_CHAT_SESSION_NEW        0    /* waiting for hello */
+#define NGX_CHAT_SESSION_JOINING    1    /* loading memberships */
+#define NGX_CHAT_SESSION_CATCHUP    2    /* replaying from cursor */
+#define NGX_CHAT_SESSION_LIVE       3
+#define NGX_CHAT_SESSION_CLOSED     4
+
+struct ngx_chat_session_s {
+    ngx_chat_transport_t      *transport;
+    void                      *tctx;             /* the transport's */
+    ngx_log_t                 *log;
+
+    ngx_str_t                  user;
+    ngx_str_t                  name;
+    ngx_uint_t                 role;
+    time_t                     exp;
+
+    uint64_t                   id;
+    uint64_t                   cursor;           /* last gseq delivered */
+    uint64_t                   catchup_upto;     /* worker position */
+    uint64_t                   start;            /* cursor when it began */
+
+    ngx_uint_t                 state;
+    ngx_uint_t                 refs;             /* pending operations */
+    ngx_uint_t                 sends;            /* sends in the store */
+    size_t                     send_bytes;       /* their bodies */
+
+    ngx_queue_t                queue;            /* all local sessions */
+    ngx_queue_t                user_queue;       /* sessions of one user */
+    void                      *user_node;
+    ngx_queue_t                catchup_queue;    /* waiting for the pool */
+
+    void                     **subs;             /* by conversation id */
+    ngx_uint_t                 nsubs;
+    ngx_uint_t                 nalloc;
+
+    ngx_event_t                timer;            /* auth and token expiry */
+
+    u_char                    *idmem;            /* user and name */
+    u_char                    *hello_id;         /* reply id while joining */
+    size_t                     hello_id_len;
+    uint64_t                   want;             /* cursor asked for */
+
+    unsigned                   authenticated:1;
+    unsigned                   hello_done:1;
+    unsigned                   catchup_busy:1;
+    unsigned                   catchup_waiting:1;
+    unsigned                   wait_drain:1;
+    unsigned                   transport_gone:1;
+    unsigned                   pending_close:1;
+    unsigned                   has_cursor:1;
+    unsigned                   bad_cursor:1;
+    unsigned                   catchup_stale:1;
+    unsigned                   delivered:1;      /* since start */
+    unsigned                   unauth:1;         /* counted as such */
+};
+
+
+ngx_int_t ngx_chat_session_deliver(ngx_chat_session_t *s,
+    ngx_chat_event_t *ev);
+void ngx_chat_session_resync(ngx_chat_session_t *s, const char *reason);
+
+
+#endif /* _NGX_CHAT_SESSION_H_INCLUDED_ */
