@@ -41,6 +41,12 @@
 /* slots looked at, and event bytes copied, per hold of the zone mutex */
 #define NGX_CHAT_BUS_SCAN        256
 #define NGX_CHAT_BUS_COPY_BYTES  (256 * 1024)
+
+/* slots a full zone's eviction looks at per hold */
+#define NGX_CHAT_BUS_EVICT_SCAN  1024
+
+/* events dispatched per turn of the event loop; the rest on the next */
+#define NGX_CHAT_BUS_TURN        1024
 #define NGX_CHAT_BUS_COPY_RESERVE                                            \
     (NGX_CHAT_BUS_COPY_BYTES + 6 * ngx_chat_worker.cmcf->max_message + 4096)
 
@@ -104,6 +110,8 @@ typedef struct {
     ngx_uint_t                 fetching;
     ngx_uint_t                 clocking;
     ngx_uint_t                 ticks;
+    ngx_uint_t                 resets;           /* database replacements */
+    uint64_t                   clock_asked;      /* known when clock asked */
 
     ngx_chat_buf_t             frame;
     ngx_chat_buf_t             copy;
@@ -404,6 +412,15 @@ ngx_chat_bus_position(void)
 }
 
 
+/* a join that began before a reset must not keep the old positions */
+
+ngx_uint_t
+ngx_chat_bus_resets(void)
+{
+    return ngx_chat_bus.resets;
+}
+
+
 /* the newest event this worker knows is committed, by any worker */
 
 uint64_t
@@ -630,9 +647,16 @@ ngx_chat_bus_alloc_locked(size_t len, uint64_t gseq)
         return p;
     }
 
-    from = (sh->published > sh->nslots) ? sh->published - sh->nslots + 1 : 1;
+    /* oldest first, from where the last eviction stopped, and a bounded
+       stretch per hold: past it this event is served from the store */
 
-    for (g = from, freed = 0; g < gseq && freed < sh->nslots; g++) {
+    from = (sh->published > sh->nslots) ? sh->published - sh->nslots + 1 : 1;
+    from = ngx_max(from, sh->evict);
+
+    for (g = from, freed = 0;
+         g < gseq && g < from + NGX_CHAT_BUS_EVICT_SCAN;
+         g++)
+    {
         slot = &sh->slots[g % sh->nslots];
 
         if (slot->data == NULL || slot->gseq != g) {
@@ -645,10 +669,13 @@ ngx_chat_bus_alloc_locked(size_t len, uint64_t gseq)
         if ((freed & 15) == 0) {
             p = ngx_slab_alloc_locked(ngx_chat_worker.shpool, len);
             if (p) {
+                sh->evict = g + 1;
                 return p;
             }
         }
     }
+
+    sh->evict = g;
 
     return ngx_slab_alloc_locked(ngx_chat_worker.shpool, len);
 }
@@ -712,7 +739,7 @@ static void
 ngx_chat_bus_process(void)
 {
     uint64_t           g, published, found;
-    ngx_uint_t         i, n;
+    ngx_uint_t         i, n, turn;
     ngx_chat_bus_t    *bus;
     ngx_chat_slot_t   *slot;
     ngx_slab_pool_t   *shpool;
@@ -726,11 +753,21 @@ ngx_chat_bus_process(void)
 
     shpool = ngx_chat_worker.shpool;
     sh = ngx_chat_worker.sh;
+    turn = 0;
 
     for ( ;; ) {
         n = 0;
         found = 0;
         bus->copy.len = 0;
+
+        if (turn >= NGX_CHAT_BUS_TURN) {
+            /* let this worker's sockets and timers run: go on next turn */
+            if (!bus->process.posted) {
+                ngx_post_event(&bus->process, &ngx_posted_next_events);
+            }
+
+            return;
+        }
 
         /* no allocation under the mutex: the budget and one large event */
         if (ngx_chat_buf_reserve(&bus->copy, NGX_CHAT_BUS_COPY_RESERVE)
@@ -782,6 +819,8 @@ ngx_chat_bus_process(void)
                                   bus->copies[i].len);
             bus->position = bus->copies[i].gseq;
         }
+
+        turn += n;
 
         if (n < NGX_CHAT_BUS_CHUNK && found != 0) {
             break;
@@ -950,6 +989,12 @@ ngx_chat_bus_clock(void)
         return;
     }
 
+    /*
+     * Everything known now was committed before the store is asked, so a
+     * clock below it means the database went back; the position may move
+     * on while the answer is on its way, which means nothing.
+     */
+    ngx_chat_bus.clock_asked = ngx_chat_bus_known();
     ngx_chat_bus.clocking = 1;
 }
 
@@ -981,7 +1026,7 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     if (bus->started
         && (len != bus->epoch_len
             || ngx_memcmp(bus->epoch, PQgetvalue(res, 0, 1), len) != 0
-            || v < bus->position))
+            || v < bus->clock_asked))
     {
         ngx_chat_bus_reset(v, (u_char *) PQgetvalue(res, 0, 1), len);
         return;
@@ -1056,6 +1101,7 @@ ngx_chat_bus_reset(uint64_t v, u_char *epoch, size_t len)
         }
 
         sh->published = v;
+        sh->evict = 0;
         ngx_memcpy(sh->epoch, epoch, len);
         sh->epoch_len = len;
     }
@@ -1067,6 +1113,7 @@ ngx_chat_bus_reset(uint64_t v, u_char *epoch, size_t len)
 
     bus->position = v;
     bus->clock = v;
+    bus->resets++;
 
     if (bus->hole.timer_set) {
         ngx_del_timer(&bus->hole);

@@ -30,6 +30,7 @@ void ngx_chat_bus_unsubscribe(ngx_chat_session_t *s, int64_t conv);
 void ngx_chat_bus_unsubscribe_all(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_bus_replay(ngx_chat_session_t *s);
 uint64_t ngx_chat_bus_known(void);
+ngx_uint_t ngx_chat_bus_resets(void);
 void ngx_chat_event_init(ngx_chat_event_t *ev, uint64_t gseq, int64_t conv,
     u_char *data, size_t len);
 ngx_int_t ngx_chat_event_envelope(ngx_chat_event_t *ev);

@@ -194,6 +194,7 @@ typedef struct {
 
 typedef struct {
     uint64_t                   published;        /* highest gseq in ring */
+    uint64_t                   evict;            /* next to evict from */
     ngx_uint_t                 started;          /* published is known */
     u_char                     epoch[16];        /* chat_clock.epoch */
     size_t                     epoch_len;

@@ -44,6 +44,10 @@
 /* a client that sends faster than the store answers is told to wait */
 #define NGX_CHAT_SESSION_SEND_WAIT 100
 
+/* a send's reply carries its message: the body and the rest */
+#define ngx_chat_session_reply_size(snd)                                     \
+    ((snd)->body.len + (snd)->client_msg_id.len + (snd)->sender.len + 512)
+
 
 typedef struct {
     u_char                     data[NGX_CHAT_REQ_ID_MAX + 8];
@@ -460,13 +464,17 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
     switch (s->state) {
 
     case NGX_CHAT_SESSION_NEW:
-        ngx_chat_session_want(s, &cursor);
-        ngx_chat_session_join(s);
-        return;
-
     case NGX_CHAT_SESSION_JOINING:
-        /* the implicit join answers it when it completes */
-        ngx_chat_session_want(s, &cursor);
+        /* a hello without a cursor keeps the one of the upgrade */
+        if (cursor.len) {
+            ngx_chat_session_want(s, &cursor);
+        }
+
+        if (s->state == NGX_CHAT_SESSION_NEW) {
+            ngx_chat_session_join(s);
+        }
+
+        /* else the implicit join answers it when it completes */
         return;
 
     default:
@@ -677,6 +685,7 @@ ngx_chat_session_join(ngx_chat_session_t *s)
 
     /* without a cursor the client starts from here */
     s->cursor = ngx_chat_bus_position();
+    s->resets = ngx_chat_bus_resets();
 
     if (ngx_chat_store_join(j) != NGX_OK) {
         ngx_free(j);
@@ -731,9 +740,18 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
         p = last + 1;
     }
 
-    if (s->has_cursor && !s->bad_cursor
-        && ngx_chat_session_check(s, ngx_max(j->clock, ngx_chat_bus_known()))
-           == NGX_OK)
+    if (s->resets != ngx_chat_bus_resets()) {
+        /* the database was replaced while the join was on its way */
+        s->cursor = ngx_chat_bus_position();
+
+        if (s->has_cursor) {
+            s->bad_cursor = 1;
+        }
+
+    } else if (s->has_cursor && !s->bad_cursor
+               && ngx_chat_session_check(s, ngx_max(j->clock,
+                                                    ngx_chat_bus_known()))
+                  == NGX_OK)
     {
         s->cursor = s->want;
     }
@@ -908,8 +926,14 @@ ngx_chat_session_catchup(ngx_chat_session_t *s)
         return;
     }
 
-    if (rc != NGX_DECLINED) {
-        /* NGX_AGAIN: deliver() set wait_drain; NGX_ERROR: closing */
+    if (rc == NGX_AGAIN) {
+        /* deliver() set wait_drain */
+        return;
+    }
+
+    if (rc == NGX_ERROR) {
+        /* closing already, or out of memory: then close */
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
         return;
     }
 
@@ -1167,7 +1191,7 @@ ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
 
     if (s->sends
         && (s->sends >= NGX_CHAT_SESSION_SENDS
-            || s->send_bytes + snd->body.len
+            || s->send_bytes + ngx_chat_session_reply_size(snd)
                > ngx_chat_worker.cmcf->max_queue / 2))
     {
         ngx_free(snd);
@@ -1203,7 +1227,7 @@ ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
 
     s->refs++;
     s->sends++;
-    s->send_bytes += snd->body.len;
+    s->send_bytes += ngx_chat_session_reply_size(snd);
 }
 
 
@@ -1215,7 +1239,7 @@ ngx_chat_session_send_done(ngx_chat_send_t *snd)
 
     s = snd->data;
     s->sends--;
-    s->send_bytes -= snd->body.len;
+    s->send_bytes -= ngx_chat_session_reply_size(snd);
 
     if (ngx_chat_session_unref(s) != NGX_OK) {
         return;

@@ -36,6 +36,7 @@ struct ngx_chat_session_s {
     ngx_uint_t                 state;
     ngx_uint_t                 refs;             /* pending operations */
     ngx_uint_t                 sends;            /* sends in the store */
+    ngx_uint_t                 resets;           /* bus resets at join */
     size_t                     send_bytes;       /* their bodies */
 
     ngx_queue_t                queue;            /* all local sessions */

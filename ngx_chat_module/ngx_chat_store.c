@@ -75,6 +75,7 @@ typedef struct {
     ngx_rbtree_node_t          carried_sentinel;
     ngx_rbtree_t               held;             /* deferred convs */
     ngx_rbtree_node_t          held_sentinel;
+    ngx_uint_t                 held_all;         /* the tree missed one */
     ngx_rbtree_t               senders;
     ngx_rbtree_node_t          senders_sentinel;
     ngx_msec_t                 retry_delay;
@@ -859,7 +860,8 @@ ngx_chat_store_hold(ngx_chat_send_t *snd)
     h = ngx_calloc(sizeof(ngx_chat_carried_t), ngx_chat_worker.log);
 
     if (h == NULL) {
-        /* the retry takes it all the same; only the lookup misses it */
+        /* until the retry, every conversation counts as held: in order */
+        st->held_all = 1;
         return;
     }
 
@@ -872,9 +874,10 @@ ngx_chat_store_hold(ngx_chat_send_t *snd)
 static ngx_uint_t
 ngx_chat_store_deferred(int64_t conv)
 {
-    return ngx_chat_rbtree_lookup(&ngx_chat_store.held,
-                                  (ngx_rbtree_key_t) conv)
-           != NULL;
+    return ngx_chat_store.held_all
+           || ngx_chat_rbtree_lookup(&ngx_chat_store.held,
+                                     (ngx_rbtree_key_t) conv)
+              != NULL;
 }
 
 
@@ -1186,6 +1189,8 @@ ngx_chat_store_retry(ngx_event_t *ev)
 
     st->npending += st->ndeferred;
     st->ndeferred = 0;
+
+    st->held_all = 0;
 
     while (st->held.root != st->held.sentinel) {
         node = ngx_rbtree_min(st->held.root, st->held.sentinel);

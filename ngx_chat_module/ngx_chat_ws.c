@@ -1948,6 +1948,12 @@ ngx_chat_ws_start_close(ngx_chat_ws_ctx_t *ctx, ngx_uint_t code,
 
     ctx->closing = 1;
 
+    if (ctx->paused) {
+        /* the client's close reply must be read */
+        ctx->paused = 0;
+        ngx_post_event(ctx->connection->read, &ngx_posted_events);
+    }
+
     buf[0] = (u_char) (code >> 8);
     buf[1] = (u_char) code;
 
@@ -2423,6 +2429,8 @@ static ngx_int_t
 ngx_chat_ws_send_event(ngx_chat_session_t *s, ngx_chat_event_t *ev)
 {
     if (ngx_chat_event_envelope(ev) != NGX_OK) {
+        ngx_chat_ws_start_close(s->tctx, NGX_CHAT_CLOSE_INTERNAL,
+                                "internal error");
         return NGX_ERROR;
     }
 

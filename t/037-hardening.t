@@ -27,6 +27,8 @@ ng_rw = Nginx(pg, workers=2, http="chat_max_rewind 10;")
 ng_small = Nginx(pg, workers=1, http="chat_db_pool_size 2;")
 ng_lim = Nginx(pg, workers=1, http="chat_max_unauthenticated 3;\n"
                "chat_max_connections_per_address 4;\nchat_auth_timeout 30s;")
+# the smallest queue there is: replies to pipelined sends must still fit
+ng_tiny = Nginx(pg, workers=1, http="chat_max_message_size 1k;\nchat_max_queue 2k;")
 # created last: the default of the harness' helpers
 ng = Nginx(pg, workers=2)
 
@@ -163,6 +165,23 @@ async def test_ticket_cursor():
     await until(lambda: len(conv_events(c, conv)) >= len(want), timeout=10)
     stream_ok("ticket + ?cursor=", conv_events(c, conv, whole=True), want)
     ok(c.received and c.received[0].get("type") == "welcome", "welcome comes first")
+    await c.close()
+
+    # the demo's way: ?cursor= on the upgrade, then a hello without one
+    c = await ws_connect_on("tk-alice")
+    c1 = c.hello["result"]["cursor"]
+    await c.close()
+    for i in range(5, 8):
+        await send_and_wait("tk-bob", conv, "tk-%d" % i)
+    want = db_messages(conv)[5:]
+    st, _, b = api("POST", "/chat/api/tickets", token=token("tk-alice"))
+    c = await ws_connect(ticket=b["ticket"], path="/chat/ws?cursor=" + c1, hello=False)
+    r = await c.request("hello")
+    ok(r and r["ok"] and r["result"]["cursor"] == c1,
+       "?cursor= then a hello without a cursor: the upgrade's cursor holds (%r)"
+       % (r and r.get("result", {}).get("cursor"),))
+    await until(lambda: len(conv_events(c, conv)) >= len(want), timeout=10)
+    stream_ok("?cursor= + hello{}", conv_events(c, conv, whole=True), want)
     await c.close()
 
 
@@ -392,6 +411,43 @@ async def test_send_cap():
     ws.close()
 
 
+async def test_tiny_queue():
+    conv = rest_create_conv("tq-bob", "direct", ["tq-alice"], nginx=ng_tiny)
+    c = await ws_connect_on("tq-bob", nginx=ng_tiny)
+    reps = await asyncio.gather(*[c.request("send", conversation_id=conv, client_msg_id="tq-%d" % i,
+                                            body="short %d" % i) for i in range(30)])
+    ok(not c.closed, "chat_max_queue 2k: 30 pipelined sends do not cut a reading client (%s)"
+       % (c.close_code,))
+    oks = sum(1 for r in reps if r and r["ok"])
+    lim = sum(1 for r in reps if r and not r["ok"] and r["error"]["code"] == "rate_limited")
+    is_(oks + lim, 30, "... each answered: %d stored, %d rate_limited" % (oks, lim))
+    await c.close()
+
+
+async def test_no_false_reset():
+    """Bursts with quiet gaps, so the clock check runs while batches commit:
+    a stale clock answer must not pass for a replaced database."""
+    conv = rest_create_conv("nr-bob", "group", ["nr-alice"], title="bursts")
+    pids = ng.worker_pids()
+    watch = [await ws_connect_on("nr-alice", want_pid=p) for p in pids]
+    s = await ws_connect_on("nr-bob")
+    n = 0
+    t_end = time.monotonic() + 7
+    while time.monotonic() < t_end:
+        await asyncio.gather(*[s.request("send", conversation_id=conv, client_msg_id="nr-%d" % (n + i),
+                                         body="b") for i in range(20)])
+        n += 20
+        await asyncio.sleep(0.9 + (n % 7) * 0.05)
+    await asyncio.sleep(0.5)
+    resets = [m for c in watch for m in c.messages if m.get("type") == "resync_required"]
+    is_(resets, [], "7 s of bursts and pauses on both workers: no resync_required")
+    for c in watch:
+        ids = [e["message"]["client_msg_id"] for e in conv_events(c, conv)]
+        is_(ids, ["nr-%d" % i for i in range(n)], "every burst delivered once, in order")
+        await c.close()
+    await s.close()
+
+
 # ---------------------------------------------------------------- K ----
 
 async def test_attachments():
@@ -462,6 +518,8 @@ run(test_max_rewind())
 run(test_batch_isolation())
 run(test_send_cap())
 run(test_attachments())
+run(test_tiny_queue())
+run(test_no_false_reset())
 test_caps()
 run(test_epoch_replaced())
 done()
