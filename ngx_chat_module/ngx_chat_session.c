@@ -96,6 +96,7 @@ static void ngx_chat_session_resync_required(ngx_chat_session_t *s,
     const char *reason);
 static ngx_int_t ngx_chat_session_write(ngx_chat_session_t *s,
     ngx_chat_buf_t *b);
+static ngx_int_t ngx_chat_session_sent(ngx_chat_session_t *s, ngx_int_t rc);
 
 
 static uint64_t        ngx_chat_session_seq;
@@ -1138,8 +1139,6 @@ ngx_chat_session_drained(ngx_chat_session_t *s)
 ngx_int_t
 ngx_chat_session_deliver(ngx_chat_session_t *s, ngx_chat_event_t *ev)
 {
-    ngx_int_t  rc;
-
     if (s->pending_close) {
         return NGX_ERROR;
     }
@@ -1150,8 +1149,17 @@ ngx_chat_session_deliver(ngx_chat_session_t *s, ngx_chat_event_t *ev)
 
     s->delivered = 1;
 
-    rc = s->transport->send_event(s, ev);
+    return ngx_chat_session_sent(s, s->transport->send_event(s, ev));
+}
 
+
+/*
+ * What the transport answered: on NGX_AGAIN the window is full, and
+ * events wait for "drained" (a LIVE session steps back to catch-up).
+ */
+static ngx_int_t
+ngx_chat_session_sent(ngx_chat_session_t *s, ngx_int_t rc)
+{
     if (rc == NGX_ERROR) {
         s->pending_close = 1;
         return NGX_ERROR;
@@ -1415,29 +1423,11 @@ ngx_chat_session_close(ngx_chat_session_t *s, ngx_uint_t code,
 static ngx_int_t
 ngx_chat_session_write(ngx_chat_session_t *s, ngx_chat_buf_t *b)
 {
-    ngx_int_t  rc;
-
     if (s->pending_close || s->state == NGX_CHAT_SESSION_CLOSED) {
         return NGX_ERROR;
     }
 
-    rc = s->transport->send(s, b->data, b->len);
-
-    if (rc == NGX_ERROR) {
-        s->pending_close = 1;
-        return NGX_ERROR;
-    }
-
-    if (rc == NGX_AGAIN) {
-        /* the window is full: events wait for "drained" */
-        s->wait_drain = 1;
-
-        if (s->state == NGX_CHAT_SESSION_LIVE) {
-            s->state = NGX_CHAT_SESSION_CATCHUP;
-        }
-    }
-
-    return rc;
+    return ngx_chat_session_sent(s, s->transport->send(s, b->data, b->len));
 }
 
 
