@@ -149,23 +149,35 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "AS u (u, ord) ORDER BY u.ord", 1 },
 
     /*
-     * A merge over the user's memberships: per conversation the first
-     * events after the cursor by the (conversation_id, gseq) index, the
-     * first $3 of them all, cut where they pass $4 bytes (at least one).
-     * n is the page before the cut: a page with n < $3 and all n rows
-     * saw everything.
+     * A page of a user's events after a cursor, a merge over the user's
+     * memberships by the (conversation_id, gseq) index in two steps.
+     * First each membership's first event after the cursor (one probe
+     * each); b, the $3-th smallest of those, bounds the page: its $3
+     * smallest events are all <= b, and only the $3 conversations whose
+     * first event is <= b can hold any (b is NULL when fewer have
+     * events).  Then those conversations' events up to b, the first $3,
+     * cut where they pass $4 bytes (at least one).  n is the page before
+     * the cut: a page with n < $3 and all n rows saw everything.
      */
     { "chat_catchup",
+      "WITH f AS (SELECT m.conversation_id AS c, y.gseq AS g "
+      "FROM chat_members m CROSS JOIN LATERAL ("
+      "SELECT e.gseq FROM chat_events e "
+      "WHERE e.conversation_id = m.conversation_id "
+      "AND e.gseq > $2::bigint ORDER BY e.gseq LIMIT 1) y "
+      "WHERE m.user_id = $1 ORDER BY y.gseq LIMIT $3::int), "
+      "b AS (SELECT CASE WHEN count(*) < $3::int THEN NULL "
+      "ELSE max(g) END AS b FROM f) "
       "SELECT t.gseq, t.conversation_id, t.payload, t.n FROM ("
       "SELECT e.gseq, e.conversation_id, e.payload, p.n, "
       "sum(octet_length(e.payload)) OVER (ORDER BY e.gseq ROWS "
       "UNBOUNDED PRECEDING) - octet_length(e.payload) AS before "
       "FROM (SELECT x.gseq, count(*) OVER () AS n FROM ("
-      "SELECT y.gseq FROM chat_members m CROSS JOIN LATERAL ("
-      "SELECT e.gseq FROM chat_events e "
-      "WHERE e.conversation_id = m.conversation_id "
-      "AND e.gseq > $2::bigint ORDER BY e.gseq LIMIT $3::int) y "
-      "WHERE m.user_id = $1 ORDER BY y.gseq LIMIT $3::int) x) p "
+      "SELECT y.gseq FROM f CROSS JOIN b CROSS JOIN LATERAL ("
+      "SELECT e.gseq FROM chat_events e WHERE e.conversation_id = f.c "
+      "AND e.gseq > $2::bigint AND (b.b IS NULL OR e.gseq <= b.b) "
+      "ORDER BY e.gseq LIMIT $3::int) y "
+      "ORDER BY y.gseq LIMIT $3::int) x) p "
       "JOIN chat_events e ON e.gseq = p.gseq) t "
       "WHERE t.before < $4::bigint ORDER BY t.gseq", 4 },
 
