@@ -8,6 +8,7 @@
 # memory stays bounded by the queue cap, not by the backlog.
 import asyncio
 import os
+import struct
 import sys
 import time
 
@@ -24,6 +25,8 @@ pg = PgCluster()
 common = "chat_max_queue 128k;\nchat_send_timeout 20s;\n"
 # the ring holds every backlog below: catch-up from the ring
 ng_ring = Nginx(pg, workers=2, http=common + "chat_bus_slots 65536;\nchat_shm_size 64m;")
+# no leeway: a token expires on the second (the close-while-paused case)
+ng_exp = Nginx(pg, workers=1, http=common + "chat_jwt_leeway 0s;")
 # a small ring in a small zone: catch-up reads the store
 ng_store = Nginx(pg, workers=2, http=common + "chat_bus_slots 1024;\nchat_shm_size 1m;\n"
                  "chat_catchup_page 64;")
@@ -139,5 +142,57 @@ async def main():
 
 
 
+async def close_while_paused():
+    """The server closes (token expired) a connection whose queue is past
+    the window, so its input is not being read: once the client reads
+    everything and answers the close, the server must read that answer and
+    end the TCP connection cleanly (FIN, not RST)."""
+    import socket as _s
+    conv = rest_create_conv("cp-s", "group", ["cp-r"], nginx=ng_exp, title="paused")
+    c = await ws_connect_on("cp-r", nginx=ng_exp)
+    cur = c.hello["result"]["cursor"]
+    await c.close()
+    await send_many(ng_exp, "cp-s", conv, 4000, "p" * 400, "cp")
+    sock = _s.socket(_s.AF_INET, _s.SOCK_STREAM)
+    sock.setsockopt(_s.SOL_SOCKET, _s.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", ng_exp.port))
+    ws = RawWS.__new__(RawWS)
+    ws.sock, ws.buf, ws.timeout, ws.port = sock, b"", 10, ng_exp.port
+    ws.status, ws.headers = None, {}
+    ws.handshake("/chat/ws", {"Sec-WebSocket-Protocol": "chat.v1"})
+    ok(ws.status == 101, "close-while-paused: upgraded")
+    ws.send_json({"type": "hello", "id": 1, "token": token("cp-r", exp_in=3), "cursor": cur})
+    await asyncio.sleep(3.3)        # not reading; the token runs out within 3 s
+    frames, close = 0, None
+    try:
+        while True:
+            f = ws.recv_frame(timeout=10)
+            if f is None or f.opcode == 8:
+                close = f
+                break
+            frames += 1
+    except Exception as e:  # noqa: BLE001
+        close = e
+    code = struct.unpack("!H", close.payload[:2])[0] if isinstance(close, Frame) else close
+    is_(code, 4001, "close-while-paused: the client reads %d frames, then close 4001" % frames)
+    ws.send_close(4001)
+    how = None
+    try:
+        sock.settimeout(5)
+        while True:
+            b = sock.recv(65536)
+            if not b:
+                how = "FIN"
+                break
+    except ConnectionResetError:
+        how = "RST"
+    except _s.timeout:
+        how = "timeout"
+    is_(how, "FIN", "close-while-paused: the server read the close reply and closed cleanly")
+    sock.close()
+
+
 run(main())
+run(close_while_paused())
 done()
