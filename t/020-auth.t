@@ -5,9 +5,6 @@
 # header on the upgrade, single-use ticket), expiry and nbf, in-band refresh,
 # close 4001 at expiry, the Origin allow-list, REST 401s and the service role.
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import os
 import sys
@@ -66,29 +63,6 @@ def run(coro):
 
 # ------------------------------------------------------------ helpers ----
 
-def b64u(b):
-    if isinstance(b, str):
-        b = b.encode()
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def raw_jwt(header, claims, secret=None, sig=None):
-    """A compact JWS built by hand: HS256 over `secret` (any bytes, PEM
-    included -- PyJWT refuses those), or the given signature bytes."""
-    signing_input = b64u(json.dumps(header, separators=(",", ":"))) + "." + \
-        b64u(claims if isinstance(claims, str) else json.dumps(claims, separators=(",", ":")))
-    if secret is not None:
-        sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return signing_input + "." + (b64u(sig) if sig else "")
-
-
-def claims(sub, exp_in=3600, **kw):
-    now = int(time.time())
-    c = {"sub": sub, "iat": now, "exp": now + exp_in}
-    c.update(kw)
-    return c
-
-
 def err_code(body):
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return body["error"].get("code")
@@ -114,40 +88,13 @@ def hello_result(nginx, tok, **kw):
     return run(go())
 
 
-class WS(RawWS):
-    """RawWS that reads an error response by its Content-Length instead of
-    waiting for the (keep-alive) connection to close."""
-
-    def _read_rest(self):
-        n = int(self.headers.get("content-length", "-1"))
-        data = b""
-        deadline = time.monotonic() + self.timeout
-        try:
-            while (n < 0 or len(self.buf) + len(data) < n) and time.monotonic() < deadline:
-                b = self.sock.recv(65536)
-                if not b:
-                    break
-                data += b
-        except OSError:
-            pass
-        return data
-
-
 def upgrade_status(nginx, tok=None, ticket=None, headers=None):
     """Raw upgrade with Authorization: Bearer (or ?ticket=); returns the
     RawWS (status, body available)."""
     h = {"Sec-WebSocket-Protocol": "chat.v1"}
     h.update(headers or {})
-    ws = WS(nginx, headers=h, token=tok, ticket=ticket, timeout=5)
+    ws = RawWS(nginx, headers=h, token=tok, ticket=ticket, timeout=5)
     return ws
-
-
-def body_json(ws):
-    try:
-        raw = getattr(ws, "body", b"")
-        return json.loads(raw.split(b"\r\n\r\n")[-1] if b"\r\n\r\n" in raw else raw)
-    except ValueError:
-        return raw
 
 
 def reject_case(nginx, tok, want_code, name):
@@ -159,7 +106,7 @@ def reject_case(nginx, tok, want_code, name):
     is_(code, 1008, "%s: hello -> close 1008" % name)
     ws = upgrade_status(nginx, tok)
     is_(ws.status, 401, "%s: Authorization on the upgrade -> 401" % name)
-    is_(err_code(body_json(ws)), want_code, "%s: upgrade 401 body code %s" % (name, want_code))
+    is_(err_code(ws_body_json(ws)), want_code, "%s: upgrade 401 body code %s" % (name, want_code))
     ws.close()
     st, body = me(nginx, tok)
     is_(st, 401, "%s: REST -> 401" % name)
@@ -248,19 +195,19 @@ reject_case(ng, token("carol", key=b"another-secret-another-secret-0123456789"),
 
 good = token("carol")
 h, p, s = good.split(".")
-tampered = h + "." + b64u(json.dumps(claims("admin"))) + "." + s
+tampered = h + "." + b64u(json.dumps(jwt_claims("admin"))) + "." + s
 reject_case(ng, tampered, "unauthorized", "payload swapped, signature kept")
 
-reject_case(ng, raw_jwt({"alg": "none", "typ": "JWT"}, claims("carol")),
+reject_case(ng, raw_jwt({"alg": "none", "typ": "JWT"}, jwt_claims("carol")),
             "unauthorized", "alg none, empty signature")
-reject_case(ng, raw_jwt({"alg": "none", "typ": "JWT"}, claims("carol"), sig=b"x" * 32),
+reject_case(ng, raw_jwt({"alg": "none", "typ": "JWT"}, jwt_claims("carol"), sig=b"x" * 32),
             "unauthorized", "alg none with a signature")
-reject_case(ng, raw_jwt({"alg": "HS512", "typ": "JWT"}, claims("carol"), secret=hs_secret()),
+reject_case(ng, raw_jwt({"alg": "HS512", "typ": "JWT"}, jwt_claims("carol"), secret=hs_secret()),
             "unauthorized", "alg HS512 (not configured)")
 reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"}, {"sub": "carol", "iat": int(time.time())},
                         secret=hs_secret()),
             "unauthorized", "no exp claim")
-reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"}, claims("carol", role="admin"),
+reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"}, jwt_claims("carol", role="admin"),
                         secret=hs_secret()),
             "unauthorized", "unknown role")
 reject_case(ng, "not.a.jwt", "unauthorized", "garbage token")
@@ -283,21 +230,21 @@ reject_case(ng, raw_jwt({"alg": "HS256", "typ": "JWT"}, {"exp": now + 3600}, sec
 
 accept_case(ng_rs, token("rsuser", key=rs_priv, alg="RS256"), "rsuser", "RS256 good token")
 # HS/RS confusion: HS256 with the public key PEM as the HMAC secret
-reject_case(ng_rs, raw_jwt({"alg": "HS256", "typ": "JWT"}, claims("rsuser"), secret=rs_pub),
+reject_case(ng_rs, raw_jwt({"alg": "HS256", "typ": "JWT"}, jwt_claims("rsuser"), secret=rs_pub),
             "unauthorized", "RS256 server, HS256 signed with the public key PEM")
-reject_case(ng_rs, raw_jwt({"alg": "RS256", "typ": "JWT"}, claims("rsuser"), secret=rs_pub),
+reject_case(ng_rs, raw_jwt({"alg": "RS256", "typ": "JWT"}, jwt_claims("rsuser"), secret=rs_pub),
             "unauthorized", "RS256 server, alg RS256 but HMAC(public PEM) signature")
-reject_case(ng_rs, raw_jwt({"alg": "HS256", "typ": "JWT"}, claims("rsuser"), secret=rs_pub.rstrip(b"\n")),
+reject_case(ng_rs, raw_jwt({"alg": "HS256", "typ": "JWT"}, jwt_claims("rsuser"), secret=rs_pub.rstrip(b"\n")),
             "unauthorized", "RS256 server, HS256 with the PEM minus newline")
 reject_case(ng_rs, token("rsuser"), "unauthorized", "RS256 server, HS256 token (harness secret)")
 other_priv, _ = rsa_keypair()
 reject_case(ng_rs, token("rsuser", key=other_priv, alg="RS256"), "unauthorized",
             "RS256 signed by another key")
-reject_case(ng_rs, raw_jwt({"alg": "none"}, claims("rsuser")), "unauthorized", "RS256 server, alg none")
+reject_case(ng_rs, raw_jwt({"alg": "none"}, jwt_claims("rsuser")), "unauthorized", "RS256 server, alg none")
 
 accept_case(ng_cert, token("certuser", key=rs_priv, alg="RS256"), "certuser",
             "RS256 key given as an X.509 certificate, good token")
-reject_case(ng_cert, raw_jwt({"alg": "HS256", "typ": "JWT"}, claims("certuser"),
+reject_case(ng_cert, raw_jwt({"alg": "HS256", "typ": "JWT"}, jwt_claims("certuser"),
                              secret=_cert.public_bytes(_ser.Encoding.PEM)),
             "unauthorized", "certificate server, HS256 signed with the certificate PEM")
 
@@ -315,7 +262,7 @@ is_(st, 401, "secret file \"S\\n\\n\": token signed with S refused")
 # ---------------------------------------------------------- ES256 ----
 
 accept_case(ng_es, token("esuser", key=ec_priv, alg="ES256"), "esuser", "ES256 good token")
-reject_case(ng_es, raw_jwt({"alg": "HS256", "typ": "JWT"}, claims("esuser"), secret=ec_pub),
+reject_case(ng_es, raw_jwt({"alg": "HS256", "typ": "JWT"}, jwt_claims("esuser"), secret=ec_pub),
             "unauthorized", "ES256 server, HS256 signed with the public key PEM")
 reject_case(ng_es, token("esuser", key=rs_priv, alg="RS256"), "unauthorized", "ES256 server, RS256 token")
 other_ec, _ = ec_keypair()
@@ -324,7 +271,7 @@ reject_case(ng_es, token("esuser", key=other_ec, alg="ES256"), "unauthorized", "
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec as _ec  # noqa: E402
 _k = serialization.load_pem_private_key(ec_priv, None)
-_si = b64u(json.dumps({"alg": "ES256", "typ": "JWT"})) + "." + b64u(json.dumps(claims("esuser")))
+_si = b64u(json.dumps({"alg": "ES256", "typ": "JWT"})) + "." + b64u(json.dumps(jwt_claims("esuser")))
 _der = _k.sign(_si.encode(), _ec.ECDSA(hashes.SHA256()))
 reject_case(ng_es, _si + "." + b64u(_der), "unauthorized", "ES256 with a DER signature")
 
@@ -352,7 +299,7 @@ ws.close()
 
 ws = upgrade_status(ng, ticket=tk)
 is_(ws.status, 401, "the same ticket a second time -> 401")
-is_(err_code(body_json(ws)), "unauthorized", "... JSON error unauthorized")
+is_(err_code(ws_body_json(ws)), "unauthorized", "... JSON error unauthorized")
 ws.close()
 
 st, hd, body = api("POST", "/chat/api/tickets", token=token("svc", role="service"), nginx=ng)
@@ -399,7 +346,7 @@ ws.close()
 
 ws = upgrade_status(ng, ticket=tk_lapsed)
 is_(ws.status, 401, "ticket redeemed after its token expired (beyond leeway) -> 401")
-is_(err_code(body_json(ws)), "token_expired", "... code token_expired (%r)" % (body_json(ws),))
+is_(err_code(ws_body_json(ws)), "token_expired", "... code token_expired (%r)" % (ws_body_json(ws),))
 ws.close()
 
 # ---------------------------------------------------------- refresh ----
@@ -475,15 +422,15 @@ for origin, want in (("http://good.example", 101), ("HTTP://GOOD.EXAMPLE", 101),
     hdrs = {"Sec-WebSocket-Protocol": "chat.v1"}
     if origin is not None:
         hdrs["Origin"] = origin
-    ws = WS(ng, headers=hdrs, timeout=5)
+    ws = RawWS(ng, headers=hdrs, timeout=5)
     is_(ws.status, want, "Origin %s -> %d" % (origin, want))
     if want == 403:
-        is_(err_code(body_json(ws)), "forbidden", "Origin %s: JSON error forbidden" % origin)
+        is_(err_code(ws_body_json(ws)), "forbidden", "Origin %s: JSON error forbidden" % origin)
     ws.close()
 
 # origin is checked on the ticket path as well
 st, hd, body = api("POST", "/chat/api/tickets", token=token("dave"), nginx=ng)
-ws = WS(ng, headers={"Sec-WebSocket-Protocol": "chat.v1", "Origin": "http://bad.example"},
+ws = RawWS(ng, headers={"Sec-WebSocket-Protocol": "chat.v1", "Origin": "http://bad.example"},
         ticket=body.get("ticket"), timeout=5)
 is_(ws.status, 403, "ticket upgrade from a bad Origin -> 403")
 ws.close()

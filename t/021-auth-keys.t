@@ -6,9 +6,6 @@
 # configuration errors, and a ticket flood: one user's tickets cost only that
 # user's own, and a table full of other users' live tickets answers 429.
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import os
 import sys
@@ -68,26 +65,6 @@ def run(coro):
 
 # ------------------------------------------------------------ helpers ----
 
-def b64u(b):
-    if isinstance(b, str):
-        b = b.encode()
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def raw_jwt(header, claims, secret):
-    """HS256 over `secret`, with exactly the given header and claims."""
-    si = b64u(json.dumps(header, separators=(",", ":"))) + "." + \
-        b64u(json.dumps(claims, separators=(",", ":")))
-    return si + "." + b64u(hmac.new(secret, si.encode(), hashlib.sha256).digest())
-
-
-def claims(sub, exp_in=3600, **kw):
-    now = int(time.time())
-    c = {"sub": sub, "iat": now, "exp": now + exp_in}
-    c.update(kw)
-    return c
-
-
 def err(body):
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return body["error"].get("code"), body["error"].get("message")
@@ -113,35 +90,9 @@ def hello_result(nginx, tok):
     return run(go())
 
 
-class WS(RawWS):
-    """RawWS that reads an error response by its Content-Length."""
-
-    def _read_rest(self):
-        n = int(self.headers.get("content-length", "-1"))
-        data = b""
-        deadline = time.monotonic() + self.timeout
-        try:
-            while (n < 0 or len(self.buf) + len(data) < n) and time.monotonic() < deadline:
-                b = self.sock.recv(65536)
-                if not b:
-                    break
-                data += b
-        except OSError:
-            pass
-        return data
-
-
 def upgrade(nginx, tok=None, ticket=None):
-    return WS(nginx, headers={"Sec-WebSocket-Protocol": "chat.v1"}, token=tok,
+    return RawWS(nginx, headers={"Sec-WebSocket-Protocol": "chat.v1"}, token=tok,
               ticket=ticket, timeout=5)
-
-
-def body_json(ws):
-    raw = getattr(ws, "body", b"")
-    try:
-        return json.loads(raw.split(b"\r\n\r\n")[-1] if b"\r\n\r\n" in raw else raw)
-    except ValueError:
-        return raw
 
 
 def reject_case(nginx, tok, name, want_msg=None):
@@ -156,7 +107,7 @@ def reject_case(nginx, tok, name, want_msg=None):
     is_(code, 1008, "%s: hello -> close 1008" % name)
     ws = upgrade(nginx, tok)
     is_(ws.status, 401, "%s: Authorization on the upgrade -> 401" % name)
-    is_(err(body_json(ws))[0], "unauthorized", "%s: upgrade 401 unauthorized" % name)
+    is_(err(ws_body_json(ws))[0], "unauthorized", "%s: upgrade 401 unauthorized" % name)
     ws.close()
     st, body = me(nginx, tok)
     is_(st, 401, "%s: REST -> 401" % name)
@@ -249,10 +200,10 @@ reject_case(ng_kid, token("kx", key=sec_a, headers={"kid": "A"}), "kid differing
             "unknown key id")
 reject_case(ng_kid, token("kx", key=sec_a, headers={"kid": ""}), "empty kid", "unknown key id")
 reject_case(ng_kid, token("kx", key=sec_a), "no kid, every key has one", "key id required")
-reject_case(ng_kid, raw_jwt({"alg": "HS256", "typ": "JWT", "kid": 1}, claims("kx"), sec_a),
+reject_case(ng_kid, raw_jwt({"alg": "HS256", "typ": "JWT", "kid": 1}, jwt_claims("kx"), sec_a),
             "kid a number", "bad key id")
 # the algorithm is still the configured one, whatever the kid
-reject_case(ng_kid, raw_jwt({"alg": "HS512", "kid": "a"}, claims("kx"), sec_a),
+reject_case(ng_kid, raw_jwt({"alg": "HS512", "kid": "a"}, jwt_claims("kx"), sec_a),
             "kid a, alg HS512", "algorithm not allowed")
 
 # one key without a kid (old) and one with (new): rotation in progress
@@ -278,7 +229,7 @@ reject_case(ng_rs, token("rx", key=rs1_priv, alg="RS256", headers={"kid": "r3"})
             "RS256 unknown kid", "unknown key id")
 reject_case(ng_rs, token("rx", key=rs1_priv, alg="RS256"), "RS256 no kid", "key id required")
 # HS/RS confusion with a kid: HS256 with a public key PEM as the secret
-reject_case(ng_rs, raw_jwt({"alg": "HS256", "kid": "r1"}, claims("rx"), rs1_pub),
+reject_case(ng_rs, raw_jwt({"alg": "HS256", "kid": "r1"}, jwt_claims("rx"), rs1_pub),
             "RS256 server, HS256 with the PEM of kid r1", "algorithm not allowed")
 
 # -------------------------------------------------- configuration errors ----

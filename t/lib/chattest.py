@@ -52,7 +52,7 @@ __all__ = [
     "done", "bail_out", "wait_for", "free_port", "tmpdir", "PgCluster",
     "Nginx", "NginxError", "token", "jwt_encode", "hs_secret", "rsa_keypair",
     "ec_keypair", "write_file", "api", "http_raw", "ws_connect", "ChatClient",
-    "RawWS", "Frame", "hs_secret_file",
+    "RawWS", "Frame", "hs_secret_file", "b64u", "raw_jwt", "jwt_claims", "ws_body_json",
     # shared test helpers (the end of this file)
     "session_pid", "gseq", "until", "conv_events", "stream_ok", "ws_ping",
     "request_or_none", "ws_connect_on", "ws_spread", "rest_create_conv", "db_create_conv",
@@ -936,6 +936,42 @@ def token(sub, exp_in=3600, key=None, alg="HS256", headers=None, **claims):
     return jwt_encode(c, key=key, alg=alg, headers=headers)
 
 
+def b64u(b):
+    """base64url without padding, of bytes or a str."""
+    if isinstance(b, str):
+        b = b.encode()
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def raw_jwt(header, claims, secret=None, sig=None):
+    """A compact JWS built by hand, with exactly the given header and claims
+    (a dict, or a str taken as is): HS256 over `secret` (any bytes, PEM
+    included -- PyJWT refuses those), or the given signature bytes."""
+    import hmac
+    signing_input = b64u(_json.dumps(header, separators=(",", ":"))) + "." + \
+        b64u(claims if isinstance(claims, str) else _json.dumps(claims, separators=(",", ":")))
+    if secret is not None:
+        sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + (b64u(sig) if sig else "")
+
+
+def jwt_claims(sub, exp_in=3600, **kw):
+    """{"sub", "iat", "exp"} for now, plus kw."""
+    now = int(time.time())
+    c = {"sub": sub, "iat": now, "exp": now + exp_in}
+    c.update(kw)
+    return c
+
+
+def ws_body_json(ws):
+    """The JSON body of a refused upgrade (RawWS.body), or the raw bytes."""
+    raw = getattr(ws, "body", b"")
+    try:
+        return _json.loads(raw.split(b"\r\n\r\n")[-1] if b"\r\n\r\n" in raw else raw)
+    except ValueError:
+        return raw
+
+
 def _pem_pair(priv):
     from cryptography.hazmat.primitives import serialization
     private_pem = priv.private_bytes(serialization.Encoding.PEM,
@@ -1278,9 +1314,13 @@ class RawWS:
         return self.status
 
     def _read_rest(self):
+        """The body of a refused upgrade: by its Content-Length when it has
+        one (the connection may be kept alive), else until the close."""
+        n = int(self.headers.get("content-length", "-1"))
         data = b""
+        deadline = time.monotonic() + self.timeout
         try:
-            while True:
+            while (n < 0 or len(self.buf) + len(data) < n) and time.monotonic() < deadline:
                 b = self.sock.recv(65536)
                 if not b:
                     break
