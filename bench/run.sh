@@ -495,6 +495,39 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# PostgreSQL's CPU (every process of the cluster, utime + stime) and the
+# messages stored, before and after a run of ours: "postgres cpu: S s,
+# N messages, U us per message".  Backends that exit during the run are
+# not counted (the module's pool connections live through it).
+pg_ticks() {
+    local pm p t=0 f
+    pm="$(head -1 "$REPO/var/pg/postmaster.pid" 2> /dev/null)"
+    [ -n "$pm" ] || { echo 0; return; }
+    for p in $pm $(pgrep -P "$pm"); do
+        f=$(cut -d' ' -f14,15 "/proc/$p/stat" 2> /dev/null) || continue
+        t=$(( t + ${f% *} + ${f#* } ))
+    done
+    echo "$t"
+}
+
+pg_messages() {
+    /usr/lib/postgresql/*/bin/psql -X -A -t -h "$REPO/var/run" \
+        -p "$CHAT_PGPORT" -U postgres -d chat \
+        -c "SELECT count(*) FROM chat_messages" 2> /dev/null || echo 0
+}
+
+pg_sample() {       # before | after
+    if [ "$1" = before ]; then
+        PG_T0=$(pg_ticks); PG_M0=$(pg_messages)
+        return
+    fi
+    local t1 m1 hz
+    t1=$(pg_ticks); m1=$(pg_messages); hz=$(getconf CLK_TCK)
+    awk -v t="$(( t1 - PG_T0 ))" -v m="$(( m1 - PG_M0 ))" -v hz="$hz" 'BEGIN {
+        printf "postgres cpu: %.2f s, %d messages, %.0f us per message\n",
+               t / hz, m, m ? t / hz / m * 1e6 : 0 }'
+}
+
 # ---- one measurement ----
 run_one() {         # mode scenario size conns rate k rep
     local mode="$1" sc="$2" size="$3" conns="$4" rate="$5" k="$6" rep="$7"
@@ -522,6 +555,7 @@ run_one() {         # mode scenario size conns rate k rep
     limit=$(( DURATION + WARMUP + DRAIN + HOLD + conns / 500 + 120 ))
 
     log "run $tag: $desc"
+    [ "$mode" = chat ] && pg_sample before
     timeout "$limit" "$BIN" --mode "$genmode" --scenario "$sc" \
         --port "$SERVER_PORT" --conns "$conns" --workers "$workers" \
         --src "$SRC" --pin "$GEN_CPUS" --rate "$rate" --size "$size" \
@@ -530,7 +564,8 @@ run_one() {         # mode scenario size conns rate k rep
         "${GEN_EXTRA[@]}" "${extra[@]}" \
         > "$RAW/logs/$tag.txt" 2>&1
     rc=$?
-    grep -E 'result|latency e2e|integrity|connect |server rss' \
+    [ "$mode" = chat ] && pg_sample after >> "$RAW/logs/$tag.txt"
+    grep -E 'result|latency e2e|integrity|connect |server rss|postgres cpu' \
         "$RAW/logs/$tag.txt" | sed 's/^/    /' | tee -a "$OUT/run.log"
     [ $rc = 0 ] || log "run $tag exited $rc (see $RAW/logs/$tag.txt)"
     sleep 1

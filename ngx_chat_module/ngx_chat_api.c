@@ -33,6 +33,15 @@ typedef struct {
 } ngx_chat_api_ctx_t;
 
 
+/* a created conversation's position, in front of the query's params */
+typedef struct {
+    ngx_chat_resv_t           *resv;
+    uint64_t                   lo;
+    int64_t                    key;
+    u_char                     text[3 * (NGX_INT64_LEN + 1)];
+} ngx_chat_api_resv_t;
+
+
 static ngx_int_t ngx_chat_api_send(ngx_http_request_t *r, ngx_uint_t status,
     u_char *data, size_t len);
 static ngx_int_t ngx_chat_api_tickets(ngx_http_request_t *r);
@@ -51,6 +60,7 @@ static void ngx_chat_api_wait(ngx_http_request_t *r);
 static ngx_http_request_t *ngx_chat_api_query_owner(ngx_chat_query_t *q);
 static ngx_int_t ngx_chat_api_create_conversation(ngx_http_request_t *r,
     json_t *body);
+static ngx_int_t ngx_chat_api_create_build(ngx_chat_query_t *q);
 static void ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static ngx_int_t ngx_chat_api_list_conversations(ngx_http_request_t *r);
@@ -857,38 +867,40 @@ ngx_chat_api_create_conversation(ngx_http_request_t *r, json_t *body)
     len = ctx->id.user.len + 1 + kind.len + 1 + mb.len + title.len + 1
           + (context ? ngx_strlen(context) + 1 : 0);
 
-    q = ngx_chat_query_alloc(NGX_CHAT_STMT_CREATE_CONV, len);
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_CREATE_CONV,
+                             sizeof(ngx_chat_api_resv_t) + len);
     if (q == NULL) {
         goto failed;
     }
 
-    p = (u_char *) &q[1];
+    p = (u_char *) &q[1] + sizeof(ngx_chat_api_resv_t);
 
-    q->params[0] = (char *) p;
+    q->params[3] = (char *) p;
     p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
     *p++ = '\0';
 
-    q->params[1] = (char *) p;
+    q->params[4] = (char *) p;
     p = ngx_cpymem(p, kind.data, kind.len);
     *p++ = '\0';
 
-    q->params[2] = (char *) p;
+    q->params[5] = (char *) p;
     p = ngx_cpymem(p, mb.data, mb.len);
 
     if (title.data) {
-        q->params[3] = (char *) p;
+        q->params[6] = (char *) p;
         p = ngx_cpymem(p, title.data, title.len);
         *p++ = '\0';
     }
 
     if (context) {
-        q->params[4] = (char *) p;
+        q->params[7] = (char *) p;
         p = ngx_cpymem(p, context, ngx_strlen(context) + 1);
         free(context);
     }
 
     ngx_chat_buf_free(&mb);
 
+    q->build = ngx_chat_api_create_build;
     q->handler = ngx_chat_api_create_done;
 
     /* the body reader's reference keeps the request until we finalize */
@@ -903,16 +915,70 @@ failed:
 }
 
 
+/*
+ * The conversation.created event's position, taken when a connection
+ * takes the query: a query that waits in the queue holds up nobody.
+ */
+static ngx_int_t
+ngx_chat_api_create_build(ngx_chat_query_t *q)
+{
+    u_char               *p;
+    ngx_chat_api_resv_t  *cr;
+
+    cr = (ngx_chat_api_resv_t *) &q[1];
+    cr->key = ngx_chat_random_key();
+
+    if (ngx_chat_bus_reserve(1, cr->key, &cr->lo, &cr->resv) != NGX_OK) {
+        cr->resv = NULL;
+        return NGX_ERROR;
+    }
+
+    p = cr->text;
+
+    q->params[0] = (char *) p;
+    p = ngx_sprintf(p, "%L", cr->key);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_sprintf(p, "%L", ngx_chat_bus_holder());
+    *p++ = '\0';
+
+    q->params[2] = (char *) p;
+    p = ngx_sprintf(p, "%uL", cr->lo);
+    *p = '\0';
+
+    return NGX_OK;
+}
+
+
 static void
 ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
-    int64_t              conv;
-    uint64_t             gseq;
-    ngx_uint_t           created;
-    ngx_chat_buf_t       b;
-    ngx_http_request_t  *r;
+    int64_t               conv;
+    uint64_t              gseq, lo;
+    ngx_uint_t            created;
+    ngx_chat_buf_t        b;
+    ngx_chat_resv_t      *resv;
+    ngx_http_request_t   *r;
+    ngx_chat_api_resv_t  *cr;
+
+    cr = (ngx_chat_api_resv_t *) &q[1];
+    resv = cr->resv;
+    lo = cr->lo;
 
     r = ngx_chat_api_query_owner(q);
+
+    if (resv) {
+        if (rc == NGX_DECLINED) {
+            ngx_chat_bus_unknown(resv, lo);
+
+        } else if (rc != NGX_OK || PQntuples(res) != 1
+                   || PQgetvalue(res, 0, 0)[0] != 't')
+        {
+            /* not committed, or the conversation existed: no event */
+            ngx_chat_bus_void(resv, lo);
+        }
+    }
 
     if (rc != NGX_OK || PQntuples(res) != 1) {
         if (r) {
@@ -937,6 +1003,7 @@ ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
         ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(res, 0, 4),
                              PQgetlength(res, 0, 4));
+        ngx_chat_bus_release(resv, lo);
         ngx_chat_bus_notify();
     }
 

@@ -12,6 +12,19 @@
  *
  * Doorbells are eventfds made by the master before fork, one per worker
  * slot; a publisher rings every other worker once per batch.
+ *
+ * Positions.  gseq positions are handed out here, from chunks that the
+ * store gives out (chat_clock.v), to a transaction only once it has done
+ * everything that can wait on a lock (a send batch's first step), and
+ * they are recorded in the zone (ngx_chat_resv_t) until the owner has
+ * published the events or emptied the positions.  Transactions commit in
+ * any order; no lock is held across a commit.  The horizon -- the
+ * position before the oldest recorded reservation -- bounds everything
+ * that reads past the ring: no reader takes a position from the store, or
+ * moves a cursor, past a position that may still commit.  A reservation
+ * whose outcome nobody saw (lost connection, killed worker) is settled
+ * from the store once its transaction's advisory lock is free, which
+ * PostgreSQL releases only after the commit or the rollback.
  */
 
 
@@ -93,6 +106,8 @@ typedef struct {
 
 typedef struct {
     uint64_t                   position;         /* all <= it dispatched */
+    uint64_t                   fetch_upto;
+    ngx_uint_t                 fetch_resets;
     uint64_t                   clock;            /* highest gseq known */
     ngx_uint_t                 started;
 
@@ -109,6 +124,9 @@ typedef struct {
     ngx_connection_t          *bell;
     ngx_uint_t                 fetching;
     ngx_uint_t                 clocking;
+    ngx_uint_t                 settling;
+    ngx_uint_t                 waited;
+    ngx_msec_t                 wait_since;
     ngx_uint_t                 ticks;
     ngx_uint_t                 resets;           /* database replacements */
     uint64_t                   clock_asked;      /* known when clock asked */
@@ -139,6 +157,16 @@ static void ngx_chat_bus_clock(void);
 static void ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_bus_hole_handler(ngx_event_t *ev);
+static uint64_t ngx_chat_bus_horizon(uint64_t below);
+static void ngx_chat_bus_skip_ahead(void);
+static void ngx_chat_bus_raise(void);
+static void ngx_chat_bus_raise_handler(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_bus_void_locked(uint64_t lo, uint64_t hi);
+static void ngx_chat_bus_settle(void);
+static void ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static ngx_uint_t ngx_chat_bus_alive(ngx_pid_t pid);
 static void ngx_chat_bus_tick_handler(ngx_event_t *ev);
 static void ngx_chat_bus_bell_handler(ngx_event_t *ev);
 static ngx_chat_conv_t *ngx_chat_bus_conv(int64_t id);
@@ -274,6 +302,7 @@ ngx_chat_bus_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     }
 
     sh->nslots = cmcf->bus_slots;
+    sh->holder = ngx_chat_random_key();
 
     ngx_chat_tickets_init_zone(&sh->tickets);
 
@@ -681,6 +710,645 @@ ngx_chat_bus_alloc_locked(size_t len, uint64_t gseq)
 }
 
 
+/* a positive 63-bit key for PostgreSQL's advisory locks */
+
+int64_t
+ngx_chat_random_key(void)
+{
+    uint64_t  k;
+
+    k = ((uint64_t) ngx_random() << 33) ^ ((uint64_t) ngx_random() << 2)
+        ^ (uint64_t) ngx_random();
+
+    return (int64_t) ((k & 0x7fffffffffffffffULL) | 1);
+}
+
+
+int64_t
+ngx_chat_bus_holder(void)
+{
+    return ngx_chat_worker.sh->holder;
+}
+
+
+/*
+ * n positions for the transaction that holds key, recorded in the zone
+ * until ngx_chat_bus_release(), _void() or _unknown().  NGX_AGAIN: no
+ * chunk (one is asked for) or no free entry; try again shortly.
+ */
+ngx_int_t
+ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
+    ngx_chat_resv_t **entry)
+{
+    ngx_uint_t         i, raise;
+    ngx_chat_resv_t   *r;
+    ngx_slab_pool_t   *shpool;
+    ngx_chat_shctx_t  *sh;
+
+    shpool = ngx_chat_worker.shpool;
+    sh = ngx_chat_worker.sh;
+    r = NULL;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (!sh->started || !ngx_chat_bus.started) {
+        ngx_shmtx_unlock(&shpool->mutex);
+        return NGX_AGAIN;
+    }
+
+    if (sh->next + n - 1 > sh->limit) {
+
+        if (sh->spare_lo == 0 || sh->spare_hi - sh->spare_lo + 1 < n) {
+            ngx_shmtx_unlock(&shpool->mutex);
+            ngx_chat_bus_raise();
+            return NGX_AGAIN;
+        }
+
+        /* the rest of the chunk is never used: it reads as empty */
+        sh->next = sh->spare_lo;
+        sh->limit = sh->spare_hi;
+        sh->spare_lo = 0;
+        sh->spare_hi = 0;
+    }
+
+    for (i = 0; i < NGX_CHAT_RESV_MAX; i++) {
+        if (sh->resv[i].lo == 0) {
+            r = &sh->resv[i];
+            break;
+        }
+    }
+
+    if (r == NULL) {
+        ngx_shmtx_unlock(&shpool->mutex);
+        return NGX_AGAIN;
+    }
+
+    r->lo = sh->next;
+    r->hi = sh->next + n - 1;
+    r->key = key;
+    r->pid = ngx_pid;
+    r->settler = 0;
+    r->since = ngx_current_msec;
+    r->state = NGX_CHAT_RESV_INFLIGHT;
+
+    sh->next += n;
+
+    *lo = r->lo;
+    *entry = r;
+
+    raise = (sh->spare_lo == 0
+             && sh->limit - sh->next < ngx_chat_worker.cmcf->gseq_chunk / 2);
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (raise) {
+        ngx_chat_bus_raise();
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Whether a reservation can be had now, without the mutex (a hint): if
+ * not, a chunk is asked for, and the store hears when it comes.
+ */
+ngx_int_t
+ngx_chat_bus_can_reserve(void)
+{
+    volatile ngx_chat_shctx_t  *sh;
+
+    sh = ngx_chat_worker.sh;
+
+    if (!ngx_chat_bus.started || !sh->started) {
+        return 0;
+    }
+
+    if (sh->next <= sh->limit || sh->spare_lo) {
+        return 1;
+    }
+
+    ngx_chat_bus_raise();
+
+    return 0;
+}
+
+
+/* the owner published every event of the reservation */
+
+void
+ngx_chat_bus_release(ngx_chat_resv_t *r, uint64_t lo)
+{
+    ngx_slab_pool_t  *shpool;
+
+    shpool = ngx_chat_worker.shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (r->lo == lo) {
+        r->lo = 0;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+/* the transaction rolled back: its positions are empty for good */
+
+void
+ngx_chat_bus_void(ngx_chat_resv_t *r, uint64_t lo)
+{
+    ngx_slab_pool_t  *shpool;
+
+    shpool = ngx_chat_worker.shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (r->lo == lo) {
+        ngx_chat_bus_void_locked(r->lo, r->hi);
+        r->lo = 0;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_chat_bus_notify();
+}
+
+
+/* the owner cannot tell whether the transaction committed */
+
+void
+ngx_chat_bus_unknown(ngx_chat_resv_t *r, uint64_t lo)
+{
+    ngx_slab_pool_t  *shpool;
+
+    shpool = ngx_chat_worker.shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (r->lo == lo) {
+        r->state = NGX_CHAT_RESV_UNKNOWN;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
+                  "chat: the outcome of events from %uL is not known yet, "
+                  "reading them from the store", lo);
+}
+
+
+/* bounded by the batch size: positions read as empty, in order */
+
+static void
+ngx_chat_bus_void_locked(uint64_t lo, uint64_t hi)
+{
+    uint64_t           g;
+    ngx_chat_slot_t   *slot;
+    ngx_chat_shctx_t  *sh;
+
+    sh = ngx_chat_worker.sh;
+
+    for (g = lo; g <= hi; g++) {
+        slot = &sh->slots[g % sh->nslots];
+
+        if (slot->gseq >= g) {
+            continue;
+        }
+
+        ngx_chat_bus_free_slot(slot);
+
+        slot->conversation = 0;
+        slot->len = 0;
+
+        ngx_memory_barrier();
+        slot->gseq = g;
+    }
+
+    if (hi > sh->published) {
+        sh->published = hi;
+    }
+}
+
+
+/*
+ * Every position up to the horizon is settled: committed, rolled back, or
+ * never handed out.  below: the caller's upper bound.
+ */
+static uint64_t
+ngx_chat_bus_horizon(uint64_t below)
+{
+    uint64_t           f;
+    ngx_uint_t         i;
+    ngx_slab_pool_t   *shpool;
+    ngx_chat_shctx_t  *sh;
+
+    shpool = ngx_chat_worker.shpool;
+    sh = ngx_chat_worker.sh;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    f = ngx_min(below, sh->next - 1);
+
+    for (i = 0; i < NGX_CHAT_RESV_MAX; i++) {
+        if (sh->resv[i].lo && sh->resv[i].lo - 1 < f) {
+            f = sh->resv[i].lo - 1;
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return f;
+}
+
+
+/*
+ * The store holds events above the positions this instance has handed
+ * out (a SQL caller outside the module took them): leave the rest of the
+ * chunk unused and move to a chunk above them, so that the horizon
+ * passes them.
+ */
+static void
+ngx_chat_bus_skip_ahead(void)
+{
+    uint64_t           upto;
+    ngx_uint_t         i, raise;
+    ngx_slab_pool_t   *shpool;
+    ngx_chat_shctx_t  *sh;
+
+    shpool = ngx_chat_worker.shpool;
+    sh = ngx_chat_worker.sh;
+    upto = ngx_chat_bus.clock;
+    raise = 0;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (i = 0; i < NGX_CHAT_RESV_MAX; i++) {
+        if (sh->resv[i].lo && sh->resv[i].lo <= upto) {
+            /* an owner will settle it first */
+            ngx_shmtx_unlock(&shpool->mutex);
+            return;
+        }
+    }
+
+    if (sh->next <= upto) {
+        if (sh->spare_lo && sh->spare_lo > sh->next) {
+            sh->next = sh->spare_lo;
+            sh->limit = sh->spare_hi;
+            sh->spare_lo = 0;
+            sh->spare_hi = 0;
+
+        } else {
+            sh->next = sh->limit + 1;
+        }
+
+        raise = (sh->spare_lo == 0);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (raise) {
+        ngx_chat_bus_raise();
+    }
+}
+
+
+static ngx_uint_t
+ngx_chat_bus_alive(ngx_pid_t pid)
+{
+    return pid == ngx_pid || kill(pid, 0) == 0 || ngx_errno != NGX_ESRCH;
+}
+
+
+/* a chunk of positions from the store, for whichever worker needs it */
+
+static void
+ngx_chat_bus_raise(void)
+{
+    u_char            *p;
+    ngx_pid_t          raising;
+    ngx_slab_pool_t   *shpool;
+    ngx_chat_query_t  *q;
+    ngx_chat_shctx_t  *sh;
+
+    shpool = ngx_chat_worker.shpool;
+    sh = ngx_chat_worker.sh;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    raising = sh->raising;
+
+    if (sh->spare_lo
+        || (raising
+            && (ngx_msec_int_t) (ngx_current_msec - sh->raising_since)
+               < 10000))
+    {
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        if (raising && raising != ngx_pid && !ngx_chat_bus_alive(raising)) {
+            /* its asker died: ask again on the next tick */
+            ngx_shmtx_lock(&shpool->mutex);
+            if (sh->raising == raising) {
+                sh->raising = 0;
+            }
+            ngx_shmtx_unlock(&shpool->mutex);
+        }
+
+        return;
+    }
+
+    sh->raising = ngx_pid;
+    sh->raising_since = ngx_current_msec;
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_RAISE, NGX_INT64_LEN + 1);
+    if (q == NULL) {
+        goto failed;
+    }
+
+    p = (u_char *) &q[1];
+    q->params[0] = (char *) p;
+    p = ngx_sprintf(p, "%ui", ngx_chat_worker.cmcf->gseq_chunk);
+    *p = '\0';
+
+    q->nparams = 1;
+    q->handler = ngx_chat_bus_raise_handler;
+
+    if (ngx_chat_db_query(q) == NGX_OK) {
+        return;
+    }
+
+    ngx_chat_query_free(q);
+
+failed:
+
+    ngx_shmtx_lock(&shpool->mutex);
+    sh->raising = 0;
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+static void
+ngx_chat_bus_raise_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    uint64_t           lo, hi;
+    ngx_slab_pool_t   *shpool;
+    ngx_chat_shctx_t  *sh;
+
+    ngx_chat_query_free(q);
+
+    shpool = ngx_chat_worker.shpool;
+    sh = ngx_chat_worker.sh;
+
+    lo = 0;
+    hi = 0;
+
+    if (rc == NGX_OK && PQntuples(res) == 1) {
+        lo = ngx_atoof((u_char *) PQgetvalue(res, 0, 0),
+                       PQgetlength(res, 0, 0));
+        hi = ngx_atoof((u_char *) PQgetvalue(res, 0, 1),
+                       PQgetlength(res, 0, 1));
+    }
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (sh->raising == ngx_pid) {
+        sh->raising = 0;
+    }
+
+    /* a chunk nobody takes is never used: its positions read as empty */
+    if (lo > 0 && hi >= lo && sh->spare_lo == 0 && lo > sh->limit) {
+        sh->spare_lo = lo;
+        sh->spare_hi = hi;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_chat_worker.log, 0,
+                   "chat bus: chunk %uL-%uL", lo, hi);
+
+    /* sends that waited for positions */
+    ngx_chat_store_on_ready();
+}
+
+
+/*
+ * Reservations whose owner died, or could not tell how its transaction
+ * ended, are settled from the store, one at a time per worker.
+ */
+static void
+ngx_chat_bus_settle(void)
+{
+    u_char            *p;
+    ngx_uint_t         i, n, idx[8];
+    ngx_pid_t          pids[8];
+    uint64_t           los[8];
+    ngx_chat_resv_t   *r, *claim;
+    ngx_slab_pool_t   *shpool;
+    ngx_chat_query_t  *q;
+    ngx_chat_shctx_t  *sh;
+
+    if (ngx_chat_bus.settling || !ngx_chat_db_ready()) {
+        return;
+    }
+
+    shpool = ngx_chat_worker.shpool;
+    sh = ngx_chat_worker.sh;
+    n = 0;
+    claim = NULL;
+
+    /* owners that look gone: checked outside the mutex */
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (i = 0; i < NGX_CHAT_RESV_MAX && n < 8; i++) {
+        r = &sh->resv[i];
+
+        if (r->lo && r->state == NGX_CHAT_RESV_INFLIGHT && r->pid != ngx_pid
+            && (ngx_msec_int_t) (ngx_current_msec - r->since) > 1000)
+        {
+            idx[n] = i;
+            pids[n] = r->pid;
+            los[n] = r->lo;
+            n++;
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    for (i = 0; i < n; i++) {
+        if (ngx_chat_bus_alive(pids[i])) {
+            continue;
+        }
+
+        ngx_shmtx_lock(&shpool->mutex);
+
+        r = &sh->resv[idx[i]];
+
+        if (r->lo == los[i] && r->pid == pids[i]) {
+            r->state = NGX_CHAT_RESV_UNKNOWN;
+        }
+
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
+                      "chat: events from %uL were reserved by process %P, "
+                      "which is gone: reading them from the store",
+                      los[i], pids[i]);
+    }
+
+    n = 0;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (i = 0; i < NGX_CHAT_RESV_MAX; i++) {
+        r = &sh->resv[i];
+
+        if (r->lo && r->state == NGX_CHAT_RESV_UNKNOWN) {
+            if (r->settler == 0
+                || (r->settler != ngx_pid
+                    && (ngx_msec_int_t) (ngx_current_msec - r->since)
+                       > 10000))
+            {
+                r->settler = ngx_pid;
+                r->since = ngx_current_msec;
+                claim = r;
+                los[0] = r->lo;
+                los[1] = r->hi;
+                los[2] = (uint64_t) r->key;
+                break;
+            }
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (claim == NULL) {
+        return;
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_SETTLE,
+                             sizeof(ngx_chat_resv_t *) + 3 * NGX_INT64_LEN
+                             + 3);
+    if (q == NULL) {
+        goto failed;
+    }
+
+    p = (u_char *) &q[1];
+    ngx_memcpy(p, &claim, sizeof(ngx_chat_resv_t *));
+    p += sizeof(ngx_chat_resv_t *);
+
+    q->params[0] = (char *) p;
+    p = ngx_sprintf(p, "%L", (int64_t) los[2]);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_sprintf(p, "%uL", los[0]);
+    *p++ = '\0';
+
+    q->params[2] = (char *) p;
+    p = ngx_sprintf(p, "%uL", los[1]);
+    *p = '\0';
+
+    q->nparams = 3;
+    q->handler = ngx_chat_bus_settle_handler;
+
+    if (ngx_chat_db_query(q) == NGX_OK) {
+        ngx_chat_bus.settling = 1;
+        return;
+    }
+
+    ngx_chat_query_free(q);
+
+failed:
+
+    ngx_shmtx_lock(&shpool->mutex);
+    if (claim->lo == los[0] && claim->settler == ngx_pid) {
+        claim->settler = 0;
+    }
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+static void
+ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    int                i, n;
+    int64_t            conv;
+    uint64_t           lo, hi, g, from;
+    ngx_chat_resv_t   *r;
+    ngx_slab_pool_t   *shpool;
+
+    ngx_chat_bus.settling = 0;
+    shpool = ngx_chat_worker.shpool;
+
+    ngx_memcpy(&r, &q[1], sizeof(ngx_chat_resv_t *));
+    lo = ngx_atoof((u_char *) q->params[1], ngx_strlen(q->params[1]));
+    hi = ngx_atoof((u_char *) q->params[2], ngx_strlen(q->params[2]));
+
+    n = (rc == NGX_OK) ? PQntuples(res) : 0;
+
+    if (n == 0) {
+        /* its transaction may still commit: look again on a later tick */
+        ngx_chat_query_free(q);
+
+        ngx_shmtx_lock(&shpool->mutex);
+        if (r->lo == lo && r->settler == ngx_pid) {
+            r->settler = 0;
+        }
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        return;
+    }
+
+    ngx_chat_query_free(q);
+
+    /* row 0 says the transaction has ended; then its committed events */
+
+    for (i = 1; i < n; i++) {
+        g = ngx_atoof((u_char *) PQgetvalue(res, i, 0),
+                      PQgetlength(res, i, 0));
+        conv = ngx_atoof((u_char *) PQgetvalue(res, i, 1),
+                         PQgetlength(res, i, 1));
+
+        ngx_chat_bus_publish(g, conv, (u_char *) PQgetvalue(res, i, 2),
+                             PQgetlength(res, i, 2));
+    }
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (r->lo == lo) {
+        from = lo;
+
+        for (i = 1; i < n; i++) {
+            g = ngx_atoof((u_char *) PQgetvalue(res, i, 0),
+                          PQgetlength(res, i, 0));
+
+            if (g > from) {
+                ngx_chat_bus_void_locked(from, g - 1);
+            }
+
+            from = g + 1;
+        }
+
+        if (from <= hi) {
+            ngx_chat_bus_void_locked(from, hi);
+        }
+
+        r->lo = 0;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_log_error(NGX_LOG_NOTICE, ngx_chat_worker.log, 0,
+                  "chat: events %uL-%uL settled from the store: "
+                  "%d committed", lo, hi, n - 1);
+
+    ngx_chat_bus_notify();
+}
+
+
 void
 ngx_chat_bus_notify(void)
 {
@@ -738,7 +1406,7 @@ ngx_chat_bus_process_handler(ngx_event_t *ev)
 static void
 ngx_chat_bus_process(void)
 {
-    uint64_t           g, published, found;
+    uint64_t           g, published, found, upto;
     ngx_uint_t         i, n, turn;
     ngx_chat_bus_t    *bus;
     ngx_chat_slot_t   *slot;
@@ -798,7 +1466,9 @@ ngx_chat_bus_process(void)
                 break;
             }
 
-            (void) ngx_chat_buf_add(&bus->copy, slot->data, slot->len);
+            if (slot->len) {
+                (void) ngx_chat_buf_add(&bus->copy, slot->data, slot->len);
+            }
 
             bus->copies[n].gseq = g;
             bus->copies[n].conv = slot->conversation;
@@ -814,9 +1484,14 @@ ngx_chat_bus_process(void)
         }
 
         for (i = 0; i < n; i++) {
-            ngx_chat_bus_dispatch(bus->copies[i].gseq, bus->copies[i].conv,
-                                  bus->copy.data + bus->copies[i].off,
-                                  bus->copies[i].len);
+            /* an empty position: its transaction rolled back */
+            if (bus->copies[i].len) {
+                ngx_chat_bus_dispatch(bus->copies[i].gseq,
+                                      bus->copies[i].conv,
+                                      bus->copy.data + bus->copies[i].off,
+                                      bus->copies[i].len);
+            }
+
             bus->position = bus->copies[i].gseq;
         }
 
@@ -843,8 +1518,12 @@ ngx_chat_bus_process(void)
         || bus->clock - bus->position >= sh->nslots)
     {
         /* overwritten: we fell behind the ring */
-        ngx_chat_bus_fetch(bus->clock);
-        return;
+        upto = ngx_chat_bus_horizon(bus->clock);
+
+        if (upto > bus->position) {
+            ngx_chat_bus_fetch(upto);
+            return;
+        }
     }
 
     if (!bus->hole.timer_set) {
@@ -860,14 +1539,32 @@ ngx_chat_bus_hole_handler(ngx_event_t *ev)
 
     bus = &ngx_chat_bus;
 
+    uint64_t         upto;
+
     ngx_chat_bus_process();
 
-    if (bus->position < bus->clock && !bus->fetching) {
+    if (bus->position >= bus->clock || bus->fetching) {
+        return;
+    }
+
+    /* never past a position whose transaction may still commit */
+    upto = ngx_chat_bus_horizon(bus->clock);
+
+    if (upto > bus->position) {
         ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_chat_worker.log, 0,
                        "chat bus: hole after %uL, reading the store "
-                       "up to %uL", bus->position, bus->clock);
+                       "up to %uL", bus->position, upto);
 
-        ngx_chat_bus_fetch(bus->clock);
+        ngx_chat_bus_fetch(upto);
+        return;
+    }
+
+    if (upto < bus->clock) {
+        ngx_chat_bus_skip_ahead();
+    }
+
+    if (!bus->hole.timer_set) {
+        ngx_add_timer(&bus->hole, ngx_chat_worker.cmcf->bus_hole_timeout);
     }
 }
 
@@ -899,6 +1596,9 @@ ngx_chat_bus_fetch(uint64_t upto)
 
     q->nparams = 2;
     q->handler = ngx_chat_bus_fetch_handler;
+
+    ngx_chat_bus.fetch_upto = upto;
+    ngx_chat_bus.fetch_resets = ngx_chat_bus.resets;
 
     if (ngx_chat_db_query(q) != NGX_OK) {
         ngx_chat_query_free(q);
@@ -936,6 +1636,15 @@ ngx_chat_bus_fetch_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         return;
     }
 
+    if (bus->fetch_resets != bus->resets) {
+        /* the database was replaced meanwhile: these positions are gone */
+        if (!bus->process.posted) {
+            ngx_post_event(&bus->process, &ngx_posted_events);
+        }
+
+        return;
+    }
+
     n = PQntuples(res);
 
     for (i = 0; i < n; i++) {
@@ -944,12 +1653,7 @@ ngx_chat_bus_fetch_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         conv = ngx_atoof((u_char *) PQgetvalue(res, i, 1),
                          PQgetlength(res, i, 1));
 
-        if (gseq != bus->position + 1) {
-            /* gseq is gapless: this cannot happen unless the log was cut */
-            ngx_log_error(NGX_LOG_ERR, ngx_chat_worker.log, 0,
-                          "chat: event log jumps from %uL to %uL",
-                          bus->position, gseq);
-        }
+        /* positions of rolled back transactions are missing */
 
         if (gseq <= bus->position) {
             continue;
@@ -958,6 +1662,11 @@ ngx_chat_bus_fetch_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         ngx_chat_bus_dispatch(gseq, conv, (u_char *) PQgetvalue(res, i, 2),
                               PQgetlength(res, i, 2));
         bus->position = gseq;
+    }
+
+    /* a short answer saw every event up to the horizon it was asked for */
+    if (n < NGX_CHAT_BUS_FETCH && bus->fetch_upto > bus->position) {
+        bus->position = bus->fetch_upto;
     }
 
     if (bus->position > bus->clock) {
@@ -975,11 +1684,42 @@ ngx_chat_bus_fetch_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 static void
 ngx_chat_bus_clock(void)
 {
+    u_char            *p;
+    ngx_uint_t         start;
     ngx_chat_query_t  *q;
 
-    q = ngx_chat_query_alloc(NGX_CHAT_STMT_CLOCK, 0);
+    /*
+     * The first worker of a fresh zone starts where the store says, once
+     * no transaction of the nginx before it can still commit.
+     */
+    start = !ngx_chat_worker.sh->started;
+
+    q = ngx_chat_query_alloc(start ? NGX_CHAT_STMT_CLOCK_START
+                                   : NGX_CHAT_STMT_CLOCK,
+                             NGX_INT64_LEN + 4);
     if (q == NULL) {
         return;
+    }
+
+    if (start) {
+        if (ngx_chat_bus.wait_since == 0) {
+            ngx_chat_bus.wait_since = ngx_current_msec;
+        }
+
+        p = (u_char *) &q[1];
+        q->params[0] = (char *) p;
+        p = ngx_sprintf(p, "%L", ngx_chat_worker.sh->holder);
+        *p++ = '\0';
+
+        /*
+         * Transactions of a killed nginx end within the statement
+         * timeout; past it, another nginx runs against the database too.
+         */
+        q->params[1] = (ngx_msec_int_t) (ngx_current_msec
+                                         - ngx_chat_bus.wait_since)
+                       > (ngx_msec_int_t)
+                         (ngx_chat_worker.cmcf->db_statement_timeout + 1000)
+                       ? "t" : "f";
     }
 
     q->handler = ngx_chat_bus_clock_handler;
@@ -1003,7 +1743,8 @@ static void
 ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     size_t             len;
-    uint64_t           v;
+    uint64_t           v, top;
+    ngx_uint_t         start;
     ngx_chat_bus_t    *bus;
     ngx_slab_pool_t   *shpool;
     ngx_chat_shctx_t  *sh;
@@ -1011,14 +1752,31 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     bus = &ngx_chat_bus;
     bus->clocking = 0;
 
+    start = (q->stmt == NGX_CHAT_STMT_CLOCK_START);
+
     ngx_chat_query_free(q);
 
     if (rc != NGX_OK || PQntuples(res) != 1) {
         return;
     }
 
+    if (PQgetisnull(res, 0, 0)) {
+        if (!bus->waited) {
+            ngx_log_error(NGX_LOG_NOTICE, ngx_chat_worker.log, 0,
+                          "chat: waiting for the transactions of the nginx "
+                          "that ran before to end");
+            bus->waited = 1;
+        }
+
+        return;
+    }
+
     v = ngx_atoof((u_char *) PQgetvalue(res, 0, 0), PQgetlength(res, 0, 0));
     len = ngx_min((size_t) PQgetlength(res, 0, 1), sizeof(bus->epoch));
+
+    /* the newest committed event (the clock is where chunks end) */
+    top = ngx_atoof((u_char *) PQgetvalue(res, 0, 2),
+                    PQgetlength(res, 0, 2));
 
     shpool = ngx_chat_worker.shpool;
     sh = ngx_chat_worker.sh;
@@ -1034,12 +1792,23 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     ngx_shmtx_lock(&shpool->mutex);
 
+    if (!sh->started && !start) {
+        /* another worker's answer started the zone first: ask again */
+        ngx_shmtx_unlock(&shpool->mutex);
+        return;
+    }
+
     if (!sh->started
         || sh->epoch_len != len
         || ngx_memcmp(sh->epoch, PQgetvalue(res, 0, 1), len) != 0)
     {
         /* a first start, or the database was replaced under us */
         sh->published = v;
+        sh->next = v + 1;
+        sh->limit = v;
+        sh->spare_lo = 0;
+        sh->spare_hi = 0;
+        ngx_memzero(sh->resv, sizeof(sh->resv));
         ngx_memcpy(sh->epoch, PQgetvalue(res, 0, 1), len);
         sh->epoch_len = len;
         sh->started = 1;
@@ -1055,12 +1824,19 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     ngx_shmtx_unlock(&shpool->mutex);
 
-    if (v > bus->clock) {
+    if (top > bus->clock) {
         /* committed but never published: a worker died in between */
-        bus->clock = v;
+        bus->clock = top;
+    }
+
+    if (start) {
+        ngx_chat_bus_raise();
     }
 
     ngx_chat_bus_process();
+
+    /* sends that waited for the bus */
+    ngx_chat_store_on_ready();
 }
 
 
@@ -1101,6 +1877,11 @@ ngx_chat_bus_reset(uint64_t v, u_char *epoch, size_t len)
         }
 
         sh->published = v;
+        sh->next = v + 1;
+        sh->limit = v;
+        sh->spare_lo = 0;
+        sh->spare_hi = 0;
+        ngx_memzero(sh->resv, sizeof(sh->resv));
         sh->evict = 0;
         ngx_memcpy(sh->epoch, epoch, len);
         sh->epoch_len = len;
@@ -1145,6 +1926,13 @@ ngx_chat_bus_tick_handler(ngx_event_t *ev)
     }
 
     bus->ticks++;
+
+    if (bus->started) {
+        ngx_chat_bus_settle();
+
+        /* sends that waited for a chunk another worker asked for */
+        ngx_chat_store_on_ready();
+    }
 
     if (!bus->started) {
         if (!bus->clocking && ngx_chat_db_ready()) {

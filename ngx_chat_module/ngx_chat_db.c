@@ -19,6 +19,8 @@
 #define NGX_CHAT_DB_SETUP         2
 #define NGX_CHAT_DB_IDLE          3
 #define NGX_CHAT_DB_BUSY          4
+#define NGX_CHAT_DB_HELD          5     /* in a transaction, for its handler */
+#define NGX_CHAT_DB_ROLLBACK      6     /* ending a transaction left open */
 
 #define NGX_CHAT_DB_RETRY_MIN     100
 #define NGX_CHAT_DB_RETRY_DEFAULT 1000
@@ -86,6 +88,7 @@ typedef struct {
     const char                *values[NGX_CHAT_DB_MAX_KEYWORDS];
 
     unsigned                   running:1;
+    unsigned                   keep_result:1;
     unsigned                   schema_behind:1;
     unsigned                   reported:1;       /* outage logged */
 } ngx_chat_db_t;
@@ -128,6 +131,8 @@ static void ngx_chat_db_up(ngx_chat_db_conn_t *dbc);
 static void ngx_chat_db_dispatch(void);
 static void ngx_chat_db_send(ngx_chat_db_conn_t *dbc, ngx_chat_query_t *q);
 static void ngx_chat_db_query_done(ngx_chat_db_conn_t *dbc);
+static void ngx_chat_db_rollback(ngx_chat_db_conn_t *dbc);
+static ngx_uint_t ngx_chat_db_alive(ngx_chat_db_conn_t *dbc);
 static void ngx_chat_db_log_stmt_error(ngx_chat_query_t *q, PGresult *res);
 static void ngx_chat_db_fail(ngx_chat_db_conn_t *dbc, const char *detail);
 static void ngx_chat_db_close(ngx_chat_db_conn_t *dbc);
@@ -905,10 +910,19 @@ ngx_chat_db_query(ngx_chat_query_t *q)
 ngx_int_t
 ngx_chat_db_ready(void)
 {
-    return ngx_chat_db.running
-           && !ngx_chat_db.schema_behind
-           && (ngx_chat_db_count(NGX_CHAT_DB_IDLE)
-               + ngx_chat_db_count(NGX_CHAT_DB_BUSY)) > 0;
+    ngx_uint_t  i;
+
+    if (!ngx_chat_db.running || ngx_chat_db.schema_behind) {
+        return 0;
+    }
+
+    for (i = 0; i < ngx_chat_db.nconns; i++) {
+        if (ngx_chat_db_alive(&ngx_chat_db.conns[i])) {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 
@@ -1312,6 +1326,7 @@ ngx_chat_db_timer_handler(ngx_event_t *ev)
         return;
 
     case NGX_CHAT_DB_BUSY:
+    case NGX_CHAT_DB_ROLLBACK:
         ngx_chat_db_fail(dbc, "no answer to a query in time");
         return;
 
@@ -1343,11 +1358,19 @@ ngx_chat_db_results(ngx_chat_db_conn_t *dbc)
             break;
         }
 
+        /* several statements: the first error, else the last result */
+
         if (dbc->res == NULL) {
             dbc->res = res;
 
-        } else {
+        } else if (PQresultStatus(dbc->res) != PGRES_TUPLES_OK
+                   && PQresultStatus(dbc->res) != PGRES_COMMAND_OK)
+        {
             PQclear(res);
+
+        } else {
+            PQclear(dbc->res);
+            dbc->res = res;
         }
     }
 
@@ -1364,6 +1387,25 @@ ngx_chat_db_results(ngx_chat_db_conn_t *dbc)
 
     case NGX_CHAT_DB_BUSY:
         ngx_chat_db_query_done(dbc);
+        return;
+
+    case NGX_CHAT_DB_ROLLBACK:
+        if (dbc->timer.timer_set) {
+            ngx_del_timer(&dbc->timer);
+        }
+
+        if (dbc->res) {
+            PQclear(dbc->res);
+            dbc->res = NULL;
+        }
+
+        if (PQtransactionStatus(dbc->pg) != PQTRANS_IDLE) {
+            ngx_chat_db_fail(dbc, "could not end a transaction");
+            return;
+        }
+
+        dbc->state = NGX_CHAT_DB_IDLE;
+        ngx_chat_db_dispatch();
         return;
 
     default:
@@ -1610,8 +1652,10 @@ ngx_chat_db_send(ngx_chat_db_conn_t *dbc, ngx_chat_query_t *q)
     dbc->query = q;
     dbc->state = NGX_CHAT_DB_BUSY;
 
-    if (!PQsendQueryPrepared(dbc->pg, ngx_chat_stmts[q->stmt].name,
-                             (int) q->nparams, q->params, q->lengths, NULL, 0)
+    if (!(q->sql ? PQsendQuery(dbc->pg, q->sql)
+                 : PQsendQueryPrepared(dbc->pg, ngx_chat_stmts[q->stmt].name,
+                                       (int) q->nparams, q->params,
+                                       q->lengths, NULL, 0))
         || ngx_chat_db_flush(dbc) != NGX_OK)
     {
         ngx_chat_db_fail(dbc, NULL);
@@ -1659,13 +1703,91 @@ ngx_chat_db_query_done(ngx_chat_db_conn_t *dbc)
 
     /* q may be gone and dbc busy again once the handler returns */
 
+    if (q->txn && rc == NGX_OK) {
+        q->conn = dbc;
+        dbc->state = NGX_CHAT_DB_HELD;
+    }
+
+    ngx_chat_db.keep_result = 0;
+
     q->handler(q, res, rc);
 
-    if (res) {
+    if (res && !ngx_chat_db.keep_result) {
         PQclear(res);
     }
 
+    ngx_chat_db.keep_result = 0;
+
+    if (dbc->state == NGX_CHAT_DB_HELD
+        || (dbc->state == NGX_CHAT_DB_IDLE
+            && PQtransactionStatus(dbc->pg) != PQTRANS_IDLE))
+    {
+        ngx_chat_db_rollback(dbc);
+    }
+
     ngx_chat_db_dispatch();
+}
+
+
+/* the next statement of the transaction that holds conn */
+
+void
+ngx_chat_db_continue(ngx_chat_query_t *q, void *conn)
+{
+    ngx_chat_db_conn_t  *dbc;
+
+    dbc = conn;
+
+    if (dbc->state != NGX_CHAT_DB_HELD) {
+        ngx_log_error(NGX_LOG_ALERT, ngx_chat_db.log, 0,
+                      "chat: a transaction went on without its connection");
+        q->handler(q, NULL, NGX_DECLINED);
+        return;
+    }
+
+    q->start = ngx_current_msec;
+
+    ngx_chat_db_send(dbc, q);
+}
+
+
+void
+ngx_chat_db_keep_result(void)
+{
+    ngx_chat_db.keep_result = 1;
+}
+
+
+static void
+ngx_chat_db_rollback(ngx_chat_db_conn_t *dbc)
+{
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_chat_db.log, 0,
+                   "chat db #%ui: rolling back", dbc->index);
+
+    dbc->state = NGX_CHAT_DB_ROLLBACK;
+
+    if (!PQsendQuery(dbc->pg, "ROLLBACK")
+        || ngx_chat_db_flush(dbc) != NGX_OK)
+    {
+        ngx_chat_db_fail(dbc, NULL);
+        return;
+    }
+
+    if (ngx_chat_db.guard) {
+        ngx_add_timer(&dbc->timer, ngx_chat_db.guard);
+    }
+}
+
+
+/* connected and set up: idle, or working for somebody */
+
+static ngx_uint_t
+ngx_chat_db_alive(ngx_chat_db_conn_t *dbc)
+{
+    return dbc->state == NGX_CHAT_DB_IDLE
+           || dbc->state == NGX_CHAT_DB_BUSY
+           || dbc->state == NGX_CHAT_DB_HELD
+           || dbc->state == NGX_CHAT_DB_ROLLBACK;
 }
 
 
@@ -1745,6 +1867,8 @@ ngx_chat_db_fail(ngx_chat_db_conn_t *dbc, const char *detail)
 
     case NGX_CHAT_DB_IDLE:
     case NGX_CHAT_DB_BUSY:
+    case NGX_CHAT_DB_HELD:
+    case NGX_CHAT_DB_ROLLBACK:
         what = "lost connection to PostgreSQL";
         break;
 
@@ -1863,9 +1987,7 @@ ngx_chat_db_usable(void)
     for (i = 0; i < ngx_chat_db.nconns; i++) {
         dbc = &ngx_chat_db.conns[i];
 
-        if (dbc->state == NGX_CHAT_DB_IDLE
-            || dbc->state == NGX_CHAT_DB_BUSY
-            || dbc->first)
+        if (ngx_chat_db_alive(dbc) || dbc->first)
         {
             return 1;
         }

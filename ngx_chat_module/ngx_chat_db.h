@@ -26,7 +26,18 @@ typedef void (*ngx_chat_query_handler_pt)(ngx_chat_query_t *q,
  *   rc == NGX_ERROR     the statement failed; res holds the error
  *   rc == NGX_DECLINED  the store is unavailable (connection lost);
  *                       res is NULL
- * res is cleared by the db layer after handler returns.
+ * res is cleared by the db layer after handler returns, unless the handler
+ * called ngx_chat_db_keep_result(): then it is the handler's to PQclear().
+ *
+ * sql, when set, is sent as it is (simple query protocol: several
+ * statements, no parameters) instead of the prepared statement stmt.
+ *
+ * A query with txn set runs inside a transaction that its SQL opened:
+ * when it succeeds the handler finds its connection in q->conn, held for
+ * it, and may send the next statement of the transaction there with
+ * ngx_chat_db_continue() before it returns.  A transaction left open
+ * (the handler did not continue, or a statement failed) is rolled back
+ * before the connection takes anything else.
  */
 struct ngx_chat_query_s {
     ngx_queue_t                queue;
@@ -38,6 +49,9 @@ struct ngx_chat_query_s {
     ngx_chat_query_handler_pt  handler;
     void                      *data;
     ngx_msec_t                 start;
+    const char                *sql;
+    void                      *conn;
+    unsigned                   txn:1;
 };
 
 typedef struct {
@@ -52,6 +66,8 @@ char *ngx_chat_db_conf(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 ngx_int_t ngx_chat_db_init_process(ngx_cycle_t *cycle);
 void ngx_chat_db_exit_process(void);
 ngx_int_t ngx_chat_db_query(ngx_chat_query_t *q);
+void ngx_chat_db_continue(ngx_chat_query_t *q, void *conn);
+void ngx_chat_db_keep_result(void);
 ngx_int_t ngx_chat_db_ready(void);
 ngx_msec_t ngx_chat_db_retry_after(void);
 ngx_uint_t ngx_chat_db_busy(void);

@@ -44,6 +44,10 @@ static ngx_conf_num_bounds_t  ngx_chat_slots_bounds = {
     ngx_conf_check_num_bounds, 1024, 16777216
 };
 
+static ngx_conf_num_bounds_t  ngx_chat_chunk_bounds = {
+    ngx_conf_check_num_bounds, 512, 1073741824
+};
+
 
 static ngx_command_t  ngx_chat_commands[] = {
 
@@ -165,6 +169,13 @@ static ngx_command_t  ngx_chat_commands[] = {
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_chat_main_conf_t, bus_slots),
       &ngx_chat_slots_bounds },
+
+    { ngx_string("chat_gseq_chunk"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, gseq_chunk),
+      &ngx_chat_chunk_bounds },
 
     { ngx_string("chat_bus_hole_timeout"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
@@ -362,6 +373,7 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->shm_size = NGX_CONF_UNSET_SIZE;
     cmcf->bus_slots = NGX_CONF_UNSET_UINT;
     cmcf->bus_hole_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->gseq_chunk = NGX_CONF_UNSET_UINT;
     cmcf->max_message = NGX_CONF_UNSET_SIZE;
     cmcf->max_queue = NGX_CONF_UNSET_SIZE;
     cmcf->ping_interval = NGX_CONF_UNSET_MSEC;
@@ -396,6 +408,7 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_size_value(cmcf->shm_size, 32 * 1024 * 1024);
     ngx_conf_init_uint_value(cmcf->bus_slots, 65536);
     ngx_conf_init_msec_value(cmcf->bus_hole_timeout, 50);
+    ngx_conf_init_uint_value(cmcf->gseq_chunk, 65536);
     ngx_conf_init_size_value(cmcf->max_message, 64 * 1024);
     ngx_conf_init_size_value(cmcf->max_queue, 1024 * 1024);
     ngx_conf_init_msec_value(cmcf->ping_interval, 30000);

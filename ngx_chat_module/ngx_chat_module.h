@@ -53,7 +53,7 @@
 #include <openssl/evp.h>
 
 
-#define NGX_CHAT_SCHEMA_VERSION        2
+#define NGX_CHAT_SCHEMA_VERSION        3
 
 
 /* a node of a tree keyed by unique integers (conversation ids), or NULL */
@@ -132,6 +132,7 @@ typedef struct {
     size_t                     shm_size;
     ngx_uint_t                 bus_slots;
     ngx_msec_t                 bus_hole_timeout;
+    ngx_uint_t                 gseq_chunk;
     ngx_shm_zone_t            *shm_zone;
 
     size_t                     max_message;      /* ws message, REST body */
@@ -192,8 +193,36 @@ typedef struct {
 
 #define NGX_CHAT_MAX_WORKERS  256
 
+/*
+ * Positions handed out to a transaction that may still commit.  Readers
+ * never pass lo - 1 while the entry is there (ngx_chat_bus.c).
+ */
+#define NGX_CHAT_RESV_MAX     256
+
+#define NGX_CHAT_RESV_INFLIGHT  1   /* its owner will say how it ended */
+#define NGX_CHAT_RESV_UNKNOWN   2   /* nobody will: read the store */
+
+typedef struct {
+    uint64_t                   lo;               /* 0: a free entry */
+    uint64_t                   hi;
+    int64_t                    key;              /* the transaction's lock */
+    ngx_pid_t                  pid;              /* owner */
+    ngx_pid_t                  settler;          /* reading the store */
+    ngx_msec_t                 since;
+    ngx_uint_t                 state;
+} ngx_chat_resv_t;
+
+
 typedef struct {
     uint64_t                   published;        /* highest gseq in ring */
+    uint64_t                   next;             /* next to hand out */
+    uint64_t                   limit;            /* end of the chunk */
+    uint64_t                   spare_lo;         /* the next chunk, or 0 */
+    uint64_t                   spare_hi;
+    ngx_pid_t                  raising;          /* asking for a chunk */
+    ngx_msec_t                 raising_since;
+    int64_t                    holder;           /* this instance's key */
+    ngx_chat_resv_t            resv[NGX_CHAT_RESV_MAX];
     uint64_t                   evict;            /* next to evict from */
     ngx_uint_t                 started;          /* published is known */
     u_char                     epoch[16];        /* chat_clock.epoch */

@@ -972,7 +972,7 @@ ngx_chat_session_catchup_query(ngx_chat_session_t *s)
     ngx_chat_query_t  *q;
 
     q = ngx_chat_query_alloc(NGX_CHAT_STMT_CATCHUP,
-                             s->user.len + 1 + 3 * NGX_INT64_LEN + 3);
+                             s->user.len + 1 + 4 * NGX_INT64_LEN + 4);
     if (q == NULL) {
         return NGX_ERROR;
     }
@@ -999,10 +999,18 @@ ngx_chat_session_catchup_query(ngx_chat_session_t *s)
     p = ngx_sprintf(p, "%uz", room);
     *p++ = '\0';
 
+    /*
+     * Only what the bus has passed: every position up to it is settled,
+     * while one above may belong to a transaction that commits later.
+     */
+    s->catchup_upto = ngx_chat_bus_position();
+
+    q->params[4] = (char *) p;
+    p = ngx_sprintf(p, "%uL", s->catchup_upto);
+    *p++ = '\0';
+
     q->handler = ngx_chat_session_catchup_done;
     q->data = s;
-
-    s->catchup_upto = ngx_chat_bus_position();
 
     if (ngx_chat_db_query(q) != NGX_OK) {
         ngx_chat_query_free(q);

@@ -34,10 +34,21 @@
 
 
 typedef struct {
-    ngx_chat_query_t           query;
-    ngx_chat_send_t          **items;
+    ngx_chat_query_t           query;            /* step 1 */
+    ngx_chat_query_t           events;           /* step 2 and COMMIT */
+    ngx_chat_send_t          **items;            /* NULL: answered */
     ngx_uint_t                 n;
+    int64_t                   *convs;            /* carried, per item */
+    ngx_uint_t                 ncarried;
     ngx_chat_buf_t             json;
+    ngx_chat_buf_t             sql;
+
+    int64_t                    key;              /* the transaction's lock */
+    PGresult                  *stage;            /* step 1's answer */
+    int                       *rows;             /* per item: its row */
+    ngx_uint_t                 nok;
+    uint64_t                   lo;               /* positions reserved */
+    ngx_chat_resv_t           *resv;
 } ngx_chat_batch_t;
 
 
@@ -96,8 +107,14 @@ static void ngx_chat_store_retry(ngx_event_t *ev);
 static ngx_int_t ngx_chat_store_build(ngx_chat_query_t *q);
 static ngx_int_t ngx_chat_store_add_item(ngx_chat_buf_t *b,
     ngx_chat_send_t *snd);
-static void ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res,
+static ngx_int_t ngx_chat_store_stage_sql(ngx_chat_batch_t *b);
+static void ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
+static void ngx_chat_store_events_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_store_batch_failed(ngx_chat_batch_t *b, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_store_batch_end(ngx_chat_batch_t *b);
 static void ngx_chat_store_defer(ngx_chat_send_t *snd);
 static ngx_uint_t ngx_chat_store_deferred(int64_t conv);
 static void ngx_chat_store_hold(ngx_chat_send_t *snd);
@@ -127,24 +144,27 @@ static ngx_chat_store_t  ngx_chat_store;
 
 ngx_chat_stmt_t  ngx_chat_stmts[] = {
 
-    { "chat_send_batch",
-      "SELECT o_idx, o_status, o_gseq, o_conv, o_message, o_event "
-      "FROM chat_send_batch($1::jsonb)", 1 },
+    /* a send batch's first step, run by EXECUTE inside a transaction */
+    { "chat_send_stage",
+      "SELECT o_idx, o_status, o_conv, o_id, o_message, o_event "
+      "FROM chat_send_stage($1::bigint, $2::bigint, $3::jsonb)", 3 },
 
     { "chat_clock",
-      "SELECT v, epoch FROM chat_clock", 0 },
+      "SELECT v, epoch, (SELECT coalesce(max(gseq), 0) FROM chat_events) "
+      "FROM chat_clock", 0 },
 
     { "chat_events_after",
-      "SELECT gseq, conversation_id, payload FROM chat_events "
-      "WHERE gseq > $1::bigint AND gseq <= $2::bigint "
-      "ORDER BY gseq LIMIT 512", 2 },
+      "SELECT e.gseq, e.conversation_id, chat_event_payload(e) "
+      "FROM chat_events e "
+      "WHERE e.gseq > $1::bigint AND e.gseq <= $2::bigint "
+      "ORDER BY e.gseq LIMIT 512", 2 },
 
     /* one row per user, in order; one snapshot for all of them */
     { "chat_memberships",
       "SELECT coalesce((SELECT string_agg(m.conversation_id::text, ',' "
       "ORDER BY m.conversation_id) "
       "FROM chat_members m WHERE m.user_id = u.u), ''), "
-      "(SELECT v FROM chat_clock) "
+      "(SELECT coalesce(max(gseq), 0) FROM chat_events) "
       "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
       "AS u (u, ord) ORDER BY u.ord", 1 },
 
@@ -164,29 +184,33 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "FROM chat_members m CROSS JOIN LATERAL ("
       "SELECT e.gseq FROM chat_events e "
       "WHERE e.conversation_id = m.conversation_id "
-      "AND e.gseq > $2::bigint ORDER BY e.gseq LIMIT 1) y "
+      "AND e.gseq > $2::bigint AND e.gseq <= $5::bigint "
+      "ORDER BY e.gseq LIMIT 1) y "
       "WHERE m.user_id = $1 ORDER BY y.gseq LIMIT $3::int), "
       "b AS (SELECT CASE WHEN count(*) < $3::int THEN NULL "
       "ELSE max(g) END AS b FROM f) "
       "SELECT t.gseq, t.conversation_id, t.payload, t.n FROM ("
-      "SELECT e.gseq, e.conversation_id, e.payload, p.n, "
-      "sum(octet_length(e.payload)) OVER (ORDER BY e.gseq ROWS "
-      "UNBOUNDED PRECEDING) - octet_length(e.payload) AS before "
+      "SELECT u.gseq, u.conversation_id, u.payload, u.n, "
+      "sum(octet_length(u.payload)) OVER (ORDER BY u.gseq ROWS "
+      "UNBOUNDED PRECEDING) - octet_length(u.payload) AS before "
+      "FROM (SELECT e.gseq, e.conversation_id, "
+      "chat_event_payload(e) AS payload, p.n "
       "FROM (SELECT x.gseq, count(*) OVER () AS n FROM ("
       "SELECT y.gseq FROM f CROSS JOIN b CROSS JOIN LATERAL ("
       "SELECT e.gseq FROM chat_events e WHERE e.conversation_id = f.c "
-      "AND e.gseq > $2::bigint AND (b.b IS NULL OR e.gseq <= b.b) "
+      "AND e.gseq > $2::bigint AND e.gseq <= $5::bigint "
+      "AND (b.b IS NULL OR e.gseq <= b.b) "
       "ORDER BY e.gseq LIMIT $3::int) y "
       "ORDER BY y.gseq LIMIT $3::int) x) p "
-      "JOIN chat_events e ON e.gseq = p.gseq) t "
-      "WHERE t.before < $4::bigint ORDER BY t.gseq", 4 },
+      "JOIN chat_events e ON e.gseq = p.gseq) u) t "
+      "WHERE t.before < $4::bigint ORDER BY t.gseq", 5 },
 
     { "chat_create_conversation",
       "SELECT o_created, o_conv, o_json, o_gseq, o_event "
-      "FROM chat_create_conversation($1, $2, "
-      "ARRAY(SELECT jsonb_array_elements_text($3::jsonb)), $4, $5::jsonb)",
-      5 },
-
+      "FROM chat_create_conversation_at($1::bigint, $2::bigint, $3::bigint, "
+      "$4, $5, ARRAY(SELECT jsonb_array_elements_text($6::jsonb)), $7, "
+      "$8::jsonb)",
+      8 },
     { "chat_list_conversations",
       "SELECT chat_list_conversations($1, $2::bigint, $3::bigint, $4::int)",
       4 },
@@ -200,6 +224,23 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
     { "chat_history",
       "SELECT chat_history($1, $2::boolean, $3::bigint, $4::bigint, "
       "$5::bigint, $6::int)", 6 },
+
+    /* a send batch's second step, run by EXECUTE before its COMMIT */
+    { "chat_send_events",
+      "SELECT chat_send_events($1::bigint, $2::bigint[], $3::bigint[])", 3 },
+
+    { "chat_clock_start",
+      "SELECT o_v, o_epoch, o_top "
+      "FROM chat_clock_start($1::bigint, $2::boolean)", 2 },
+
+    /* a chunk of positions: one short lock of the clock row per chunk */
+    { "chat_clock_raise",
+      "UPDATE chat_clock SET v = v + $1::bigint "
+      "RETURNING v - $1::bigint + 1, v", 1 },
+
+    { "chat_settle",
+      "SELECT o_gseq, o_conv, o_payload "
+      "FROM chat_settle($1::bigint, $2::bigint, $3::bigint)", 3 },
 
     { NULL, NULL, 0 }
 };
@@ -455,6 +496,11 @@ ngx_chat_store_flush(ngx_event_t *ev)
         return;
     }
 
+    /* no positions to be had yet: the bus calls back when there are */
+    if (!ngx_chat_bus_can_reserve()) {
+        return;
+    }
+
     if (st->inflight >= ngx_chat_store_max_inflight()) {
 
         /* a slow batch must not hold up the sends behind it for long */
@@ -475,11 +521,11 @@ ngx_chat_store_flush(ngx_event_t *ev)
         return;
     }
 
-    b->query.stmt = NGX_CHAT_STMT_SEND_BATCH;
-    b->query.nparams = 1;
+    b->query.stmt = NGX_CHAT_STMT_SEND_STAGE;
     b->query.build = ngx_chat_store_build;
-    b->query.handler = ngx_chat_store_batch_done;
+    b->query.handler = ngx_chat_store_stage_done;
     b->query.data = b;
+    b->query.txn = 1;
 
     if (ngx_chat_db_query(&b->query) != NGX_OK) {
         ngx_free(b);
@@ -527,11 +573,13 @@ ngx_chat_store_build(ngx_chat_query_t *q)
         return NGX_ERROR;
     }
 
-    b->items = ngx_alloc(max * sizeof(ngx_chat_send_t *),
+    b->items = ngx_alloc(max * (sizeof(ngx_chat_send_t *) + sizeof(int64_t)),
                          ngx_chat_worker.log);
     if (b->items == NULL) {
         return NGX_ERROR;
     }
+
+    b->convs = (int64_t *) &b->items[max];
 
     if (ngx_chat_buf_add_lit(&b->json, "[") != NGX_OK) {
         return NGX_ERROR;
@@ -581,6 +629,8 @@ ngx_chat_store_build(ngx_chat_query_t *q)
             return NGX_ERROR;
         }
 
+        b->convs[b->ncarried++] = snd->conversation;
+
         if (snd->alone) {
             break;
         }
@@ -595,12 +645,57 @@ ngx_chat_store_build(ngx_chat_query_t *q)
         return NGX_ERROR;
     }
 
-    if (ngx_chat_buf_add(&b->json, "]", 2) != NGX_OK) {
+    if (ngx_chat_buf_add_lit(&b->json, "]") != NGX_OK) {
         return NGX_ERROR;
     }
 
-    q->params[0] = (const char *) b->json.data;
-    q->lengths[0] = b->json.len - 1;
+    return ngx_chat_store_stage_sql(b);
+}
+
+
+/*
+ * BEGIN; EXECUTE chat_send_stage(key, holder, $tag$[...]$tag$): the
+ * items go as a dollar-quoted literal, with a random tag that the text
+ * is checked not to hold.
+ */
+static ngx_int_t
+ngx_chat_store_stage_sql(ngx_chat_batch_t *b)
+{
+    u_char      tag[24], *p;
+    size_t      n;
+    ngx_uint_t  tries;
+
+    for (tries = 0; /* void */; tries++) {
+        p = ngx_sprintf(tag, "$c%08xD$", (uint32_t) ngx_random());
+        n = p - tag;
+
+        if (memmem(b->json.data, b->json.len, tag, n) == NULL) {
+            break;
+        }
+
+        if (tries == 16) {
+            return NGX_ERROR;
+        }
+    }
+
+    b->key = ngx_chat_random_key();
+    b->sql.len = 0;
+
+    if (ngx_chat_buf_reserve(&b->sql, b->json.len + 128) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_sprintf(b->sql.data,
+                    "BEGIN;EXECUTE chat_send_stage(%L,%L,",
+                    b->key, ngx_chat_bus_holder());
+    p = ngx_cpymem(p, tag, n);
+    p = ngx_cpymem(p, b->json.data, b->json.len);
+    p = ngx_cpymem(p, tag, n);
+    *p++ = ')';
+    *p++ = '\0';
+
+    b->sql.len = p - b->sql.data;
+    b->query.sql = (const char *) b->sql.data;
 
     return NGX_OK;
 }
@@ -651,108 +746,69 @@ ngx_chat_store_add_item(ngx_chat_buf_t *b, ngx_chat_send_t *snd)
 }
 
 
+/*
+ * Step 1 is back, in a transaction still open: answer what was not
+ * stored, reserve positions for what was, and send step 2 and the COMMIT.
+ */
 static void
-ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
-    int                i, n;
-    char              *status, *state;
-    int64_t            conv;
-    uint64_t           gseq;
-    ngx_uint_t         idx, published;
+    int                i, n, *rows;
+    char              *status;
+    u_char            *p;
+    ngx_int_t          rrc;
+    ngx_uint_t         idx, k;
     ngx_chat_batch_t  *b;
     ngx_chat_store_t  *st;
     ngx_chat_send_t   *snd;
 
     b = q->data;
     st = &ngx_chat_store;
-    st->inflight--;
-    published = 0;
 
     if (b->n == 0) {
         /* never built: the query was failed before a connection took it */
         st->queued = 0;
     }
 
-    ngx_chat_store_release(b);
-
     if (rc != NGX_OK) {
-        if (rc == NGX_ERROR && b->n == 0) {
-            /* build found nothing to send */
-            goto done;
-        }
-
-        state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-
-        if (rc == NGX_ERROR && state && ngx_strcmp(state, "40001") == 0) {
-            /* a duplicate raced us from another worker: run it again */
-            ngx_chat_store_requeue(b);
-            goto done;
-        }
-
-        if (rc == NGX_ERROR && b->n > 1 && !ngx_chat_store_transient(state)) {
-            /*
-             * One bad item must not fail everybody's send: each goes
-             * again in a batch of its own, and only the bad one fails.
-             */
-            ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
-                          "chat: a batch of %ui sends failed (%s), "
-                          "storing them one by one", b->n,
-                          state ? state : "-");
-
-            for (idx = 0; idx < b->n; idx++) {
-                b->items[idx]->alone = 1;
-            }
-
-            ngx_chat_store_requeue(b);
-            goto done;
-        }
-
-        if (rc == NGX_ERROR && res) {
-            ngx_log_error(NGX_LOG_ERR, ngx_chat_worker.log, 0,
-                          "chat: a send could not be stored: %s",
-                          PQresultErrorMessage(res));
-        }
-
-        for (idx = 0; idx < b->n; idx++) {
-            if (rc == NGX_DECLINED || ngx_chat_store_transient(state)) {
-                ngx_chat_store_fail(b->items[idx], "unavailable",
-                                    "the store is unavailable",
-                                    ngx_chat_db_retry_after());
-            } else {
-                ngx_chat_store_fail(b->items[idx], "internal",
-                                    "the message could not be stored", 0);
-            }
-        }
-
-        goto done;
+        ngx_chat_store_batch_failed(b, res, rc);
+        ngx_chat_store_batch_end(b);
+        return;
     }
 
+    rows = ngx_alloc(b->n * sizeof(int), ngx_chat_worker.log);
+    if (rows == NULL) {
+        ngx_chat_store_batch_failed(b, NULL, NGX_DECLINED);
+        ngx_chat_store_batch_end(b);
+        return;
+    }
+
+    b->rows = rows;
     n = PQntuples(res);
 
     for (i = 0; i < n; i++) {
         idx = ngx_atoi((u_char *) PQgetvalue(res, i, 0),
                        PQgetlength(res, i, 0));
 
-        if (idx == (ngx_uint_t) NGX_ERROR || idx < 1 || idx > b->n) {
+        if (idx == (ngx_uint_t) NGX_ERROR || idx < 1 || idx > b->n
+            || b->items[idx - 1] == NULL)
+        {
             continue;
         }
 
         snd = b->items[idx - 1];
-        b->items[idx - 1] = NULL;
-
         status = PQgetvalue(res, i, 1);
 
         if (ngx_strcmp(status, "ok") == 0) {
-            gseq = ngx_atoof((u_char *) PQgetvalue(res, i, 2),
-                             PQgetlength(res, i, 2));
-            conv = ngx_atoof((u_char *) PQgetvalue(res, i, 3),
-                             PQgetlength(res, i, 3));
+            /* stays in b->items until step 2 has committed */
+            rows[idx - 1] = i;
+            b->nok++;
+            continue;
+        }
 
-            ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(res, i, 5),
-                                 PQgetlength(res, i, 5));
-            published = 1;
+        b->items[idx - 1] = NULL;
 
-        } else if (ngx_strcmp(status, "busy") == 0) {
+        if (ngx_strcmp(status, "busy") == 0) {
             if ((ngx_msec_int_t) (ngx_current_msec - snd->deadline) < 0) {
                 ngx_chat_store_defer(snd);
                 continue;
@@ -786,13 +842,272 @@ ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             continue;
         }
 
+        /* stored before, and committed: its original */
         snd->rc = NGX_OK;
-        snd->duplicate = (status[0] == 'd');
+        snd->duplicate = 1;
         snd->message.data = (u_char *) PQgetvalue(res, i, 4);
         snd->message.len = PQgetlength(res, i, 4);
 
         ngx_chat_store_finish(snd);
     }
+
+    k = 0;
+
+    for (idx = 0; idx < b->n; idx++) {
+        if (b->items[idx] && b->nok == 0) {
+            /* no row for it */
+            ngx_chat_store_fail(b->items[idx], "internal",
+                                "the store gave no answer", 0);
+            b->items[idx] = NULL;
+        }
+    }
+
+    if (b->nok == 0) {
+        /* nothing was written: the transaction is rolled back */
+        ngx_chat_store_batch_end(b);
+        return;
+    }
+
+    rrc = ngx_chat_bus_reserve(b->nok, b->key, &b->lo, &b->resv);
+
+    if (rrc != NGX_OK) {
+        /* no positions yet: roll back, and again once a chunk is there */
+        ngx_chat_store_requeue(b);
+
+        if (!st->slow.timer_set) {
+            ngx_add_timer(&st->slow, 10);
+        }
+
+        ngx_chat_store_batch_end(b);
+        return;
+    }
+
+    /* EXECUTE chat_send_events(lo, '{conv,...}', '{id,...}'); COMMIT */
+
+    b->sql.len = 0;
+
+    if (ngx_chat_buf_reserve(&b->sql, 64 + b->nok * 2 * (NGX_INT64_LEN + 1))
+        != NGX_OK)
+    {
+        goto failed;
+    }
+
+    p = ngx_sprintf(b->sql.data, "EXECUTE chat_send_events(%uL,'{",
+                    b->lo);
+
+    for (idx = 0, k = 0; idx < b->n; idx++) {
+        if (b->items[idx]) {
+            if (k++) {
+                *p++ = ',';
+            }
+
+            p = ngx_cpymem(p, PQgetvalue(res, rows[idx], 2),
+                           PQgetlength(res, rows[idx], 2));
+        }
+    }
+
+    p = ngx_cpymem(p, "}','{", 5);
+
+    for (idx = 0, k = 0; idx < b->n; idx++) {
+        if (b->items[idx]) {
+            if (k++) {
+                *p++ = ',';
+            }
+
+            p = ngx_cpymem(p, PQgetvalue(res, rows[idx], 3),
+                           PQgetlength(res, rows[idx], 3));
+        }
+    }
+
+    p = ngx_cpymem(p, "}');COMMIT", 10);
+    *p++ = '\0';
+
+    b->sql.len = p - b->sql.data;
+
+    /* the rows of the stored messages live until step 2 is back */
+    ngx_chat_db_keep_result();
+    b->stage = res;
+
+    b->events.stmt = NGX_CHAT_STMT_SEND_EVENTS;
+    b->events.sql = (const char *) b->sql.data;
+    b->events.handler = ngx_chat_store_events_done;
+    b->events.data = b;
+
+    ngx_chat_db_continue(&b->events, q->conn);
+
+    return;
+
+failed:
+
+    ngx_chat_bus_void(b->resv, b->lo);
+    ngx_chat_store_batch_failed(b, NULL, NGX_DECLINED);
+    ngx_chat_store_batch_end(b);
+}
+
+
+static void
+ngx_chat_store_events_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    char              *state;
+    uint64_t           g;
+    ngx_uint_t         idx;
+    ngx_chat_batch_t  *b;
+    ngx_chat_send_t   *snd;
+    PGresult          *stage;
+
+    b = q->data;
+    stage = b->stage;
+
+    if (rc == NGX_DECLINED) {
+        /* committed or not: the store says once the lock is free */
+        ngx_chat_bus_unknown(b->resv, b->lo);
+        ngx_chat_store_batch_failed(b, NULL, NGX_DECLINED);
+        ngx_chat_store_batch_end(b);
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        /* an error from the server: the transaction did not commit */
+        ngx_chat_bus_void(b->resv, b->lo);
+
+        state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+
+        if (ngx_chat_store_transient(state)
+            || (state && ngx_strcmp(state, "40001") == 0))
+        {
+            ngx_chat_store_requeue(b);
+
+        } else {
+            ngx_chat_store_batch_failed(b, res, rc);
+        }
+
+        ngx_chat_store_batch_end(b);
+        return;
+    }
+
+    /* committed: events at their positions, in item order */
+
+    g = b->lo;
+
+    for (idx = 0; idx < b->n; idx++) {
+        if (b->items[idx] == NULL) {
+            continue;
+        }
+
+        ngx_chat_bus_publish(g++,
+            ngx_atoof((u_char *) PQgetvalue(stage, b->rows[idx], 2),
+                      PQgetlength(stage, b->rows[idx], 2)),
+            (u_char *) PQgetvalue(stage, b->rows[idx], 5),
+            PQgetlength(stage, b->rows[idx], 5));
+    }
+
+    ngx_chat_bus_release(b->resv, b->lo);
+    ngx_chat_bus_notify();
+
+    for (idx = 0; idx < b->n; idx++) {
+        snd = b->items[idx];
+
+        if (snd == NULL) {
+            continue;
+        }
+
+        b->items[idx] = NULL;
+
+        snd->rc = NGX_OK;
+        snd->duplicate = 0;
+        snd->message.data = (u_char *) PQgetvalue(stage, b->rows[idx], 4);
+        snd->message.len = PQgetlength(stage, b->rows[idx], 4);
+
+        ngx_chat_store_finish(snd);
+    }
+
+    ngx_chat_store_batch_end(b);
+}
+
+
+/* a step failed: requeue, isolate or answer the items still in b */
+
+static void
+ngx_chat_store_batch_failed(ngx_chat_batch_t *b, PGresult *res,
+    ngx_int_t rc)
+{
+    char        *state;
+    ngx_uint_t   idx, n;
+
+    if (rc == NGX_ERROR && b->n == 0) {
+        /* build found nothing to send */
+        return;
+    }
+
+    /* the items still waiting for an answer go first */
+
+    for (idx = 0, n = 0; idx < b->n; idx++) {
+        if (b->items[idx]) {
+            b->items[n++] = b->items[idx];
+        }
+    }
+
+    b->n = n;
+
+    state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+
+    if (rc == NGX_ERROR && state && ngx_strcmp(state, "40001") == 0) {
+        /* a duplicate raced us from another worker: run it again */
+        ngx_chat_store_requeue(b);
+        return;
+    }
+
+    if (rc == NGX_ERROR && b->n > 1 && !ngx_chat_store_transient(state)) {
+        /*
+         * One bad item must not fail everybody's send: each goes
+         * again in a batch of its own, and only the bad one fails.
+         */
+        ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
+                      "chat: a batch of %ui sends failed (%s), "
+                      "storing them one by one", b->n,
+                      state ? state : "-");
+
+        for (idx = 0; idx < b->n; idx++) {
+            b->items[idx]->alone = 1;
+        }
+
+        ngx_chat_store_requeue(b);
+        return;
+    }
+
+    if (rc == NGX_ERROR && res) {
+        ngx_log_error(NGX_LOG_ERR, ngx_chat_worker.log, 0,
+                      "chat: a send could not be stored: %s",
+                      PQresultErrorMessage(res));
+    }
+
+    for (idx = 0; idx < b->n; idx++) {
+        if (rc == NGX_DECLINED || ngx_chat_store_transient(state)) {
+            ngx_chat_store_fail(b->items[idx], "unavailable",
+                                "the store is unavailable",
+                                ngx_chat_db_retry_after());
+        } else {
+            ngx_chat_store_fail(b->items[idx], "internal",
+                                "the message could not be stored", 0);
+        }
+    }
+
+    b->n = 0;
+}
+
+
+/* the batch's transaction is over, whichever way */
+
+static void
+ngx_chat_store_batch_end(ngx_chat_batch_t *b)
+{
+    ngx_uint_t         idx;
+    ngx_chat_store_t  *st;
+
+    st = &ngx_chat_store;
+    st->inflight--;
+
+    ngx_chat_store_release(b);
 
     for (idx = 0; idx < b->n; idx++) {
         if (b->items[idx]) {
@@ -805,14 +1120,14 @@ ngx_chat_store_batch_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         ngx_chat_store_hold_pending();
     }
 
-    if (published) {
-        ngx_chat_bus_notify();
+    if (b->stage) {
+        PQclear(b->stage);
     }
 
-done:
-
+    ngx_free(b->rows);
     ngx_free(b->items);
     ngx_chat_buf_free(&b->json);
+    ngx_chat_buf_free(&b->sql);
     ngx_free(b);
 
     if (st->npending && !st->flush.posted) {
@@ -1095,8 +1410,8 @@ ngx_chat_store_release(ngx_chat_batch_t *b)
     ngx_uint_t           i;
     ngx_chat_carried_t  *c;
 
-    for (i = 0; i < b->n; i++) {
-        c = ngx_chat_store_carried(b->items[i]->conversation);
+    for (i = 0; i < b->ncarried; i++) {
+        c = ngx_chat_store_carried(b->convs[i]);
 
         if (c == NULL || c->owner != b) {
             continue;
@@ -1126,6 +1441,13 @@ ngx_chat_store_requeue(ngx_chat_batch_t *b)
 
     for (i = b->n; i > 0; i--) {
         snd = b->items[i - 1];
+
+        if (snd == NULL) {
+            /* answered already */
+            continue;
+        }
+
+        b->items[i - 1] = NULL;
 
         if ((ngx_msec_int_t) (ngx_current_msec - snd->deadline) >= 0) {
             ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,

@@ -13,7 +13,7 @@
 #include <jansson.h>
 
 
-#define NGX_CHAT_STMT_SEND_BATCH     0
+#define NGX_CHAT_STMT_SEND_STAGE     0
 #define NGX_CHAT_STMT_CLOCK          1
 #define NGX_CHAT_STMT_EVENTS_AFTER   2
 #define NGX_CHAT_STMT_MEMBERSHIPS    3
@@ -22,6 +22,10 @@
 #define NGX_CHAT_STMT_LIST_CONVS     6
 #define NGX_CHAT_STMT_GET_CONV       7
 #define NGX_CHAT_STMT_HISTORY        8
+#define NGX_CHAT_STMT_SEND_EVENTS    9
+#define NGX_CHAT_STMT_CLOCK_START    10
+#define NGX_CHAT_STMT_RAISE          11
+#define NGX_CHAT_STMT_SETTLE         12
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 

@@ -86,7 +86,7 @@ start_pg() {
         touch "$LOGS/postgresql.log"
         chown postgres "$LOGS/postgresql.log"
         as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$LOGS/postgresql.log" -w -t 60 \
-            -o "-c port=$PGPORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$SOCK -c unix_socket_permissions=0777 -c max_connections=200" \
+            -o "-c port=$PGPORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$SOCK -c unix_socket_permissions=0777 -c max_connections=200 ${PG_OPTS:-}" \
             start >/dev/null || { tail -n 20 "$LOGS/postgresql.log" >&2; die "PostgreSQL did not start"; }
     fi
     if [ "$(psql_ -d postgres -A -t -c "SELECT 1 FROM pg_database WHERE datname = 'chat'")" != 1 ]; then

@@ -22,8 +22,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from chattest import *  # noqa: E402,F403
 
-pg = PgCluster()
-ng_rw = Nginx(pg, workers=2, http="chat_max_rewind 10;")
+# a database of its own: rewind distances count positions, and other
+# nginx instances on one database take chunks of positions in between
+pg_rw = PgCluster()
+pg = PgCluster()             # the last one: the helpers' default
+ng_rw = Nginx(pg_rw, workers=2, http="chat_max_rewind 10;")
 ng_small = Nginx(pg, workers=1, http="chat_db_pool_size 2;")
 ng_lim = Nginx(pg, workers=1, http="chat_max_unauthenticated 3;\n"
                "chat_max_connections_per_address 4;\nchat_auth_timeout 30s;")
@@ -267,7 +270,8 @@ async def test_cursor_ahead():
         y = await ws_connect_on("ca-alice", want_pid=pids[0])
         await asyncio.sleep(0.1)
         epoch = x.hello["result"]["cursor"].rsplit(".", 1)[0]
-        nxt = pg.query("SELECT v + 1 FROM chat_clock")[0][0]
+        # the next position this nginx hands out follows its newest event
+        nxt = gseq(y.hello["result"]["cursor"]) + 1
         os.kill(pids[1], signal.SIGSTOP)
         try:
             await x.send({"type": "sync", "id": 77, "cursor": "%s.%d" % (epoch, nxt)})
@@ -341,7 +345,7 @@ async def test_max_rewind():
     ok(r and not r["ok"], "sync to the beginning refused")
     await c.close()
     epoch = c0.rsplit(".", 1)[0]
-    gs = [r[0] for r in pg.query("SELECT gseq FROM chat_events WHERE conversation_id = %s "
+    gs = [r[0] for r in pg_rw.query("SELECT gseq FROM chat_events WHERE conversation_id = %s "
                                  "AND kind = 'message.new' ORDER BY gseq", int(conv))]
     near = "%s.%d" % (epoch, gs[14])
     c = await ws_connect_on("mr-alice", nginx=ng_rw, cursor=near)

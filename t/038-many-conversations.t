@@ -94,7 +94,7 @@ async def case(nginx, label, k):
     is_(acked, k, "%s: %d sends acked while busy is away" % (label, k))
     want = [r[0] for r in pg.query(
         "SELECT m.id::text FROM chat_messages m JOIN chat_events e ON e.conversation_id = "
-        "m.conversation_id AND e.kind = 'message.new' AND (e.payload::jsonb -> 'message' ->> 'id') "
+        "m.conversation_id AND e.kind = 'message.new' AND (coalesce(e.message_id::text, e.payload::jsonb -> 'message' ->> 'id')) "
         "= m.id::text WHERE m.sender = 'pal' AND m.client_msg_id LIKE %s ORDER BY e.gseq",
         "%s-away-%%" % label)]
     is_(len(want), k, "%s: %d messages stored in %d conversations" % (label, k, k))

@@ -207,7 +207,7 @@ def part_release_between_batches(ng):
     h = ws.request("hello", token=token("bob"))
     ok(h and h.get("ok"), "raw connection: hello")
     lk_a = lock_conv(A)
-    lk_c = db_lock("SELECT * FROM chat_clock FOR UPDATE")
+    lk_c = db_lock("LOCK TABLE chat_events IN SHARE MODE; SELECT 1")
     import json as _j
     # a1 and b1 in one TCP write: one read, one batch
     ws.sendall(RawWS.frame(1, _j.dumps(dict(type="send", id="a1", **send_fields(A, "order-a1"))))
@@ -333,7 +333,7 @@ async def part_clock_timeout(ng2):
     and the retry after the release stores each exactly once."""
     c = await ws_connect_on("bob", nginx=ng2)
     base = {A: last_seq(A), B: last_seq(B)}
-    lk = db_lock("SELECT * FROM chat_clock FOR UPDATE")
+    lk = db_lock("LOCK TABLE chat_events IN SHARE MODE; SELECT 1")
     t0 = time.monotonic()
     tasks = [(conv, cmid, asyncio.ensure_future(c.request("send", timeout=15, **send_fields(conv, cmid))))
              for conv, cmid in ((A, "clock-a"), (B, "clock-b"))]

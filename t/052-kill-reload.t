@@ -207,12 +207,12 @@ async def main(ng):
     on_survivor = [f for f in followers if not f.c.closed and session_pid(f.c) == survivor]
     ok(len(on_survivor) >= 2, "%d clients on the surviving worker %d" % (len(on_survivor), survivor))
     vc = await connect("bob", victim, nginx=ng)
-    lk = db_lock("SELECT * FROM chat_clock FOR UPDATE")
+    lk = db_lock("LOCK TABLE chat_events IN SHARE MODE; SELECT 1")
     t_inflight = asyncio.ensure_future(vc.request("send", timeout=5, conversation_id=G,
                                                   client_msg_id="inflight-1", body="orphan"))
     waiting = await until(lambda: pg.query(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%chat_send_batch%'")[0][0] >= 1, 5)
+        "AND query LIKE '%chat_send_events%'")[0][0] >= 1, 5)
     ok(waiting, "the victim's batch waits on the clock row")
     ng.allow.append(r'shared memory zone "[^"]*" was locked by %d\b' % victim)
     note("SIGKILL worker %d with a batch in flight" % victim)

@@ -49,7 +49,7 @@ async def run():
     # wait until alice's batch is inside PostgreSQL, waiting for the lock
     waiting = await until(lambda: pg.query(
         "SELECT count(*) FROM pg_stat_activity "
-        "WHERE wait_event_type = 'Lock' AND query LIKE '%chat_send_batch%'")
+        "WHERE wait_event_type = 'Lock' AND query LIKE '%chat_send_stage%'")
         [0][0] == 1, timeout=10)
     ok(waiting, "alice's batch waits in PostgreSQL for the test transaction")
     if not waiting:

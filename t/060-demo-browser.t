@@ -70,7 +70,7 @@ try:
     rows = pg.query("SELECT m.id::text, m.seq, m.sender, m.body, e.gseq FROM chat_messages m "
                     "JOIN chat_events e ON e.conversation_id = m.conversation_id "
                     "AND e.kind = 'message.new' "
-                    "AND (e.payload::jsonb -> 'message' ->> 'id') = m.id::text "
+                    "AND coalesce(e.message_id::text, e.payload::jsonb -> 'message' ->> 'id') = m.id::text "
                     "ORDER BY m.seq")
     is_([(r[2], r[3]) for r in rows],
         list(zip(["alice", "bob", "alice", "alice", "alice"], bodies)) if bodies else [None],
