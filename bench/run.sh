@@ -565,7 +565,7 @@ run_one() {         # mode scenario size conns rate k rep
         > "$RAW/logs/$tag.txt" 2>&1
     rc=$?
     [ "$mode" = chat ] && pg_sample after >> "$RAW/logs/$tag.txt"
-    grep -E 'result|latency e2e|integrity|connect |server rss|postgres cpu' \
+    grep -E 'result|latency e2e|latency ack|integrity|connect |server rss|postgres cpu' \
         "$RAW/logs/$tag.txt" | sed 's/^/    /' | tee -a "$OUT/run.log"
     [ $rc = 0 ] || log "run $tag exited $rc (see $RAW/logs/$tag.txt)"
     sleep 1
