@@ -495,10 +495,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# PostgreSQL's CPU (every process of the cluster, utime + stime) and the
-# messages stored, before and after a run of ours: "postgres cpu: S s,
-# N messages, U us per message".  Backends that exit during the run are
-# not counted (the module's pool connections live through it).
+# PostgreSQL's CPU per stored message in the steady part of a run of ours:
+# a sampler reads, every second, the CPU of every process of the cluster
+# (utime + stime) and the last message id; seconds in which messages were
+# stored count, but the first and last such seconds (set-up, drain) do not.
+# "postgres cpu: S s, N messages, U us per message".  psql's own short
+# backends are gone before the next sample and are not counted.
 pg_ticks() {
     local pm p t=0 f
     pm="$(head -1 "$REPO/var/pg/postmaster.pid" 2> /dev/null)"
@@ -510,22 +512,29 @@ pg_ticks() {
     echo "$t"
 }
 
-pg_messages() {
+pg_last_id() {
     /usr/lib/postgresql/*/bin/psql -X -A -t -h "$REPO/var/run" \
         -p "$CHAT_PGPORT" -U postgres -d chat \
-        -c "SELECT count(*) FROM chat_messages" 2> /dev/null || echo 0
+        -c "SELECT last_value FROM chat_messages_id_seq" 2> /dev/null || echo 0
 }
 
-pg_sample() {       # before | after
-    if [ "$1" = before ]; then
-        PG_T0=$(pg_ticks); PG_M0=$(pg_messages)
+pg_sample() {       # start | stop
+    if [ "$1" = start ]; then
+        PG_SAMPLES="$RAW/logs/pg-samples.$$"
+        : > "$PG_SAMPLES"
+        ( while :; do echo "$(pg_ticks) $(pg_last_id)"; sleep 1; done ) \
+            >> "$PG_SAMPLES" 2> /dev/null &
+        PG_SAMPLER=$!
         return
     fi
-    local t1 m1 hz
-    t1=$(pg_ticks); m1=$(pg_messages); hz=$(getconf CLK_TCK)
-    awk -v t="$(( t1 - PG_T0 ))" -v m="$(( m1 - PG_M0 ))" -v hz="$hz" 'BEGIN {
-        printf "postgres cpu: %.2f s, %d messages, %.0f us per message\n",
-               t / hz, m, m ? t / hz / m * 1e6 : 0 }'
+    kill "$PG_SAMPLER" 2> /dev/null; wait "$PG_SAMPLER" 2> /dev/null
+    awk -v hz="$(getconf CLK_TCK)" '
+        NR > 1 && $2 > m { n++; dt[n] = $1 - t; dm[n] = $2 - m }
+        { t = $1; m = $2 }
+        END { for (i = 2; i < n; i++) { T += dt[i]; M += dm[i] }
+              printf "postgres cpu: %.2f s, %d messages, %.0f us per message\n",
+                     T / hz, M, M ? T / hz / M * 1e6 : 0 }' "$PG_SAMPLES"
+    rm -f "$PG_SAMPLES"
 }
 
 # ---- one measurement ----
@@ -555,7 +564,7 @@ run_one() {         # mode scenario size conns rate k rep
     limit=$(( DURATION + WARMUP + DRAIN + HOLD + conns / 500 + 120 ))
 
     log "run $tag: $desc"
-    [ "$mode" = chat ] && pg_sample before
+    [ "$mode" = chat ] && pg_sample start
     timeout "$limit" "$BIN" --mode "$genmode" --scenario "$sc" \
         --port "$SERVER_PORT" --conns "$conns" --workers "$workers" \
         --src "$SRC" --pin "$GEN_CPUS" --rate "$rate" --size "$size" \
@@ -564,7 +573,7 @@ run_one() {         # mode scenario size conns rate k rep
         "${GEN_EXTRA[@]}" "${extra[@]}" \
         > "$RAW/logs/$tag.txt" 2>&1
     rc=$?
-    [ "$mode" = chat ] && pg_sample after >> "$RAW/logs/$tag.txt"
+    [ "$mode" = chat ] && pg_sample stop >> "$RAW/logs/$tag.txt"
     grep -E 'result|latency e2e|latency ack|integrity|connect |server rss|postgres cpu' \
         "$RAW/logs/$tag.txt" | sed 's/^/    /' | tee -a "$OUT/run.log"
     [ $rc = 0 ] || log "run $tag exited $rc (see $RAW/logs/$tag.txt)"

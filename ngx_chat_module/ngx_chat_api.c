@@ -33,13 +33,18 @@ typedef struct {
 } ngx_chat_api_ctx_t;
 
 
-/* a created conversation's position, in front of the query's params */
+/*
+ * Creating a conversation: step 1 (the conversation) and step 2 (its
+ * event at a reserved position, and the COMMIT) on one connection; this
+ * follows step 1's query in memory and owns step 2's.
+ */
 typedef struct {
+    ngx_chat_query_t           event;            /* step 2 */
+    ngx_chat_buf_t             sql;
+    PGresult                  *stage;            /* step 1's answer */
     ngx_chat_resv_t           *resv;
-    uint64_t                   lo;
     int64_t                    key;
-    u_char                     text[3 * (NGX_INT64_LEN + 1)];
-} ngx_chat_api_resv_t;
+} ngx_chat_api_create_t;
 
 
 static ngx_int_t ngx_chat_api_send(ngx_http_request_t *r, ngx_uint_t status,
@@ -60,9 +65,12 @@ static void ngx_chat_api_wait(ngx_http_request_t *r);
 static ngx_http_request_t *ngx_chat_api_query_owner(ngx_chat_query_t *q);
 static ngx_int_t ngx_chat_api_create_conversation(ngx_http_request_t *r,
     json_t *body);
-static ngx_int_t ngx_chat_api_create_build(ngx_chat_query_t *q);
 static void ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
+static void ngx_chat_api_create_event_done(ngx_chat_query_t *e,
+    PGresult *res, ngx_int_t rc);
+static void ngx_chat_api_create_reply(ngx_http_request_t *r,
+    ngx_uint_t status, char *json, size_t len);
 static ngx_int_t ngx_chat_api_list_conversations(ngx_http_request_t *r);
 static ngx_int_t ngx_chat_api_get_conversation(ngx_http_request_t *r);
 static ngx_int_t ngx_chat_api_history(ngx_http_request_t *r);
@@ -737,15 +745,16 @@ ngx_chat_api_query_owner(ngx_chat_query_t *q)
 static ngx_int_t
 ngx_chat_api_create_conversation(ngx_http_request_t *r, json_t *body)
 {
-    u_char              *p;
-    char                *context;
-    size_t               i, len;
-    json_t              *members, *m, *ctxj;
-    ngx_str_t            kind, title, user;
-    ngx_uint_t           self, count;
-    ngx_chat_buf_t       mb;
-    ngx_chat_query_t    *q;
-    ngx_chat_api_ctx_t  *ctx;
+    u_char                 *p, num[96];
+    char                   *context;
+    size_t                  i;
+    json_t                 *members, *m, *ctxj;
+    ngx_str_t               kind, title, user;
+    ngx_uint_t              self, count;
+    ngx_chat_buf_t          mb;
+    ngx_chat_query_t       *q;
+    ngx_chat_api_ctx_t     *ctx;
+    ngx_chat_api_create_t  *cr;
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
     context = NULL;
@@ -864,47 +873,76 @@ ngx_chat_api_create_conversation(ngx_http_request_t *r, json_t *body)
         }
     }
 
-    len = ctx->id.user.len + 1 + kind.len + 1 + mb.len + title.len + 1
-          + (context ? ngx_strlen(context) + 1 : 0);
-
     q = ngx_chat_query_alloc(NGX_CHAT_STMT_CREATE_CONV,
-                             sizeof(ngx_chat_api_resv_t) + len);
+                             sizeof(ngx_chat_api_create_t));
     if (q == NULL) {
         goto failed;
     }
 
-    p = (u_char *) &q[1] + sizeof(ngx_chat_api_resv_t);
+    cr = (ngx_chat_api_create_t *) &q[1];
+    cr->key = ngx_chat_random_key();
 
-    q->params[3] = (char *) p;
-    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
-    *p++ = '\0';
+    /* BEGIN; EXECUTE chat_create_stage(key, holder, ...) as literals */
 
-    q->params[4] = (char *) p;
-    p = ngx_cpymem(p, kind.data, kind.len);
-    *p++ = '\0';
+    p = ngx_sprintf(num, "BEGIN;EXECUTE chat_create_stage(%L,%L,",
+                    cr->key, ngx_chat_bus_holder());
 
-    q->params[5] = (char *) p;
-    p = ngx_cpymem(p, mb.data, mb.len);
+    if (ngx_chat_buf_add(&cr->sql, num, p - num) != NGX_OK
+        || ngx_chat_db_literal(&cr->sql, ctx->id.user.data, ctx->id.user.len)
+           != NGX_OK
+        || ngx_chat_buf_add_lit(&cr->sql, ",") != NGX_OK
+        || ngx_chat_db_literal(&cr->sql, kind.data, kind.len) != NGX_OK
+        || ngx_chat_buf_add_lit(&cr->sql, ",") != NGX_OK
+        || ngx_chat_db_literal(&cr->sql, mb.data, mb.len - 1) != NGX_OK
+        || ngx_chat_buf_add_lit(&cr->sql, ",") != NGX_OK)
+    {
+        goto failed_query;
+    }
 
     if (title.data) {
-        q->params[6] = (char *) p;
-        p = ngx_cpymem(p, title.data, title.len);
-        *p++ = '\0';
+        if (ngx_chat_db_literal(&cr->sql, title.data, title.len) != NGX_OK) {
+            goto failed_query;
+        }
+
+    } else if (ngx_chat_buf_add_lit(&cr->sql, "NULL") != NGX_OK) {
+        goto failed_query;
+    }
+
+    if (ngx_chat_buf_add_lit(&cr->sql, ",") != NGX_OK) {
+        goto failed_query;
     }
 
     if (context) {
-        q->params[7] = (char *) p;
-        p = ngx_cpymem(p, context, ngx_strlen(context) + 1);
+        if (ngx_chat_db_literal(&cr->sql, (u_char *) context,
+                                ngx_strlen(context)) != NGX_OK)
+        {
+            goto failed_query;
+        }
+
         free(context);
+        context = NULL;
+
+    } else if (ngx_chat_buf_add_lit(&cr->sql, "NULL") != NGX_OK) {
+        goto failed_query;
+    }
+
+    if (ngx_chat_buf_add(&cr->sql, ")", 2) != NGX_OK) {
+        goto failed_query;
     }
 
     ngx_chat_buf_free(&mb);
 
-    q->build = ngx_chat_api_create_build;
+    q->sql = (const char *) cr->sql.data;
+    q->txn = 1;
     q->handler = ngx_chat_api_create_done;
 
     /* the body reader's reference keeps the request until we finalize */
     return ngx_chat_api_query(r, q);
+
+failed_query:
+
+    ngx_chat_buf_free(&cr->sql);
+    ngx_chat_query_free(q);
 
 failed:
 
@@ -916,106 +954,160 @@ failed:
 
 
 /*
- * The conversation.created event's position, taken when a connection
- * takes the query: a query that waits in the queue holds up nobody.
+ * Step 1 is back, its transaction open: a new conversation gets its
+ * event's position now (everything that can wait on a lock is done) and
+ * step 2 inserts the event and commits; an existing direct conversation
+ * is answered at once (nothing was written).
  */
-static ngx_int_t
-ngx_chat_api_create_build(ngx_chat_query_t *q)
+static void
+ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
-    u_char               *p;
-    ngx_chat_api_resv_t  *cr;
+    u_char                 *p;
+    uint64_t                lo;
+    ngx_chat_api_ctx_t     *ctx;
+    ngx_http_request_t     *r;
+    ngx_chat_api_create_t  *cr;
 
-    cr = (ngx_chat_api_resv_t *) &q[1];
-    cr->key = ngx_chat_random_key();
+    cr = (ngx_chat_api_create_t *) &q[1];
+    r = q->data;
 
-    if (ngx_chat_bus_reserve(1, cr->key, &cr->lo, &cr->resv) != NGX_OK) {
-        cr->resv = NULL;
-        return NGX_ERROR;
+    if (rc != NGX_OK || PQntuples(res) != 1) {
+        goto unavailable;
     }
 
-    p = cr->text;
+    if (PQgetvalue(res, 0, 0)[0] != 't') {
+        ngx_chat_buf_free(&cr->sql);
+        r = ngx_chat_api_query_owner(q);
 
-    q->params[0] = (char *) p;
-    p = ngx_sprintf(p, "%L", cr->key);
+        if (r) {
+            ngx_chat_api_create_reply(r, NGX_HTTP_OK, PQgetvalue(res, 0, 2),
+                                      PQgetlength(res, 0, 2));
+        }
+
+        return;
+    }
+
+    /* a client that left still gets its conversation, as a send is stored */
+
+    if (ngx_chat_bus_reserve(1, cr->key, &lo, &cr->resv) != NGX_OK) {
+        goto unavailable;
+    }
+
+    cr->sql.len = 0;
+
+    if (ngx_chat_buf_reserve(&cr->sql, 96) != NGX_OK) {
+        ngx_chat_bus_void(cr->resv, cr->key);
+        goto unavailable;
+    }
+
+    p = ngx_sprintf(cr->sql.data, "EXECUTE chat_create_event(%uL,%*s);COMMIT",
+                    lo, (size_t) PQgetlength(res, 0, 1), PQgetvalue(res, 0, 1));
     *p++ = '\0';
+    cr->sql.len = p - cr->sql.data;
 
-    q->params[1] = (char *) p;
-    p = ngx_sprintf(p, "%L", ngx_chat_bus_holder());
-    *p++ = '\0';
+    ngx_chat_db_keep_result();
+    cr->stage = res;
 
-    q->params[2] = (char *) p;
-    p = ngx_sprintf(p, "%uL", cr->lo);
-    *p = '\0';
+    cr->event.stmt = NGX_CHAT_STMT_CREATE_EVENT;
+    cr->event.sql = (const char *) cr->sql.data;
+    cr->event.handler = ngx_chat_api_create_event_done;
+    cr->event.data = r;
 
-    return NGX_OK;
+    if (r) {
+        /* a client that goes away now orphans step 2 */
+        ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+        ctx->query = &cr->event;
+    }
+
+    ngx_chat_db_continue(&cr->event, q->conn);
+
+    return;
+
+unavailable:
+
+    ngx_chat_buf_free(&cr->sql);
+    r = ngx_chat_api_query_owner(q);
+
+    if (r) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+    }
 }
 
 
 static void
-ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+ngx_chat_api_create_event_done(ngx_chat_query_t *e, PGresult *res,
+    ngx_int_t rc)
 {
-    int64_t               conv;
-    uint64_t              gseq, lo;
-    ngx_uint_t            created;
-    ngx_chat_buf_t        b;
-    ngx_chat_resv_t      *resv;
-    ngx_http_request_t   *r;
-    ngx_chat_api_resv_t  *cr;
+    int64_t                 conv;
+    uint64_t                gseq;
+    PGresult               *stage;
+    ngx_chat_query_t       *q;
+    ngx_chat_api_ctx_t     *ctx;
+    ngx_http_request_t     *r;
+    ngx_chat_api_create_t  *cr;
 
-    cr = (ngx_chat_api_resv_t *) &q[1];
-    resv = cr->resv;
-    lo = cr->lo;
+    /* step 2's query is the first member of what follows step 1's */
+    cr = (ngx_chat_api_create_t *) e;
+    q = (ngx_chat_query_t *) ((u_char *) cr - sizeof(ngx_chat_query_t));
+    stage = cr->stage;
 
-    r = ngx_chat_api_query_owner(q);
+    /* the request, unless the cleanup orphaned step 2 */
+    r = e->data;
 
-    if (resv) {
-        if (rc == NGX_DECLINED) {
-            ngx_chat_bus_unknown(resv, lo);
+    if (rc == NGX_OK) {
+        /* committed: the event goes out whether or not anyone waits */
+        conv = ngx_atoof((u_char *) PQgetvalue(stage, 0, 1),
+                         PQgetlength(stage, 0, 1));
+        gseq = cr->resv->lo;
 
-        } else if (rc != NGX_OK || PQntuples(res) != 1
-                   || PQgetvalue(res, 0, 0)[0] != 't')
-        {
-            /* not committed, or the conversation existed: no event */
-            ngx_chat_bus_void(resv, lo);
-        }
+        ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(stage, 0, 3),
+                             PQgetlength(stage, 0, 3));
+        ngx_chat_bus_release(cr->resv, cr->key);
+        ngx_chat_bus_notify();
+
+    } else if (rc == NGX_DECLINED) {
+        ngx_chat_bus_unknown(cr->resv, cr->key);
+
+    } else {
+        ngx_chat_bus_void(cr->resv, cr->key);
     }
 
-    if (rc != NGX_OK || PQntuples(res) != 1) {
-        if (r) {
+    if (r) {
+        ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+        ctx->query = NULL;
+
+        if (rc == NGX_OK) {
+            ngx_chat_api_create_reply(r, NGX_HTTP_CREATED,
+                                      PQgetvalue(stage, 0, 2),
+                                      PQgetlength(stage, 0, 2));
+        } else {
             ngx_http_finalize_request(r,
                 ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                     "unavailable", "the store is unavailable",
                                     ngx_chat_db_retry_after()));
         }
-
-        return;
     }
 
-    created = (PQgetvalue(res, 0, 0)[0] == 't');
+    PQclear(stage);
+    ngx_chat_buf_free(&cr->sql);
+    ngx_chat_query_free(q);
+}
 
-    /* the event is committed: it goes out whether or not anyone waits */
 
-    if (created) {
-        conv = ngx_atoof((u_char *) PQgetvalue(res, 0, 1),
-                         PQgetlength(res, 0, 1));
-        gseq = ngx_atoof((u_char *) PQgetvalue(res, 0, 3),
-                         PQgetlength(res, 0, 3));
-
-        ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(res, 0, 4),
-                             PQgetlength(res, 0, 4));
-        ngx_chat_bus_release(resv, lo);
-        ngx_chat_bus_notify();
-    }
-
-    if (r == NULL) {
-        return;
-    }
+static void
+ngx_chat_api_create_reply(ngx_http_request_t *r, ngx_uint_t status,
+    char *json, size_t len)
+{
+    ngx_int_t       rc;
+    ngx_chat_buf_t  b;
 
     ngx_memzero(&b, sizeof(ngx_chat_buf_t));
 
     if (ngx_chat_buf_add_lit(&b, "{\"conversation\":") != NGX_OK
-        || ngx_chat_buf_add(&b, PQgetvalue(res, 0, 2), PQgetlength(res, 0, 2))
-           != NGX_OK
+        || ngx_chat_buf_add(&b, json, len) != NGX_OK
         || ngx_chat_buf_add_lit(&b, "}") != NGX_OK)
     {
         ngx_chat_buf_free(&b);
@@ -1023,8 +1115,7 @@ ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         return;
     }
 
-    rc = ngx_chat_api_send(r, created ? NGX_HTTP_CREATED : NGX_HTTP_OK,
-                           b.data, b.len);
+    rc = ngx_chat_api_send(r, status, b.data, b.len);
     ngx_chat_buf_free(&b);
 
     ngx_http_finalize_request(r, rc);

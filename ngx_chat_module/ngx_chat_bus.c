@@ -158,6 +158,7 @@ static void ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_bus_hole_handler(ngx_event_t *ev);
 static uint64_t ngx_chat_bus_horizon(uint64_t below);
+static uint64_t ngx_chat_bus_horizon_locked(uint64_t below);
 static void ngx_chat_bus_skip_ahead(void);
 static void ngx_chat_bus_raise(void);
 static void ngx_chat_bus_raise_handler(ngx_chat_query_t *q, PGresult *res,
@@ -371,7 +372,8 @@ ngx_chat_bus_init_process(ngx_cycle_t *cycle)
     ngx_shmtx_lock(&shpool->mutex);
 
     if (sh->started) {
-        bus->position = sh->published;
+        /* a worker that starts under traffic: not past what may commit */
+        bus->position = ngx_chat_bus_horizon_locked(sh->published);
         bus->clock = sh->published;
         ngx_memcpy(bus->epoch, sh->epoch, sh->epoch_len);
         bus->epoch_len = sh->epoch_len;
@@ -756,6 +758,11 @@ ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
         return NGX_AGAIN;
     }
 
+    if (sh->nresv >= NGX_CHAT_RESV_MAX) {
+        ngx_shmtx_unlock(&shpool->mutex);
+        return NGX_AGAIN;
+    }
+
     if (sh->next + n - 1 > sh->limit) {
 
         if (sh->spare_lo == 0 || sh->spare_hi - sh->spare_lo + 1 < n) {
@@ -764,7 +771,11 @@ ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
             return NGX_AGAIN;
         }
 
-        /* the rest of the chunk is never used: it reads as empty */
+        /* the rest of the chunk (fewer than n) is never used */
+        if (sh->next <= sh->limit) {
+            ngx_chat_bus_void_locked(sh->next, sh->limit);
+        }
+
         sh->next = sh->spare_lo;
         sh->limit = sh->spare_hi;
         sh->spare_lo = 0;
@@ -779,9 +790,12 @@ ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
     }
 
     if (r == NULL) {
+        /* cannot happen while nresv counts right */
         ngx_shmtx_unlock(&shpool->mutex);
         return NGX_AGAIN;
     }
+
+    sh->nresv++;
 
     r->lo = sh->next;
     r->hi = sh->next + n - 1;
@@ -797,7 +811,7 @@ ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
     *entry = r;
 
     raise = (sh->spare_lo == 0
-             && sh->limit - sh->next < ngx_chat_worker.cmcf->gseq_chunk / 2);
+             && sh->next + ngx_chat_worker.cmcf->gseq_chunk / 2 > sh->limit);
 
     ngx_shmtx_unlock(&shpool->mutex);
 
@@ -824,6 +838,11 @@ ngx_chat_bus_can_reserve(void)
         return 0;
     }
 
+    if (sh->nresv >= NGX_CHAT_RESV_MAX) {
+        /* every entry in flight: the next answer frees one */
+        return 0;
+    }
+
     if (sh->next <= sh->limit || sh->spare_lo) {
         return 1;
     }
@@ -837,7 +856,7 @@ ngx_chat_bus_can_reserve(void)
 /* the owner published every event of the reservation */
 
 void
-ngx_chat_bus_release(ngx_chat_resv_t *r, uint64_t lo)
+ngx_chat_bus_release(ngx_chat_resv_t *r, int64_t key)
 {
     ngx_slab_pool_t  *shpool;
 
@@ -845,8 +864,9 @@ ngx_chat_bus_release(ngx_chat_resv_t *r, uint64_t lo)
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    if (r->lo == lo) {
+    if (r->lo && r->key == key) {
         r->lo = 0;
+        ngx_chat_worker.sh->nresv--;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -856,7 +876,7 @@ ngx_chat_bus_release(ngx_chat_resv_t *r, uint64_t lo)
 /* the transaction rolled back: its positions are empty for good */
 
 void
-ngx_chat_bus_void(ngx_chat_resv_t *r, uint64_t lo)
+ngx_chat_bus_void(ngx_chat_resv_t *r, int64_t key)
 {
     ngx_slab_pool_t  *shpool;
 
@@ -864,9 +884,10 @@ ngx_chat_bus_void(ngx_chat_resv_t *r, uint64_t lo)
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    if (r->lo == lo) {
+    if (r->lo && r->key == key) {
         ngx_chat_bus_void_locked(r->lo, r->hi);
         r->lo = 0;
+        ngx_chat_worker.sh->nresv--;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -878,16 +899,20 @@ ngx_chat_bus_void(ngx_chat_resv_t *r, uint64_t lo)
 /* the owner cannot tell whether the transaction committed */
 
 void
-ngx_chat_bus_unknown(ngx_chat_resv_t *r, uint64_t lo)
+ngx_chat_bus_unknown(ngx_chat_resv_t *r, int64_t key)
 {
+    uint64_t          lo;
     ngx_slab_pool_t  *shpool;
 
     shpool = ngx_chat_worker.shpool;
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    if (r->lo == lo) {
+    lo = 0;
+
+    if (r->lo && r->key == key) {
         r->state = NGX_CHAT_RESV_UNKNOWN;
+        lo = r->lo;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -938,15 +963,27 @@ ngx_chat_bus_void_locked(uint64_t lo, uint64_t hi)
 static uint64_t
 ngx_chat_bus_horizon(uint64_t below)
 {
-    uint64_t           f;
-    ngx_uint_t         i;
-    ngx_slab_pool_t   *shpool;
-    ngx_chat_shctx_t  *sh;
+    uint64_t          f;
+    ngx_slab_pool_t  *shpool;
 
     shpool = ngx_chat_worker.shpool;
-    sh = ngx_chat_worker.sh;
 
     ngx_shmtx_lock(&shpool->mutex);
+    f = ngx_chat_bus_horizon_locked(below);
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return f;
+}
+
+
+static uint64_t
+ngx_chat_bus_horizon_locked(uint64_t below)
+{
+    uint64_t           f;
+    ngx_uint_t         i;
+    ngx_chat_shctx_t  *sh;
+
+    sh = ngx_chat_worker.sh;
 
     f = ngx_min(below, sh->next - 1);
 
@@ -955,8 +992,6 @@ ngx_chat_bus_horizon(uint64_t below)
             f = sh->resv[i].lo - 1;
         }
     }
-
-    ngx_shmtx_unlock(&shpool->mutex);
 
     return f;
 }
@@ -1275,8 +1310,9 @@ static void
 ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     int                i, n;
-    int64_t            conv;
+    int64_t            conv, key;
     uint64_t           lo, hi, g, from;
+    ngx_uint_t         same;
     ngx_chat_resv_t   *r;
     ngx_slab_pool_t   *shpool;
 
@@ -1284,6 +1320,7 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     shpool = ngx_chat_worker.shpool;
 
     ngx_memcpy(&r, &q[1], sizeof(ngx_chat_resv_t *));
+    key = ngx_atoof((u_char *) q->params[0], ngx_strlen(q->params[0]));
     lo = ngx_atoof((u_char *) q->params[1], ngx_strlen(q->params[1]));
     hi = ngx_atoof((u_char *) q->params[2], ngx_strlen(q->params[2]));
 
@@ -1294,7 +1331,7 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         ngx_chat_query_free(q);
 
         ngx_shmtx_lock(&shpool->mutex);
-        if (r->lo == lo && r->settler == ngx_pid) {
+        if (r->lo == lo && r->key == key && r->settler == ngx_pid) {
             r->settler = 0;
         }
         ngx_shmtx_unlock(&shpool->mutex);
@@ -1304,6 +1341,15 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     ngx_chat_query_free(q);
 
+    ngx_shmtx_lock(&shpool->mutex);
+    same = (r->lo == lo && r->key == key);
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (!same) {
+        /* the zone was reset meanwhile: these positions are gone */
+        return;
+    }
+
     /* row 0 says the transaction has ended; then its committed events */
 
     for (i = 1; i < n; i++) {
@@ -1312,13 +1358,15 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         conv = ngx_atoof((u_char *) PQgetvalue(res, i, 1),
                          PQgetlength(res, i, 1));
 
-        ngx_chat_bus_publish(g, conv, (u_char *) PQgetvalue(res, i, 2),
-                             PQgetlength(res, i, 2));
+        if (!PQgetisnull(res, i, 2)) {
+            ngx_chat_bus_publish(g, conv, (u_char *) PQgetvalue(res, i, 2),
+                                 PQgetlength(res, i, 2));
+        }
     }
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    if (r->lo == lo) {
+    if (r->lo == lo && r->key == key) {
         from = lo;
 
         for (i = 1; i < n; i++) {
@@ -1337,6 +1385,7 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         }
 
         r->lo = 0;
+        ngx_chat_worker.sh->nresv--;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -1346,6 +1395,9 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
                   "%d committed", lo, hi, n - 1);
 
     ngx_chat_bus_notify();
+
+    /* after a restart of PostgreSQL many may wait: the next at once */
+    ngx_chat_bus_settle();
 }
 
 
@@ -1659,8 +1711,13 @@ ngx_chat_bus_fetch_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             continue;
         }
 
-        ngx_chat_bus_dispatch(gseq, conv, (u_char *) PQgetvalue(res, i, 2),
-                              PQgetlength(res, i, 2));
+        /* a message event whose message row is gone has no payload */
+        if (!PQgetisnull(res, i, 2)) {
+            ngx_chat_bus_dispatch(gseq, conv,
+                                  (u_char *) PQgetvalue(res, i, 2),
+                                  PQgetlength(res, i, 2));
+        }
+
         bus->position = gseq;
     }
 
@@ -1718,7 +1775,7 @@ ngx_chat_bus_clock(void)
         q->params[1] = (ngx_msec_int_t) (ngx_current_msec
                                          - ngx_chat_bus.wait_since)
                        > (ngx_msec_int_t)
-                         (ngx_chat_worker.cmcf->db_statement_timeout + 1000)
+                         (ngx_chat_worker.cmcf->db_statement_timeout + 6000)
                        ? "t" : "f";
     }
 
@@ -1774,9 +1831,17 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     v = ngx_atoof((u_char *) PQgetvalue(res, 0, 0), PQgetlength(res, 0, 0));
     len = ngx_min((size_t) PQgetlength(res, 0, 1), sizeof(bus->epoch));
 
-    /* the newest committed event (the clock is where chunks end) */
+    /*
+     * The newest committed event; the clock is where chunks end, and no
+     * event lies above it unless somebody wrote one without taking its
+     * position from the clock.
+     */
     top = ngx_atoof((u_char *) PQgetvalue(res, 0, 2),
                     PQgetlength(res, 0, 2));
+
+    if (top > v) {
+        top = v;
+    }
 
     shpool = ngx_chat_worker.shpool;
     sh = ngx_chat_worker.sh;
@@ -1809,13 +1874,14 @@ ngx_chat_bus_clock_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         sh->spare_lo = 0;
         sh->spare_hi = 0;
         ngx_memzero(sh->resv, sizeof(sh->resv));
+        sh->nresv = 0;
         ngx_memcpy(sh->epoch, PQgetvalue(res, 0, 1), len);
         sh->epoch_len = len;
         sh->started = 1;
     }
 
     if (!bus->started) {
-        bus->position = sh->published;
+        bus->position = ngx_chat_bus_horizon_locked(sh->published);
         bus->clock = sh->published;
         ngx_memcpy(bus->epoch, sh->epoch, sh->epoch_len);
         bus->epoch_len = sh->epoch_len;
@@ -1882,6 +1948,7 @@ ngx_chat_bus_reset(uint64_t v, u_char *epoch, size_t len)
         sh->spare_lo = 0;
         sh->spare_hi = 0;
         ngx_memzero(sh->resv, sizeof(sh->resv));
+        sh->nresv = 0;
         sh->evict = 0;
         ngx_memcpy(sh->epoch, epoch, len);
         sh->epoch_len = len;
@@ -1890,10 +1957,12 @@ ngx_chat_bus_reset(uint64_t v, u_char *epoch, size_t len)
     ngx_memcpy(bus->epoch, sh->epoch, sh->epoch_len);
     bus->epoch_len = sh->epoch_len;
 
+    /* the zone may have been reset by another worker, and used since */
+    bus->position = ngx_chat_bus_horizon_locked(sh->published);
+    bus->clock = sh->published;
+
     ngx_shmtx_unlock(&shpool->mutex);
 
-    bus->position = v;
-    bus->clock = v;
     bus->resets++;
 
     if (bus->hole.timer_set) {

@@ -27,9 +27,9 @@ int64_t ngx_chat_bus_holder(void);
 ngx_int_t ngx_chat_bus_can_reserve(void);
 ngx_int_t ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
     ngx_chat_resv_t **entry);
-void ngx_chat_bus_release(ngx_chat_resv_t *r, uint64_t lo);
-void ngx_chat_bus_void(ngx_chat_resv_t *r, uint64_t lo);
-void ngx_chat_bus_unknown(ngx_chat_resv_t *r, uint64_t lo);
+void ngx_chat_bus_release(ngx_chat_resv_t *r, int64_t key);
+void ngx_chat_bus_void(ngx_chat_resv_t *r, int64_t key);
+void ngx_chat_bus_unknown(ngx_chat_resv_t *r, int64_t key);
 ngx_int_t ngx_chat_bus_register(ngx_chat_session_t *s);
 void ngx_chat_bus_unregister(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv);

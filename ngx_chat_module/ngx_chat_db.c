@@ -12,6 +12,7 @@
 #include "ngx_chat_module.h"
 #include "ngx_chat_db.h"
 #include "ngx_chat_store.h"
+#include "ngx_chat_json.h"
 
 
 #define NGX_CHAT_DB_CLOSED        0
@@ -703,30 +704,40 @@ ngx_chat_db_init_params(ngx_cycle_t *cycle)
 
     options = NULL;
 
-    if (user_options || cmcf->db_statement_timeout) {
-        len = (user_options ? ngx_strlen(user_options) + 1 : 0)
-              + sizeof("-c statement_timeout=") - 1 + NGX_TIME_T_LEN + 1;
+    /*
+     * The store's reasoning about positions (ngx_chat_bus.c) needs each
+     * statement to see what committed before it: read committed, whatever
+     * the database's default.  A transaction left open by a worker that
+     * lost its connection ends by itself, and with it its locks.
+     */
+    len = (user_options ? ngx_strlen(user_options) + 1 : 0)
+          + sizeof(" -c default_transaction_isolation=read\\ committed") - 1
+          + sizeof(" -c statement_timeout=") - 1 + NGX_TIME_T_LEN
+          + sizeof(" -c idle_in_transaction_session_timeout=") - 1
+          + NGX_TIME_T_LEN + 1;
 
-        options = ngx_pnalloc(cycle->pool, len);
-        if (options == NULL) {
-            PQconninfoFree(opts);
-            return NGX_ERROR;
-        }
-
-        p = options;
-
-        if (user_options) {
-            p = ngx_sprintf(p, "%s", user_options);
-        }
-
-        if (cmcf->db_statement_timeout) {
-            p = ngx_sprintf(p, "%s-c statement_timeout=%M",
-                            user_options ? " " : "",
-                            cmcf->db_statement_timeout);
-        }
-
-        *p = '\0';
+    options = ngx_pnalloc(cycle->pool, len);
+    if (options == NULL) {
+        PQconninfoFree(opts);
+        return NGX_ERROR;
     }
+
+    p = options;
+
+    if (user_options) {
+        p = ngx_sprintf(p, "%s ", user_options);
+    }
+
+    p = ngx_sprintf(p, "-c default_transaction_isolation=read\\ committed");
+
+    if (cmcf->db_statement_timeout) {
+        p = ngx_sprintf(p, " -c statement_timeout=%M"
+                        " -c idle_in_transaction_session_timeout=%M",
+                        cmcf->db_statement_timeout,
+                        cmcf->db_statement_timeout + 5000);
+    }
+
+    *p = '\0';
 
     /*
      * With expand_dbname the conninfo string is expanded in place of
@@ -1748,6 +1759,42 @@ ngx_chat_db_continue(ngx_chat_query_t *q, void *conn)
     q->start = ngx_current_msec;
 
     ngx_chat_db_send(dbc, q);
+}
+
+
+/*
+ * Appends data as a dollar-quoted SQL literal, with a random tag that the
+ * data is checked not to hold: for the simple query protocol, which has
+ * no parameters.
+ */
+ngx_int_t
+ngx_chat_db_literal(ngx_chat_buf_t *b, const u_char *data, size_t len)
+{
+    u_char      tag[24], *p;
+    size_t      n;
+    ngx_uint_t  tries;
+
+    for (tries = 0; /* void */; tries++) {
+        p = ngx_sprintf(tag, "$c%08xD$", (uint32_t) ngx_random());
+        n = p - tag;
+
+        if (len < n || memmem(data, len, tag, n) == NULL) {
+            break;
+        }
+
+        if (tries == 16) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (ngx_chat_buf_add(b, tag, n) != NGX_OK
+        || (len && ngx_chat_buf_add(b, data, len) != NGX_OK)
+        || ngx_chat_buf_add(b, tag, n) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
 }
 
 

@@ -9,6 +9,7 @@
 
 
 #include "ngx_chat_module.h"
+#include "ngx_chat_json.h"
 
 #include <libpq-fe.h>
 
@@ -68,6 +69,8 @@ void ngx_chat_db_exit_process(void);
 ngx_int_t ngx_chat_db_query(ngx_chat_query_t *q);
 void ngx_chat_db_continue(ngx_chat_query_t *q, void *conn);
 void ngx_chat_db_keep_result(void);
+ngx_int_t ngx_chat_db_literal(ngx_chat_buf_t *b, const u_char *data,
+    size_t len);
 ngx_int_t ngx_chat_db_ready(void);
 ngx_msec_t ngx_chat_db_retry_after(void);
 ngx_uint_t ngx_chat_db_busy(void);

@@ -197,7 +197,7 @@ typedef struct {
  * Positions handed out to a transaction that may still commit.  Readers
  * never pass lo - 1 while the entry is there (ngx_chat_bus.c).
  */
-#define NGX_CHAT_RESV_MAX     256
+#define NGX_CHAT_RESV_MAX     1024
 
 #define NGX_CHAT_RESV_INFLIGHT  1   /* its owner will say how it ended */
 #define NGX_CHAT_RESV_UNKNOWN   2   /* nobody will: read the store */
@@ -222,6 +222,7 @@ typedef struct {
     ngx_pid_t                  raising;          /* asking for a chunk */
     ngx_msec_t                 raising_since;
     int64_t                    holder;           /* this instance's key */
+    ngx_uint_t                 nresv;            /* entries in use */
     ngx_chat_resv_t            resv[NGX_CHAT_RESV_MAX];
     uint64_t                   evict;            /* next to evict from */
     ngx_uint_t                 started;          /* published is known */

@@ -1074,6 +1074,11 @@ ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
             continue;
         }
 
+        if (PQgetisnull(res, i, 2)) {
+            /* a message event whose message row is gone */
+            continue;
+        }
+
         conv = ngx_atoof((u_char *) PQgetvalue(res, i, 1),
                          PQgetlength(res, i, 1));
 

@@ -205,12 +205,12 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "JOIN chat_events e ON e.gseq = p.gseq) u) t "
       "WHERE t.before < $4::bigint ORDER BY t.gseq", 5 },
 
-    { "chat_create_conversation",
-      "SELECT o_created, o_conv, o_json, o_gseq, o_event "
-      "FROM chat_create_conversation_at($1::bigint, $2::bigint, $3::bigint, "
-      "$4, $5, ARRAY(SELECT jsonb_array_elements_text($6::jsonb)), $7, "
-      "$8::jsonb)",
-      8 },
+    /* a new conversation's first step, run by EXECUTE */
+    { "chat_create_stage",
+      "SELECT o_created, o_conv, o_json, o_event "
+      "FROM chat_create_stage($1::bigint, $2::bigint, $3, $4, "
+      "ARRAY(SELECT jsonb_array_elements_text($5::jsonb)), $6, $7::jsonb)",
+      7 },
     { "chat_list_conversations",
       "SELECT chat_list_conversations($1, $2::bigint, $3::bigint, $4::int)",
       4 },
@@ -228,6 +228,10 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
     /* a send batch's second step, run by EXECUTE before its COMMIT */
     { "chat_send_events",
       "SELECT chat_send_events($1::bigint, $2::bigint[], $3::bigint[])", 3 },
+
+    /* its second step, run by EXECUTE before its COMMIT */
+    { "chat_create_event",
+      "SELECT chat_create_event($1::bigint, $2::bigint)", 2 },
 
     { "chat_clock_start",
       "SELECT o_v, o_epoch, o_top "
@@ -653,30 +657,12 @@ ngx_chat_store_build(ngx_chat_query_t *q)
 }
 
 
-/*
- * BEGIN; EXECUTE chat_send_stage(key, holder, $tag$[...]$tag$): the
- * items go as a dollar-quoted literal, with a random tag that the text
- * is checked not to hold.
- */
+/* BEGIN; EXECUTE chat_send_stage(key, holder, $tag$[...]$tag$) */
+
 static ngx_int_t
 ngx_chat_store_stage_sql(ngx_chat_batch_t *b)
 {
-    u_char      tag[24], *p;
-    size_t      n;
-    ngx_uint_t  tries;
-
-    for (tries = 0; /* void */; tries++) {
-        p = ngx_sprintf(tag, "$c%08xD$", (uint32_t) ngx_random());
-        n = p - tag;
-
-        if (memmem(b->json.data, b->json.len, tag, n) == NULL) {
-            break;
-        }
-
-        if (tries == 16) {
-            return NGX_ERROR;
-        }
-    }
+    u_char  *p;
 
     b->key = ngx_chat_random_key();
     b->sql.len = 0;
@@ -685,16 +671,16 @@ ngx_chat_store_stage_sql(ngx_chat_batch_t *b)
         return NGX_ERROR;
     }
 
-    p = ngx_sprintf(b->sql.data,
-                    "BEGIN;EXECUTE chat_send_stage(%L,%L,",
+    p = ngx_sprintf(b->sql.data, "BEGIN;EXECUTE chat_send_stage(%L,%L,",
                     b->key, ngx_chat_bus_holder());
-    p = ngx_cpymem(p, tag, n);
-    p = ngx_cpymem(p, b->json.data, b->json.len);
-    p = ngx_cpymem(p, tag, n);
-    *p++ = ')';
-    *p++ = '\0';
-
     b->sql.len = p - b->sql.data;
+
+    if (ngx_chat_db_literal(&b->sql, b->json.data, b->json.len) != NGX_OK
+        || ngx_chat_buf_add(&b->sql, ")", 2) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     b->query.sql = (const char *) b->sql.data;
 
     return NGX_OK;
@@ -783,6 +769,10 @@ ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         return;
     }
 
+    for (idx = 0; idx < b->n; idx++) {
+        rows[idx] = -1;
+    }
+
     b->rows = rows;
     n = PQntuples(res);
 
@@ -851,10 +841,8 @@ ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         ngx_chat_store_finish(snd);
     }
 
-    k = 0;
-
     for (idx = 0; idx < b->n; idx++) {
-        if (b->items[idx] && b->nok == 0) {
+        if (b->items[idx] && rows[idx] < 0) {
             /* no row for it */
             ngx_chat_store_fail(b->items[idx], "internal",
                                 "the store gave no answer", 0);
@@ -886,7 +874,7 @@ ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     b->sql.len = 0;
 
-    if (ngx_chat_buf_reserve(&b->sql, 64 + b->nok * 2 * (NGX_INT64_LEN + 1))
+    if (ngx_chat_buf_reserve(&b->sql, 128 + b->nok * 2 * (NGX_INT64_LEN + 1))
         != NGX_OK)
     {
         goto failed;
@@ -939,7 +927,7 @@ ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
 failed:
 
-    ngx_chat_bus_void(b->resv, b->lo);
+    ngx_chat_bus_void(b->resv, b->key);
     ngx_chat_store_batch_failed(b, NULL, NGX_DECLINED);
     ngx_chat_store_batch_end(b);
 }
@@ -960,7 +948,7 @@ ngx_chat_store_events_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     if (rc == NGX_DECLINED) {
         /* committed or not: the store says once the lock is free */
-        ngx_chat_bus_unknown(b->resv, b->lo);
+        ngx_chat_bus_unknown(b->resv, b->key);
         ngx_chat_store_batch_failed(b, NULL, NGX_DECLINED);
         ngx_chat_store_batch_end(b);
         return;
@@ -968,7 +956,7 @@ ngx_chat_store_events_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     if (rc != NGX_OK) {
         /* an error from the server: the transaction did not commit */
-        ngx_chat_bus_void(b->resv, b->lo);
+        ngx_chat_bus_void(b->resv, b->key);
 
         state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
 
@@ -1001,7 +989,7 @@ ngx_chat_store_events_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             PQgetlength(stage, b->rows[idx], 5));
     }
 
-    ngx_chat_bus_release(b->resv, b->lo);
+    ngx_chat_bus_release(b->resv, b->key);
     ngx_chat_bus_notify();
 
     for (idx = 0; idx < b->n; idx++) {

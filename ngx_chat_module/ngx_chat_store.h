@@ -23,9 +23,10 @@
 #define NGX_CHAT_STMT_GET_CONV       7
 #define NGX_CHAT_STMT_HISTORY        8
 #define NGX_CHAT_STMT_SEND_EVENTS    9
-#define NGX_CHAT_STMT_CLOCK_START    10
-#define NGX_CHAT_STMT_RAISE          11
-#define NGX_CHAT_STMT_SETTLE         12
+#define NGX_CHAT_STMT_CREATE_EVENT   10
+#define NGX_CHAT_STMT_CLOCK_START    11
+#define NGX_CHAT_STMT_RAISE          12
+#define NGX_CHAT_STMT_SETTLE         13
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 
