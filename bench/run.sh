@@ -532,8 +532,9 @@ pg_sample() {       # start | stop
         NR > 1 && $2 > m { n++; dt[n] = $1 - t; dm[n] = $2 - m }
         { t = $1; m = $2 }
         END { for (i = 2; i < n; i++) { T += dt[i]; M += dm[i] }
-              printf "postgres cpu: %.2f s, %d messages, %.0f us per message\n",
-                     T / hz, M, M ? T / hz / M * 1e6 : 0 }' "$PG_SAMPLES"
+              printf "postgres cpu: %.2f s, %d messages, %.0f us per message, %.0f stored/s\n",
+                     T / hz, M, M ? T / hz / M * 1e6 : 0,
+                     n > 2 ? M / (n - 2) : 0 }' "$PG_SAMPLES"
     rm -f "$PG_SAMPLES"
 }
 

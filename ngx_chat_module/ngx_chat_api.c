@@ -40,10 +40,11 @@ typedef struct {
  */
 typedef struct {
     ngx_chat_query_t           event;            /* step 2 */
-    ngx_chat_buf_t             sql;
     PGresult                  *stage;            /* step 1's answer */
     ngx_chat_resv_t           *resv;
+    uint64_t                   lo;
     int64_t                    key;
+    u_char                     sql[96];          /* step 2's */
 } ngx_chat_api_create_t;
 
 
@@ -747,6 +748,8 @@ ngx_chat_api_create_conversation(ngx_http_request_t *r, json_t *body)
 {
     u_char                 *p, num[96];
     char                   *context;
+    int64_t                 key;
+    ngx_chat_buf_t          sql;
     size_t                  i;
     json_t                 *members, *m, *ctxj;
     ngx_str_t               kind, title, user;
@@ -873,76 +876,62 @@ ngx_chat_api_create_conversation(ngx_http_request_t *r, json_t *body)
         }
     }
 
+    /* BEGIN; EXECUTE chat_create_stage(key, holder, ...) as literals */
+
+    key = ngx_chat_random_key();
+    ngx_memzero(&sql, sizeof(ngx_chat_buf_t));
+
+    p = ngx_sprintf(num, "BEGIN;EXECUTE chat_create_stage(%L,%L,",
+                    key, ngx_chat_bus_holder());
+
+    if (ngx_chat_buf_add(&sql, num, p - num) != NGX_OK
+        || ngx_chat_db_literal(&sql, ctx->id.user.data, ctx->id.user.len)
+           != NGX_OK
+        || ngx_chat_buf_add_lit(&sql, ",") != NGX_OK
+        || ngx_chat_db_literal(&sql, kind.data, kind.len) != NGX_OK
+        || ngx_chat_buf_add_lit(&sql, ",") != NGX_OK
+        || ngx_chat_db_literal(&sql, mb.data, mb.len - 1) != NGX_OK
+        || ngx_chat_buf_add_lit(&sql, ",") != NGX_OK
+        || (title.data
+            ? ngx_chat_db_literal(&sql, title.data, title.len)
+            : ngx_chat_buf_add_lit(&sql, "NULL")) != NGX_OK
+        || ngx_chat_buf_add_lit(&sql, ",") != NGX_OK
+        || (context
+            ? ngx_chat_db_literal(&sql, (u_char *) context,
+                                  ngx_strlen(context))
+            : ngx_chat_buf_add_lit(&sql, "NULL")) != NGX_OK
+        || ngx_chat_buf_add(&sql, ")", 2) != NGX_OK)
+    {
+        ngx_chat_buf_free(&sql);
+        goto failed;
+    }
+
+    /* one allocation: the db layer's refusal frees all of it */
+
     q = ngx_chat_query_alloc(NGX_CHAT_STMT_CREATE_CONV,
-                             sizeof(ngx_chat_api_create_t));
+                             sizeof(ngx_chat_api_create_t) + sql.len);
     if (q == NULL) {
+        ngx_chat_buf_free(&sql);
         goto failed;
     }
 
     cr = (ngx_chat_api_create_t *) &q[1];
-    cr->key = ngx_chat_random_key();
+    cr->key = key;
 
-    /* BEGIN; EXECUTE chat_create_stage(key, holder, ...) as literals */
+    p = (u_char *) &cr[1];
+    ngx_memcpy(p, sql.data, sql.len);
+    ngx_chat_buf_free(&sql);
 
-    p = ngx_sprintf(num, "BEGIN;EXECUTE chat_create_stage(%L,%L,",
-                    cr->key, ngx_chat_bus_holder());
-
-    if (ngx_chat_buf_add(&cr->sql, num, p - num) != NGX_OK
-        || ngx_chat_db_literal(&cr->sql, ctx->id.user.data, ctx->id.user.len)
-           != NGX_OK
-        || ngx_chat_buf_add_lit(&cr->sql, ",") != NGX_OK
-        || ngx_chat_db_literal(&cr->sql, kind.data, kind.len) != NGX_OK
-        || ngx_chat_buf_add_lit(&cr->sql, ",") != NGX_OK
-        || ngx_chat_db_literal(&cr->sql, mb.data, mb.len - 1) != NGX_OK
-        || ngx_chat_buf_add_lit(&cr->sql, ",") != NGX_OK)
-    {
-        goto failed_query;
-    }
-
-    if (title.data) {
-        if (ngx_chat_db_literal(&cr->sql, title.data, title.len) != NGX_OK) {
-            goto failed_query;
-        }
-
-    } else if (ngx_chat_buf_add_lit(&cr->sql, "NULL") != NGX_OK) {
-        goto failed_query;
-    }
-
-    if (ngx_chat_buf_add_lit(&cr->sql, ",") != NGX_OK) {
-        goto failed_query;
-    }
-
-    if (context) {
-        if (ngx_chat_db_literal(&cr->sql, (u_char *) context,
-                                ngx_strlen(context)) != NGX_OK)
-        {
-            goto failed_query;
-        }
-
-        free(context);
-        context = NULL;
-
-    } else if (ngx_chat_buf_add_lit(&cr->sql, "NULL") != NGX_OK) {
-        goto failed_query;
-    }
-
-    if (ngx_chat_buf_add(&cr->sql, ")", 2) != NGX_OK) {
-        goto failed_query;
-    }
-
+    free(context);
+    context = NULL;
     ngx_chat_buf_free(&mb);
 
-    q->sql = (const char *) cr->sql.data;
+    q->sql = (const char *) p;
     q->txn = 1;
     q->handler = ngx_chat_api_create_done;
 
     /* the body reader's reference keeps the request until we finalize */
     return ngx_chat_api_query(r, q);
-
-failed_query:
-
-    ngx_chat_buf_free(&cr->sql);
-    ngx_chat_query_free(q);
 
 failed:
 
@@ -963,7 +952,6 @@ static void
 ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     u_char                 *p;
-    uint64_t                lo;
     ngx_chat_api_ctx_t     *ctx;
     ngx_http_request_t     *r;
     ngx_chat_api_create_t  *cr;
@@ -976,7 +964,6 @@ ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     }
 
     if (PQgetvalue(res, 0, 0)[0] != 't') {
-        ngx_chat_buf_free(&cr->sql);
         r = ngx_chat_api_query_owner(q);
 
         if (r) {
@@ -989,27 +976,22 @@ ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     /* a client that left still gets its conversation, as a send is stored */
 
-    if (ngx_chat_bus_reserve(1, cr->key, &lo, &cr->resv) != NGX_OK) {
+    if ((size_t) PQgetlength(res, 0, 1) > NGX_INT64_LEN
+        || ngx_chat_bus_reserve(1, cr->key, &cr->lo, &cr->resv) != NGX_OK)
+    {
         goto unavailable;
     }
 
-    cr->sql.len = 0;
-
-    if (ngx_chat_buf_reserve(&cr->sql, 96) != NGX_OK) {
-        ngx_chat_bus_void(cr->resv, cr->key);
-        goto unavailable;
-    }
-
-    p = ngx_sprintf(cr->sql.data, "EXECUTE chat_create_event(%uL,%*s);COMMIT",
-                    lo, (size_t) PQgetlength(res, 0, 1), PQgetvalue(res, 0, 1));
-    *p++ = '\0';
-    cr->sql.len = p - cr->sql.data;
+    p = ngx_sprintf(cr->sql, "EXECUTE chat_create_event(%uL,%*s);COMMIT",
+                    cr->lo, (size_t) PQgetlength(res, 0, 1),
+                    PQgetvalue(res, 0, 1));
+    *p = '\0';
 
     ngx_chat_db_keep_result();
     cr->stage = res;
 
     cr->event.stmt = NGX_CHAT_STMT_CREATE_EVENT;
-    cr->event.sql = (const char *) cr->sql.data;
+    cr->event.sql = (const char *) cr->sql;
     cr->event.handler = ngx_chat_api_create_event_done;
     cr->event.data = r;
 
@@ -1025,7 +1007,6 @@ ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
 unavailable:
 
-    ngx_chat_buf_free(&cr->sql);
     r = ngx_chat_api_query_owner(q);
 
     if (r) {
@@ -1061,7 +1042,7 @@ ngx_chat_api_create_event_done(ngx_chat_query_t *e, PGresult *res,
         /* committed: the event goes out whether or not anyone waits */
         conv = ngx_atoof((u_char *) PQgetvalue(stage, 0, 1),
                          PQgetlength(stage, 0, 1));
-        gseq = cr->resv->lo;
+        gseq = cr->lo;
 
         ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(stage, 0, 3),
                              PQgetlength(stage, 0, 3));
@@ -1092,7 +1073,6 @@ ngx_chat_api_create_event_done(ngx_chat_query_t *e, PGresult *res,
     }
 
     PQclear(stage);
-    ngx_chat_buf_free(&cr->sql);
     ngx_chat_query_free(q);
 }
 

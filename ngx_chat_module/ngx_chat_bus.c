@@ -1370,6 +1370,11 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         from = lo;
 
         for (i = 1; i < n; i++) {
+            if (PQgetisnull(res, i, 2)) {
+                /* no payload to publish: the position reads as empty */
+                continue;
+            }
+
             g = ngx_atoof((u_char *) PQgetvalue(res, i, 0),
                           PQgetlength(res, i, 0));
 

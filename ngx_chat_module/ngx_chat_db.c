@@ -731,11 +731,13 @@ ngx_chat_db_init_params(ngx_cycle_t *cycle)
     p = ngx_sprintf(p, "-c default_transaction_isolation=read\\ committed");
 
     if (cmcf->db_statement_timeout) {
-        p = ngx_sprintf(p, " -c statement_timeout=%M"
-                        " -c idle_in_transaction_session_timeout=%M",
-                        cmcf->db_statement_timeout,
-                        cmcf->db_statement_timeout + 5000);
+        p = ngx_sprintf(p, " -c statement_timeout=%M",
+                        cmcf->db_statement_timeout);
     }
+
+    p = ngx_sprintf(p, " -c idle_in_transaction_session_timeout=%M",
+                    cmcf->db_statement_timeout
+                    ? cmcf->db_statement_timeout + 5000 : (ngx_msec_t) 60000);
 
     *p = '\0';
 
@@ -1778,7 +1780,8 @@ ngx_chat_db_literal(ngx_chat_buf_t *b, const u_char *data, size_t len)
         p = ngx_sprintf(tag, "$c%08xD$", (uint32_t) ngx_random());
         n = p - tag;
 
-        if (len < n || memmem(data, len, tag, n) == NULL) {
+        /* without its closing '$': data that ends in it would close early */
+        if (len < n - 1 || memmem(data, len, tag, n - 1) == NULL) {
             break;
         }
 

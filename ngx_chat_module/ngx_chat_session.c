@@ -1075,7 +1075,8 @@ ngx_chat_session_catchup_done(ngx_chat_query_t *q, PGresult *res,
         }
 
         if (PQgetisnull(res, i, 2)) {
-            /* a message event whose message row is gone */
+            /* a message event whose message row is gone: nothing to send */
+            s->cursor = gseq;
             continue;
         }
 
