@@ -274,6 +274,14 @@ ensure_deps() {
 
     ensure_gnuplot "$RAW/logs/apt.log" || log "gnuplot not available: no plots"
 
+    if [[ ",$MODES," == *,nchan,* ]] \
+       && [ ! -f /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
+        log "apt-get install libnginx-mod-nchan"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            libnginx-mod-nchan > "$RAW/logs/apt-nchan.log" 2>&1 \
+            || log "libnginx-mod-nchan not installed: no nchan runs"
+    fi
+
     if [ ! -d "$BENCH/peers/socketio/node_modules/socket.io" ]; then
         log "npm ci in peers/socketio"
         (cd "$BENCH/peers/socketio" && npm ci --no-audit --no-fund) \
@@ -534,7 +542,7 @@ pg_sample() {       # start | stop
         END { for (i = 2; i < n; i++) { T += dt[i]; M += dm[i] }
               printf "postgres cpu: %.2f s, %d messages, %.0f us per message, %.0f stored/s\n",
                      T / hz, M, M ? T / hz / M * 1e6 : 0,
-                     n > 2 ? M / (n - 2) : 0 }' "$PG_SAMPLES"
+                     (n > 2 ? M / (n - 2) : 0) }' "$PG_SAMPLES"
     rm -f "$PG_SAMPLES"
 }
 

@@ -1044,8 +1044,9 @@ ngx_chat_api_create_event_done(ngx_chat_query_t *e, PGresult *res,
                          PQgetlength(stage, 0, 1));
         gseq = cr->lo;
 
-        ngx_chat_bus_publish(gseq, conv, (u_char *) PQgetvalue(stage, 0, 3),
-                             PQgetlength(stage, 0, 3));
+        ngx_chat_bus_publish_reserved(cr->resv, cr->key, gseq, conv,
+                                      (u_char *) PQgetvalue(stage, 0, 3),
+                                      PQgetlength(stage, 0, 3));
         ngx_chat_bus_release(cr->resv, cr->key);
         ngx_chat_bus_notify();
 

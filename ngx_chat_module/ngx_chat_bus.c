@@ -172,6 +172,8 @@ static void ngx_chat_bus_tick_handler(ngx_event_t *ev);
 static void ngx_chat_bus_bell_handler(ngx_event_t *ev);
 static ngx_chat_conv_t *ngx_chat_bus_conv(int64_t id);
 static ngx_chat_user_t *ngx_chat_bus_user(ngx_str_t *user);
+static ngx_int_t ngx_chat_bus_publish_locked(uint64_t gseq,
+    int64_t conversation, u_char *data, size_t len);
 static void ngx_chat_bus_free_slot(ngx_chat_slot_t *slot);
 static u_char *ngx_chat_bus_alloc_locked(size_t len, uint64_t gseq);
 static void ngx_chat_bells_cleanup(void *data);
@@ -586,41 +588,63 @@ ngx_chat_event_envelope(ngx_chat_event_t *ev)
 
 /* publishing: called by the store right after a commit */
 
+/*
+ * The event of a position of reservation r, while r is still the
+ * reservation of key: a reset of the zone (the database was replaced)
+ * may have handed the position to somebody else meanwhile.
+ */
 void
-ngx_chat_bus_publish(uint64_t gseq, int64_t conversation, u_char *data,
-    size_t len)
+ngx_chat_bus_publish_reserved(ngx_chat_resv_t *r, int64_t key,
+    uint64_t gseq, int64_t conversation, u_char *data, size_t len)
+{
+    ngx_int_t         rc;
+    ngx_slab_pool_t  *shpool;
+
+    shpool = ngx_chat_worker.shpool;
+    rc = NGX_OK;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (r->lo && r->key == key && gseq >= r->lo && gseq <= r->hi) {
+        rc = ngx_chat_bus_publish_locked(gseq, conversation, data, len);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (rc == NGX_DECLINED) {
+        ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
+                      "chat: bus zone is full, event %uL is served "
+                      "from the store", gseq);
+    }
+}
+
+
+/* NGX_DECLINED: no room, readers find the slot empty and read the store */
+
+static ngx_int_t
+ngx_chat_bus_publish_locked(uint64_t gseq, int64_t conversation,
+    u_char *data, size_t len)
 {
     u_char            *p;
     ngx_chat_slot_t   *slot;
-    ngx_slab_pool_t   *shpool;
     ngx_chat_shctx_t  *sh;
 
-    shpool = ngx_chat_worker.shpool;
     sh = ngx_chat_worker.sh;
-
-    ngx_shmtx_lock(&shpool->mutex);
 
     slot = &sh->slots[gseq % sh->nslots];
 
     if (slot->gseq >= gseq) {
-        ngx_shmtx_unlock(&shpool->mutex);
-        return;
+        return NGX_OK;
     }
 
     p = ngx_chat_bus_alloc_locked(len, gseq);
 
     if (p == NULL) {
-        /* readers will find the slot empty and read the store */
         if (gseq > sh->published) {
             sh->published = gseq;
         }
 
-        ngx_shmtx_unlock(&shpool->mutex);
-
-        ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
-                      "chat: bus zone is full, event %uL is served "
-                      "from the store", gseq);
-        return;
+        return NGX_DECLINED;
     }
 
     ngx_chat_bus_free_slot(slot);
@@ -638,7 +662,7 @@ ngx_chat_bus_publish(uint64_t gseq, int64_t conversation, u_char *data,
         sh->published = gseq;
     }
 
-    ngx_shmtx_unlock(&shpool->mutex);
+    return NGX_OK;
 }
 
 
@@ -1359,8 +1383,9 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
                          PQgetlength(res, i, 1));
 
         if (!PQgetisnull(res, i, 2)) {
-            ngx_chat_bus_publish(g, conv, (u_char *) PQgetvalue(res, i, 2),
-                                 PQgetlength(res, i, 2));
+            ngx_chat_bus_publish_reserved(r, key, g, conv,
+                                          (u_char *) PQgetvalue(res, i, 2),
+                                          PQgetlength(res, i, 2));
         }
     }
 

@@ -19,14 +19,14 @@ void ngx_chat_bus_exit_process(void);
 void ngx_chat_bus_on_db_ready(void);
 ngx_int_t ngx_chat_bus_started(void);
 uint64_t ngx_chat_bus_position(void);
-void ngx_chat_bus_publish(uint64_t gseq, int64_t conversation,
-    u_char *data, size_t len);
 void ngx_chat_bus_notify(void);
 int64_t ngx_chat_random_key(void);
 int64_t ngx_chat_bus_holder(void);
 ngx_int_t ngx_chat_bus_can_reserve(void);
 ngx_int_t ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
     ngx_chat_resv_t **entry);
+void ngx_chat_bus_publish_reserved(ngx_chat_resv_t *r, int64_t key,
+    uint64_t gseq, int64_t conversation, u_char *data, size_t len);
 void ngx_chat_bus_release(ngx_chat_resv_t *r, int64_t key);
 void ngx_chat_bus_void(ngx_chat_resv_t *r, int64_t key);
 void ngx_chat_bus_unknown(ngx_chat_resv_t *r, int64_t key);

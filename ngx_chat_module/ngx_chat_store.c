@@ -999,7 +999,7 @@ ngx_chat_store_events_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             continue;
         }
 
-        ngx_chat_bus_publish(g++,
+        ngx_chat_bus_publish_reserved(b->resv, b->key, g++,
             ngx_atoof((u_char *) PQgetvalue(stage, b->rows[idx], 2),
                       PQgetlength(stage, b->rows[idx], 2)),
             (u_char *) PQgetvalue(stage, b->rows[idx], 5),
