@@ -163,6 +163,8 @@ static void ngx_chat_bus_skip_ahead(void);
 static void ngx_chat_bus_raise(void);
 static void ngx_chat_bus_raise_handler(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
+static void ngx_chat_bus_resv_end(ngx_chat_resv_t *r, int64_t key,
+    ngx_uint_t empty);
 static void ngx_chat_bus_void_locked(uint64_t lo, uint64_t hi);
 static void ngx_chat_bus_settle(void);
 static void ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res,
@@ -882,18 +884,7 @@ ngx_chat_bus_can_reserve(void)
 void
 ngx_chat_bus_release(ngx_chat_resv_t *r, int64_t key)
 {
-    ngx_slab_pool_t  *shpool;
-
-    shpool = ngx_chat_worker.shpool;
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    if (r->lo && r->key == key) {
-        r->lo = 0;
-        ngx_chat_worker.sh->nresv--;
-    }
-
-    ngx_shmtx_unlock(&shpool->mutex);
+    ngx_chat_bus_resv_end(r, key, 0);
 }
 
 
@@ -902,6 +893,14 @@ ngx_chat_bus_release(ngx_chat_resv_t *r, int64_t key)
 void
 ngx_chat_bus_void(ngx_chat_resv_t *r, int64_t key)
 {
+    ngx_chat_bus_resv_end(r, key, 1);
+    ngx_chat_bus_notify();
+}
+
+
+static void
+ngx_chat_bus_resv_end(ngx_chat_resv_t *r, int64_t key, ngx_uint_t empty)
+{
     ngx_slab_pool_t  *shpool;
 
     shpool = ngx_chat_worker.shpool;
@@ -909,14 +908,15 @@ ngx_chat_bus_void(ngx_chat_resv_t *r, int64_t key)
     ngx_shmtx_lock(&shpool->mutex);
 
     if (r->lo && r->key == key) {
-        ngx_chat_bus_void_locked(r->lo, r->hi);
+        if (empty) {
+            ngx_chat_bus_void_locked(r->lo, r->hi);
+        }
+
         r->lo = 0;
         ngx_chat_worker.sh->nresv--;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
-
-    ngx_chat_bus_notify();
 }
 
 

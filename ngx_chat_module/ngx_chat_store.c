@@ -5,8 +5,9 @@
  * The SQL the module runs, and batched sends.
  *
  * Sends that arrive while batches are in flight wait in one queue and go
- * out together as one call of chat_send_batch(): one round trip and one
- * commit for many messages.  Several batches may be in flight (one pool
+ * out together as one transaction of two steps, chat_send_stage() and
+ * chat_send_events() (ngx_chat_bus.c says why two): one commit for many
+ * messages.  Several batches may be in flight (one pool
  * connection is left for everything else), but a conversation is carried
  * by one batch at a time: its later sends wait, so the sends of one
  * connection are stored in the order they were made.  A conversation that somebody else holds locked comes back
@@ -110,6 +111,8 @@ static ngx_int_t ngx_chat_store_add_item(ngx_chat_buf_t *b,
 static ngx_int_t ngx_chat_store_stage_sql(ngx_chat_batch_t *b);
 static void ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
+static u_char *ngx_chat_store_column(u_char *p, ngx_chat_batch_t *b,
+    PGresult *res, int col);
 static void ngx_chat_store_events_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_store_batch_failed(ngx_chat_batch_t *b, PGresult *res,
@@ -751,7 +754,7 @@ ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     char              *status;
     u_char            *p;
     ngx_int_t          rrc;
-    ngx_uint_t         idx, k;
+    ngx_uint_t         idx;
     ngx_chat_batch_t  *b;
     ngx_chat_store_t  *st;
     ngx_chat_send_t   *snd;
@@ -899,31 +902,9 @@ ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     p = ngx_sprintf(b->sql.data, "EXECUTE chat_send_events(%uL,'{",
                     b->lo);
-
-    for (idx = 0, k = 0; idx < b->n; idx++) {
-        if (b->items[idx]) {
-            if (k++) {
-                *p++ = ',';
-            }
-
-            p = ngx_cpymem(p, PQgetvalue(res, rows[idx], 2),
-                           PQgetlength(res, rows[idx], 2));
-        }
-    }
-
+    p = ngx_chat_store_column(p, b, res, 2);             /* conversations */
     p = ngx_cpymem(p, "}','{", 5);
-
-    for (idx = 0, k = 0; idx < b->n; idx++) {
-        if (b->items[idx]) {
-            if (k++) {
-                *p++ = ',';
-            }
-
-            p = ngx_cpymem(p, PQgetvalue(res, rows[idx], 3),
-                           PQgetlength(res, rows[idx], 3));
-        }
-    }
-
+    p = ngx_chat_store_column(p, b, res, 3);             /* message ids */
     p = ngx_cpymem(p, "}');COMMIT", 10);
     *p++ = '\0';
 
@@ -947,6 +928,31 @@ failed:
     ngx_chat_bus_void(b->resv, b->key);
     ngx_chat_store_batch_failed(b, NULL, NGX_DECLINED);
     ngx_chat_store_batch_end(b);
+}
+
+
+/* a column of step 1's stored items, comma separated: an array's body */
+
+static u_char *
+ngx_chat_store_column(u_char *p, ngx_chat_batch_t *b, PGresult *res,
+    int col)
+{
+    ngx_uint_t  idx, k;
+
+    for (idx = 0, k = 0; idx < b->n; idx++) {
+        if (b->items[idx] == NULL) {
+            continue;
+        }
+
+        if (k++) {
+            *p++ = ',';
+        }
+
+        p = ngx_cpymem(p, PQgetvalue(res, b->rows[idx], col),
+                       PQgetlength(res, b->rows[idx], col));
+    }
+
+    return p;
 }
 
 
@@ -1318,7 +1324,7 @@ ngx_chat_store_transient(const char *state)
 /*
  * How many batches may be in flight now.  One goes out at once; another
  * only once enough sends wait to make it worth its fixed cost (planning
- * and executor start-up of chat_send_batch(), a commit): at low rates a
+ * and executor start-up of chat_send_stage(), a commit): at low rates a
  * second, tiny batch would compete with the first for the CPU that
  * PostgreSQL shares with nginx and make everybody later (measured: group
  * fan-out at 1,000 msg/s on one core, p99 23 ms with three tiny batches in

@@ -42,10 +42,20 @@ ALTER TABLE chat_events ADD COLUMN message_id bigint;
 ALTER TABLE chat_events ALTER COLUMN payload DROP NOT NULL;
 
 
+-- The message.new event object around a message object: one shape for
+-- the event a send returns and the one readers of the log build.
+CREATE FUNCTION chat_message_event_json(p_conv bigint, p_seq bigint,
+                                        p_message text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT '{"kind":"message.new","conversation_id":"' || p_conv
+        || '","seq":' || p_seq || ',"message":' || p_message || '}'
+$$;
+
+
 CREATE FUNCTION chat_message_event(m chat_messages) RETURNS text
 LANGUAGE sql STABLE AS $$
-    SELECT '{"kind":"message.new","conversation_id":"' || m.conversation_id
-        || '","seq":' || m.seq || ',"message":' || chat_message_json(m) || '}'
+    SELECT chat_message_event_json(m.conversation_id, m.seq,
+                                   chat_message_json(m))
 $$;
 
 
@@ -59,7 +69,7 @@ $$;
 
 
 -- Step 1 of a send batch: everything but the events.  Items as for
--- chat_send_batch().  Returns one row per item, in item order: status, the
+-- chat_send_batch() of version 2, which it replaces (dropped below).  Returns one row per item, in item order: status, the
 -- conversation, the id of the message stored now ('ok'), the message
 -- object ('ok', 'dup') and the event object ('ok').
 --
@@ -182,8 +192,7 @@ BEGIN
     RETURN QUERY
     SELECT u.idx, u.status, u.conv, u.id, u.msg,
            CASE WHEN u.status = 'ok' THEN
-               '{"kind":"message.new","conversation_id":"' || u.conv
-               || '","seq":' || u.seq || ',"message":' || u.msg || '}'
+               chat_message_event_json(u.conv, u.seq, u.msg)
            END
     FROM unnest(r_idx, r_status, r_conv, r_id, r_seq, r_msg)
          AS u (idx, status, conv, id, seq, msg);
@@ -356,6 +365,10 @@ BEGIN
                  FROM chat_clock c;
 END;
 $$;
+
+
+-- replaced by chat_send_stage() and chat_send_events()
+DROP FUNCTION chat_send_batch(jsonb);
 
 
 INSERT INTO chat_schema_version (version) VALUES (3);
