@@ -354,7 +354,20 @@ chat_template() {   # conf.example -> benchmark template (same directives)
         -e "s/^([[:space:]]*error_log[[:space:]]+[^;[:space:]]+)[[:space:]]+[a-z]+;/\1 warn;/" \
         -e "s/^([[:space:]]*listen[[:space:]]+(@HTTP_LISTEN@|127\.0\.0\.1:@HTTP_PORT@))([[:space:]]+reuseport)?[[:space:]]*;/\1 backlog=4096 reuseport;/" \
         -e "s/^([[:space:]]*chat_max_connections_per_address)[[:space:]]+[^;]+;/\1 0;/" \
-        "$REPO/conf.example"
+        "$REPO/conf.example" | chat_set
+}
+
+# CHAT_SET="chat_receipt_flush 1s; chat_typing_timeout 5s": directives of
+# conf.example given other values for a run
+chat_set() {
+    local script="" d name value
+    IFS=';' read -ra sets <<< "${CHAT_SET:-}"
+    for d in "${sets[@]}"; do
+        read -r name value <<< "$d"
+        [ -n "$name" ] || continue
+        script+="s|^([[:space:]]*$name)[[:space:]]+[^;]+;|\\1 $value;|;"
+    done
+    if [ -n "$script" ]; then sed -E -e "$script"; else cat; fi
 }
 
 start_chat() {
@@ -566,6 +579,11 @@ run_one() {         # mode scenario size conns rate k rep
         desc="$desc k=$k"
         extra=(--group-size "$k" --connect-rate "$CONNECT_RATE") ;;
     esac
+
+    # LIVE=1: chat clients also send typing, reads and acks (dm, group)
+    if [ "${LIVE:-0}" = 1 ] && [ "$genmode" = chat ]; then
+        extra+=(--live)
+    fi
 
     # <= 19000 connections per generator process
     local workers=$(( (conns + 17999) / 18000 ))

@@ -14,9 +14,12 @@
 #include "ngx_chat_bus.h"
 #include "ngx_chat_api.h"
 #include "ngx_chat_json.h"
+#include "ngx_chat_live.h"
+#include "ngx_chat_receipts.h"
 
 
 #define NGX_CHAT_MAX_MEMBERS   1000
+#define NGX_CHAT_PRESENCE_ASK  100
 
 
 typedef ngx_int_t (*ngx_chat_api_body_pt)(ngx_http_request_t *r,
@@ -30,6 +33,9 @@ typedef struct {
     ngx_chat_query_t          *query;            /* in the db layer */
     ngx_chat_send_t           *send;             /* in the store */
     unsigned                   cleanup:1;        /* registered */
+    int64_t                    seq;              /* read */
+    unsigned                   typing_start:1;
+    unsigned                   read:1;
 } ngx_chat_api_ctx_t;
 
 
@@ -82,6 +88,26 @@ static void ngx_chat_api_get_done(ngx_chat_query_t *q, PGresult *res,
 static ngx_int_t ngx_chat_api_post_message(ngx_http_request_t *r,
     json_t *body);
 static void ngx_chat_api_post_done(ngx_chat_send_t *snd);
+static ngx_int_t ngx_chat_api_typing(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_read(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_member(ngx_http_request_t *r);
+static void ngx_chat_api_member_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_api_me_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static ngx_int_t ngx_chat_api_me_send(ngx_http_request_t *r, char *unread,
+    size_t len);
+static ngx_int_t ngx_chat_api_presence(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_notifications(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_notify_ack(ngx_http_request_t *r,
+    json_t *body);
+static void ngx_chat_api_notify_ack_done(ngx_chat_query_t *q,
+    PGresult *res, ngx_int_t rc);
+static ngx_int_t ngx_chat_api_settings(ngx_http_request_t *r, json_t *body);
+static void ngx_chat_api_settings_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_api_presence_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
 static ngx_int_t ngx_chat_api_query(ngx_http_request_t *r,
     ngx_chat_query_t *q);
 static ngx_int_t ngx_chat_api_arg_num(ngx_http_request_t *r, char *name,
@@ -244,6 +270,40 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
         return ngx_chat_api_me(r);
     }
 
+    if (seg.len == 8 && ngx_strncmp(p, "presence", 8) == 0 && slash == NULL) {
+        if (r->method != NGX_HTTP_GET) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_presence(r);
+    }
+
+    if (seg.len == 13 && ngx_strncmp(p, "notifications", 13) == 0) {
+        if (ctx->id.role != NGX_CHAT_ROLE_SERVICE) {
+            return ngx_chat_http_error(r, NGX_HTTP_FORBIDDEN, "forbidden",
+                                       "the outbox is for a service token",
+                                       0);
+        }
+
+        if (slash == NULL) {
+            if (r->method != NGX_HTTP_GET) {
+                goto not_allowed;
+            }
+
+            return ngx_chat_api_notifications(r);
+        }
+
+        if (end - slash == 4 && ngx_strncmp(slash, "/ack", 4) == 0) {
+            if (r->method != NGX_HTTP_POST) {
+                goto not_allowed;
+            }
+
+            return ngx_chat_api_read_body(r, ngx_chat_api_notify_ack);
+        }
+
+        goto not_found;
+    }
+
     if (!(seg.len == 13 && ngx_strncmp(p, "conversations", 13) == 0)) {
         goto not_found;
     }
@@ -290,6 +350,30 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
         }
 
         goto not_allowed;
+    }
+
+    if (end - p == 4 && ngx_strncmp(p, "read", 4) == 0) {
+        if (r->method != NGX_HTTP_POST) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_read_body(r, ngx_chat_api_read);
+    }
+
+    if (end - p == 8 && ngx_strncmp(p, "settings", 8) == 0) {
+        if (r->method != NGX_HTTP_PATCH) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_read_body(r, ngx_chat_api_settings);
+    }
+
+    if (end - p == 6 && ngx_strncmp(p, "typing", 6) == 0) {
+        if (r->method != NGX_HTTP_POST) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_read_body(r, ngx_chat_api_typing);
     }
 
 not_found:
@@ -349,6 +433,52 @@ ngx_chat_api_tickets(ngx_http_request_t *r)
 static ngx_int_t
 ngx_chat_api_me(ngx_http_request_t *r)
 {
+    u_char              *p;
+    ngx_int_t            rc;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    /*
+     * The count is worth one query, not a wait behind a pool that is all
+     * busy: the worker answers who the caller is whatever the store does.
+     */
+    if (ctx->id.role == NGX_CHAT_ROLE_USER && ngx_chat_db_ready()
+        && ngx_chat_db_busy() < ngx_chat_worker.cmcf->db_pool_size)
+    {
+        q = ngx_chat_query_alloc(NGX_CHAT_STMT_UNREAD_TOTAL,
+                                 ctx->id.user.len + 1);
+        if (q == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        p = (u_char *) &q[1];
+        q->params[0] = (char *) p;
+        p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+        *p = '\0';
+
+        q->handler = ngx_chat_api_me_done;
+
+        rc = ngx_chat_api_query(r, q);
+
+        if (rc == NGX_DONE) {
+            r->main->count++;
+        }
+
+        return rc;
+    }
+
+    /* who the caller is does not need the store */
+    return ngx_chat_api_me_send(r, NULL, 0);
+}
+
+
+/* unread_total is null when the store could not say */
+
+static ngx_int_t
+ngx_chat_api_me_send(ngx_http_request_t *r, char *unread, size_t len)
+{
     ngx_int_t            rc;
     ngx_chat_buf_t       b;
     ngx_chat_api_ctx_t  *ctx;
@@ -364,8 +494,12 @@ ngx_chat_api_me(ngx_http_request_t *r)
         || ngx_chat_buf_add_json_str(&b, ctx->id.name.data, ctx->id.name.len)
            != NGX_OK
         || (ctx->id.role == NGX_CHAT_ROLE_SERVICE
-            ? ngx_chat_buf_add_lit(&b, ",\"role\":\"service\"}}")
-            : ngx_chat_buf_add_lit(&b, ",\"role\":\"user\"}}")) != NGX_OK)
+            ? ngx_chat_buf_add_lit(&b, ",\"role\":\"service\"}")
+            : ngx_chat_buf_add_lit(&b, ",\"role\":\"user\"}")) != NGX_OK
+        || ngx_chat_buf_add_lit(&b, ",\"unread_total\":") != NGX_OK
+        || (unread ? ngx_chat_buf_add(&b, unread, len)
+                   : ngx_chat_buf_add_lit(&b, "null")) != NGX_OK
+        || ngx_chat_buf_add_lit(&b, "}") != NGX_OK)
     {
         ngx_chat_buf_free(&b);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -375,6 +509,28 @@ ngx_chat_api_me(ngx_http_request_t *r)
     ngx_chat_buf_free(&b);
 
     return rc;
+}
+
+
+static void
+ngx_chat_api_me_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    ngx_http_request_t  *r;
+
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        return;
+    }
+
+    if (rc == NGX_OK && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
+        ngx_http_finalize_request(r,
+            ngx_chat_api_me_send(r, PQgetvalue(res, 0, 0),
+                                 PQgetlength(res, 0, 0)));
+        return;
+    }
+
+    ngx_http_finalize_request(r, ngx_chat_api_me_send(r, NULL, 0));
 }
 
 
@@ -1522,4 +1678,524 @@ ngx_chat_api_post_done(ngx_chat_send_t *snd)
     ngx_chat_buf_free(&b);
 
     ngx_http_finalize_request(r, rc);
+}
+
+
+/* typing over REST: members only, as on a WebSocket */
+
+static ngx_int_t
+ngx_chat_api_typing(ngx_http_request_t *r, json_t *body)
+{
+    ngx_str_t            state;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ngx_chat_json_str(body, "state", &state, 8, 1) != NGX_OK
+        || !((state.len == 5 && ngx_strncmp(state.data, "start", 5) == 0)
+             || (state.len == 4 && ngx_strncmp(state.data, "stop", 4) == 0)))
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"state\" must be \"start\" or \"stop\"",
+                                   0);
+    }
+
+    ctx->typing_start = (state.len == 5);
+
+    return ngx_chat_api_member(r);
+}
+
+
+static ngx_int_t
+ngx_chat_api_read(ngx_http_request_t *r, json_t *body)
+{
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ngx_chat_json_int(body, "seq", &ctx->seq, 1) != NGX_OK
+        || ctx->seq < 0)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"seq\" must be a sequence number", 0);
+    }
+
+    ctx->read = 1;
+
+    return ngx_chat_api_member(r);
+}
+
+
+/*
+ * Typing and reading over REST: members only (a service is not one), then
+ * the same calls as on a WebSocket; 204.
+ */
+static ngx_int_t
+ngx_chat_api_member(ngx_http_request_t *r)
+{
+    u_char              *p;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_MEMBER,
+                             NGX_INT64_LEN + 1 + ctx->id.user.len + 1);
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_sprintf(p, "%L", ctx->conversation);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->handler = ngx_chat_api_member_done;
+
+    /* the body reader's reference keeps the request */
+    return ngx_chat_api_query(r, q);
+}
+
+
+static void
+ngx_chat_api_member_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    ngx_http_request_t  *r;
+    ngx_chat_api_ctx_t  *ctx;
+
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        return;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (rc != NGX_OK || PQntuples(res) != 1) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    if (PQgetvalue(res, 0, 0)[0] != 't') {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                "no such conversation", 0));
+        return;
+    }
+
+    if (PQgetvalue(res, 0, 1)[0] != 't') {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_FORBIDDEN, "forbidden",
+                                "not a member of the conversation", 0));
+        return;
+    }
+
+    if (ctx->read) {
+        ngx_chat_receipts_mark(ctx->conversation, &ctx->id.user, ctx->seq,
+                               ctx->seq, ngx_chat_bus_position());
+
+    } else if (ngx_chat_live_typing(ctx->conversation, &ctx->id.user,
+                                    ctx->typing_start, 0)
+               == NGX_BUSY)
+    {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                "rate_limited", "too many typing states",
+                                1000));
+        return;
+    }
+
+    r->headers_out.status = NGX_HTTP_NO_CONTENT;
+    r->headers_out.content_length_n = 0;
+    r->header_only = 1;
+
+    ngx_http_finalize_request(r, ngx_http_send_header(r));
+}
+
+
+/* GET presence?users=a,b,c */
+
+static ngx_int_t
+ngx_chat_api_presence(ngx_http_request_t *r)
+{
+    u_char            *p, *end, *last;
+    ngx_int_t          rc;
+    ngx_str_t          arg, user;
+    ngx_uint_t         n;
+    ngx_chat_buf_t     b;
+    ngx_chat_query_t  *q;
+
+    if (ngx_http_arg(r, (u_char *) "users", 5, &arg) != NGX_OK
+        || arg.len == 0)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"users\" is required", 0);
+    }
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&b, "[") != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = arg.data;
+    end = p + arg.len;
+    n = 0;
+
+    while (p <= end) {
+        last = ngx_strlchr(p, end, ',');
+        if (last == NULL) {
+            last = end;
+        }
+
+        user.data = p;
+        user.len = last - p;
+
+        if (ngx_chat_valid_user_id(user.data, user.len) != NGX_OK
+            || ++n > NGX_CHAT_PRESENCE_ASK)
+        {
+            ngx_chat_buf_free(&b);
+            return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                       "\"users\" must be 1 to 100 user ids, "
+                                       "comma separated", 0);
+        }
+
+        if ((n > 1 && ngx_chat_buf_add_lit(&b, ",") != NGX_OK)
+            || ngx_chat_buf_add_json_str(&b, user.data, user.len) != NGX_OK)
+        {
+            ngx_chat_buf_free(&b);
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        p = last + 1;
+    }
+
+    if (ngx_chat_buf_add_lit(&b, "]") != NGX_OK) {
+        ngx_chat_buf_free(&b);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_PRESENCE, b.len + 1);
+    if (q == NULL) {
+        ngx_chat_buf_free(&b);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, b.data, b.len);
+    *p = '\0';
+
+    ngx_chat_buf_free(&b);
+
+    q->handler = ngx_chat_api_presence_done;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+}
+
+
+/* the state is the zone's; last_seen of those offline is the store's */
+
+static void
+ngx_chat_api_presence_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    u_char              *last;
+    ngx_int_t            i, n;
+    ngx_str_t            user;
+    ngx_uint_t           status;
+    ngx_time_t          *tp;
+    ngx_chat_buf_t       b;
+    ngx_http_request_t  *r;
+
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&b, "{\"presence\":[") != NGX_OK) {
+        goto failed;
+    }
+
+    n = PQntuples(res);
+
+    for (i = 0; i < n; i++) {
+        user.data = (u_char *) PQgetvalue(res, i, 0);
+        user.len = PQgetlength(res, i, 0);
+
+        status = ngx_chat_live_status(&user);
+
+        if ((i && ngx_chat_buf_add_lit(&b, ",") != NGX_OK)
+            || ngx_chat_buf_add_lit(&b, "{\"user\":") != NGX_OK
+            || ngx_chat_buf_add_json_str(&b, user.data, user.len) != NGX_OK
+            || ngx_chat_buf_add_lit(&b, ",\"status\":\"") != NGX_OK
+            || ngx_chat_buf_add_str(&b, ngx_chat_live_status_name(status))
+               != NGX_OK
+            || ngx_chat_buf_add_lit(&b, "\",\"last_seen\":") != NGX_OK
+            || ngx_chat_buf_reserve(&b, 32) != NGX_OK)
+        {
+            goto failed;
+        }
+
+        if (status != NGX_CHAT_PRESENCE_OFFLINE) {
+            /* seen now */
+            b.data[b.len++] = '"';
+            tp = ngx_timeofday();
+            last = ngx_chat_live_ts(b.data + b.len,
+                                    (uint64_t) tp->sec * 1000 + tp->msec);
+            b.len = last - b.data;
+            b.data[b.len++] = '"';
+
+        } else if (PQgetisnull(res, i, 1)) {
+            if (ngx_chat_buf_add_lit(&b, "null") != NGX_OK) {
+                goto failed;
+            }
+
+        } else if (ngx_chat_buf_add_lit(&b, "\"") != NGX_OK
+                   || ngx_chat_buf_add(&b, PQgetvalue(res, i, 1),
+                                       PQgetlength(res, i, 1)) != NGX_OK
+                   || ngx_chat_buf_add_lit(&b, "\"") != NGX_OK)
+        {
+            goto failed;
+        }
+
+        if (ngx_chat_buf_add_lit(&b, "}") != NGX_OK) {
+            goto failed;
+        }
+    }
+
+    if (ngx_chat_buf_add_lit(&b, "]}") != NGX_OK) {
+        goto failed;
+    }
+
+    rc = ngx_chat_api_send(r, NGX_HTTP_OK, b.data, b.len);
+    ngx_chat_buf_free(&b);
+
+    ngx_http_finalize_request(r, rc);
+    return;
+
+failed:
+
+    ngx_chat_buf_free(&b);
+    ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+}
+
+
+/* the platform's outbox: GET notifications?after=&limit= */
+
+static ngx_int_t
+ngx_chat_api_notifications(ngx_http_request_t *r)
+{
+    u_char            *p;
+    int64_t            after, limit;
+    ngx_int_t          rc;
+    ngx_chat_query_t  *q;
+
+    after = 0;
+    limit = 100;
+
+    if (ngx_chat_api_arg_num(r, "after", 5, &after, 0, NGX_MAX_OFF_T_VALUE)
+        == NGX_ERROR
+        || ngx_chat_api_arg_num(r, "limit", 5, &limit, 1, 1000) == NGX_ERROR)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"after\" must be a notification id, "
+                                   "\"limit\" 1 to 1000", 0);
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_NOTIFICATIONS,
+                             2 * (NGX_INT64_LEN + 1));
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_sprintf(p, "%L", after);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_sprintf(p, "%L", limit);
+    *p++ = '\0';
+
+    q->handler = ngx_chat_api_text_done;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+}
+
+
+/* POST notifications/ack {"upto":"<id>"}: rows up to it are gone */
+
+static ngx_int_t
+ngx_chat_api_notify_ack(ngx_http_request_t *r, json_t *body)
+{
+    u_char            *p;
+    int64_t            upto;
+    ngx_chat_query_t  *q;
+
+    if (ngx_chat_json_id(body, "upto", &upto, 1) != NGX_OK) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"upto\" must be a notification id", 0);
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_NOTIFY_ACK, NGX_INT64_LEN + 1);
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+    q->params[0] = (char *) p;
+    p = ngx_sprintf(p, "%L", upto);
+    *p = '\0';
+
+    q->handler = ngx_chat_api_notify_ack_done;
+
+    /* the body reader's reference keeps the request */
+    return ngx_chat_api_query(r, q);
+}
+
+
+static void
+ngx_chat_api_notify_ack_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc)
+{
+    u_char               buf[64], *p;
+    ngx_http_request_t  *r;
+
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        return;
+    }
+
+    if (rc != NGX_OK || PQntuples(res) != 1
+        || (size_t) PQgetlength(res, 0, 0) > NGX_INT64_LEN)
+    {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    p = ngx_sprintf(buf, "{\"deleted\":%*s}", (size_t) PQgetlength(res, 0, 0),
+                    PQgetvalue(res, 0, 0));
+
+    ngx_http_finalize_request(r,
+                              ngx_chat_api_send(r, NGX_HTTP_OK, buf, p - buf));
+}
+
+
+/* PATCH conversations/{id}/settings {"muted":bool}: the caller's own */
+
+static ngx_int_t
+ngx_chat_api_settings(ngx_http_request_t *r, json_t *body)
+{
+    u_char              *p;
+    json_t              *muted;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    muted = json_object_get(body, "muted");
+
+    if (!json_is_boolean(muted) || json_object_size(body) != 1) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "the settings are {\"muted\": true|false}",
+                                   0);
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_MUTE,
+                             NGX_INT64_LEN + 1 + ctx->id.user.len + 1);
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_sprintf(p, "%L", ctx->conversation);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->params[2] = json_is_true(muted) ? "t" : "f";
+
+    q->handler = ngx_chat_api_settings_done;
+
+    return ngx_chat_api_query(r, q);
+}
+
+
+static void
+ngx_chat_api_settings_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    ngx_http_request_t  *r;
+
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    if (PQntuples(res) != 1) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_FORBIDDEN, "forbidden",
+                                "not a member of the conversation", 0));
+        return;
+    }
+
+    if (PQgetvalue(res, 0, 0)[0] == 't') {
+        ngx_http_finalize_request(r, ngx_chat_api_send(r, NGX_HTTP_OK,
+                                  (u_char *) "{\"settings\":{\"muted\":true}}",
+                                  sizeof("{\"settings\":{\"muted\":true}}")
+                                  - 1));
+        return;
+    }
+
+    ngx_http_finalize_request(r, ngx_chat_api_send(r, NGX_HTTP_OK,
+                              (u_char *) "{\"settings\":{\"muted\":false}}",
+                              sizeof("{\"settings\":{\"muted\":false}}") - 1));
 }

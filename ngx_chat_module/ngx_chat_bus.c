@@ -36,6 +36,7 @@
 #include "ngx_chat_transport.h"
 #include "ngx_chat_session.h"
 #include "ngx_chat_json.h"
+#include "ngx_chat_live.h"
 
 #include <sys/eventfd.h>
 
@@ -309,6 +310,10 @@ ngx_chat_bus_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     sh->nslots = cmcf->bus_slots;
     sh->holder = ngx_chat_random_key();
 
+    if (ngx_chat_live_init_zone(shpool, sh, cmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     ngx_chat_tickets_init_zone(&sh->tickets);
 
     shpool->data = sh;
@@ -527,6 +532,7 @@ ngx_chat_event_init(ngx_chat_event_t *ev, uint64_t gseq, int64_t conv,
 
     ev->gseq = gseq;
     ev->conversation = conv;
+    ev->seq = 0;
     ev->payload.data = data;
     ev->payload.len = len;
     ngx_str_null(&ev->envelope);
@@ -1473,6 +1479,7 @@ ngx_chat_bus_bell_handler(ngx_event_t *ev)
     }
 
     ngx_chat_bus_process();
+    ngx_chat_live_process();
 }
 
 
@@ -1480,6 +1487,7 @@ static void
 ngx_chat_bus_process_handler(ngx_event_t *ev)
 {
     ngx_chat_bus_process();
+    ngx_chat_live_process();
 }
 
 
@@ -2380,6 +2388,62 @@ ngx_chat_bus_unregister(ngx_chat_session_t *s)
         ngx_rbtree_delete(&ngx_chat_bus.users, &u->sn.node);
         ngx_free(u);
     }
+}
+
+
+/* every session of this worker subscribed to conv */
+
+void
+ngx_chat_bus_each(int64_t conv, ngx_chat_bus_each_pt handler, void *data)
+{
+    ngx_queue_t      *q, *next;
+    ngx_chat_sub_t   *sub;
+    ngx_chat_conv_t  *cv;
+
+    cv = ngx_chat_bus_conv(conv);
+
+    if (cv == NULL) {
+        return;
+    }
+
+    for (q = ngx_queue_head(&cv->subs);
+         q != ngx_queue_sentinel(&cv->subs);
+         q = next)
+    {
+        /* the handler does not unsubscribe anybody */
+        next = ngx_queue_next(q);
+        sub = ngx_queue_data(q, ngx_chat_sub_t, queue);
+
+        handler(sub->session, data);
+    }
+}
+
+
+ngx_chat_session_t *
+ngx_chat_bus_find(ngx_str_t *user, uint64_t id)
+{
+    ngx_queue_t         *q;
+    ngx_chat_user_t     *u;
+    ngx_chat_session_t  *s;
+
+    u = ngx_chat_bus_user(user);
+
+    if (u == NULL) {
+        return NULL;
+    }
+
+    for (q = ngx_queue_head(&u->sessions);
+         q != ngx_queue_sentinel(&u->sessions);
+         q = ngx_queue_next(q))
+    {
+        s = ngx_queue_data(q, ngx_chat_session_t, user_queue);
+
+        if (s->id == id) {
+            return s;
+        }
+    }
+
+    return NULL;
 }
 
 

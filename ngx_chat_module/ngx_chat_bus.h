@@ -37,6 +37,12 @@ ngx_int_t ngx_chat_bus_subscribed(ngx_chat_session_t *s, int64_t conv);
 void ngx_chat_bus_unsubscribe(ngx_chat_session_t *s, int64_t conv);
 void ngx_chat_bus_unsubscribe_all(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_bus_replay(ngx_chat_session_t *s);
+
+typedef void (*ngx_chat_bus_each_pt)(ngx_chat_session_t *s, void *data);
+
+void ngx_chat_bus_each(int64_t conv, ngx_chat_bus_each_pt handler,
+    void *data);
+ngx_chat_session_t *ngx_chat_bus_find(ngx_str_t *user, uint64_t id);
 uint64_t ngx_chat_bus_known(void);
 ngx_uint_t ngx_chat_bus_resets(void);
 void ngx_chat_event_init(ngx_chat_event_t *ev, uint64_t gseq, int64_t conv,

@@ -8,6 +8,9 @@
 #include "ngx_chat_auth.h"
 #include "ngx_chat_db.h"
 #include "ngx_chat_bus.h"
+#include "ngx_chat_live.h"
+#include "ngx_chat_receipts.h"
+#include "ngx_chat_notify.h"
 #include "ngx_chat_ws.h"
 #include "ngx_chat_api.h"
 
@@ -254,6 +257,69 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_main_conf_t, max_unauthenticated),
       NULL },
 
+    { ngx_string("chat_typing_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, typing_timeout),
+      NULL },
+
+    { ngx_string("chat_presence_grace"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, presence_grace),
+      NULL },
+
+    { ngx_string("chat_presence_max_members"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, presence_max_members),
+      NULL },
+
+    { ngx_string("chat_live_slots"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, live_slots),
+      NULL },
+
+    { ngx_string("chat_receipt_flush"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, receipt_flush),
+      NULL },
+
+    { ngx_string("chat_receipt_max_members"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, receipt_max_members),
+      NULL },
+
+    { ngx_string("chat_notify"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, notify),
+      NULL },
+
+    { ngx_string("chat_notify_delay"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, notify_delay),
+      NULL },
+
+    { ngx_string("chat_notify_retention"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, notify_retention),
+      NULL },
+
     { ngx_string("chat_max_connections_per_user"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -385,6 +451,15 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->max_connections_per_address = NGX_CONF_UNSET_UINT;
     cmcf->max_unauthenticated = NGX_CONF_UNSET_UINT;
     cmcf->max_connections = NGX_CONF_UNSET_UINT;
+    cmcf->typing_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->presence_grace = NGX_CONF_UNSET_MSEC;
+    cmcf->presence_max_members = NGX_CONF_UNSET_UINT;
+    cmcf->live_slots = NGX_CONF_UNSET_UINT;
+    cmcf->receipt_flush = NGX_CONF_UNSET_MSEC;
+    cmcf->receipt_max_members = NGX_CONF_UNSET_UINT;
+    cmcf->notify = NGX_CONF_UNSET;
+    cmcf->notify_delay = NGX_CONF_UNSET_MSEC;
+    cmcf->notify_retention = NGX_CONF_UNSET;
 
     return cmcf;
 }
@@ -420,6 +495,31 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_uint_value(cmcf->max_connections_per_address, 1024);
     ngx_conf_init_uint_value(cmcf->max_unauthenticated, 4096);
     ngx_conf_init_uint_value(cmcf->max_connections, 32);
+    ngx_conf_init_msec_value(cmcf->typing_timeout, 10000);
+    ngx_conf_init_msec_value(cmcf->presence_grace, 5000);
+    ngx_conf_init_uint_value(cmcf->presence_max_members, 100);
+    ngx_conf_init_uint_value(cmcf->live_slots, 4096);
+    ngx_conf_init_msec_value(cmcf->receipt_flush, 200);
+    ngx_conf_init_uint_value(cmcf->receipt_max_members, 100);
+    ngx_conf_init_value(cmcf->notify, 1);
+    ngx_conf_init_msec_value(cmcf->notify_delay, 10000);
+    ngx_conf_init_value(cmcf->notify_retention, 7 * 86400);
+
+    if (cmcf->receipt_flush == 0) {
+        cmcf->receipt_flush = 1;
+    }
+
+    if (cmcf->live_slots < 16 || cmcf->live_slots > 1024 * 1024) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_live_slots must be 16 to 1048576");
+        return NGX_CONF_ERROR;
+    }
+
+    if (cmcf->typing_timeout < 1000) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_typing_timeout must be at least 1s");
+        return NGX_CONF_ERROR;
+    }
 
     if (cmcf->max_message < 1024) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -435,8 +535,9 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    if (cmcf->shm_size < 8 * ngx_pagesize
-        + cmcf->bus_slots * sizeof(ngx_chat_slot_t))
+    if (cmcf->shm_size < 8 * ngx_pagesize + 64 * 1024
+        + cmcf->bus_slots * sizeof(ngx_chat_slot_t)
+        + cmcf->live_slots * 3 * sizeof(uint64_t))
     {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "chat_shm_size is too small for %ui bus slots",
@@ -733,6 +834,18 @@ ngx_chat_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    if (ngx_chat_live_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_receipts_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_notify_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     if (ngx_chat_db_init_process(cycle) != NGX_OK) {
         return NGX_ERROR;
     }
@@ -753,5 +866,8 @@ ngx_chat_exit_process(ngx_cycle_t *cycle)
     ngx_chat_worker.ready = 0;
 
     ngx_chat_db_exit_process();
+    ngx_chat_notify_exit_process();
+    ngx_chat_receipts_exit_process();
+    ngx_chat_live_exit_process();
     ngx_chat_bus_exit_process();
 }

@@ -36,6 +36,12 @@
  *                          session struct, deliver, resync
  *   ngx_chat_ws.[ch]       WebSocket transport (RFC 6455)
  *   ngx_chat_api.[ch]      REST API, JSON error replies
+ *   ngx_chat_live.[ch]     live state: the ephemeral channel (a second
+ *                          ring in the zone), typing, presence, devices
+ *   ngx_chat_receipts.[ch] delivered / read positions: acks and reads
+ *                          coalesced per worker, written per flush with
+ *                          their receipt events
+ *   ngx_chat_notify.[ch]   the notification outbox's sweep
  *   ngx_chat_json.[ch]     JSON helpers, growable buffers
  *   ngx_chat_limit.[ch]    per-worker caps: connections per address,
  *                          unauthenticated sessions
@@ -53,7 +59,7 @@
 #include <openssl/evp.h>
 
 
-#define NGX_CHAT_SCHEMA_VERSION        3
+#define NGX_CHAT_SCHEMA_VERSION        4
 
 
 /* a node of a tree keyed by unique integers (conversation ids), or NULL */
@@ -94,12 +100,14 @@ ngx_chat_rbtree_lookup(ngx_rbtree_t *tree, ngx_rbtree_key_t key)
 #define NGX_CHAT_CLOSE_INTERNAL        1011
 #define NGX_CHAT_CLOSE_TOKEN_EXPIRED   4001
 #define NGX_CHAT_CLOSE_SLOW            4008
+#define NGX_CHAT_CLOSE_REPLACED        4009
 #define NGX_CHAT_CLOSE_RATE_LIMITED    4029
 
 
 typedef struct ngx_chat_session_s    ngx_chat_session_t;
 typedef struct ngx_chat_transport_s  ngx_chat_transport_t;
 typedef struct ngx_chat_query_s      ngx_chat_query_t;
+typedef struct ngx_chat_live_sh_s    ngx_chat_live_sh_t;
 
 
 /* one "chat_jwt_key": the file is read at configuration time */
@@ -146,6 +154,16 @@ typedef struct {
     ngx_uint_t                 max_connections;  /* per user per worker */
     ngx_uint_t                 max_connections_per_address;
     ngx_uint_t                 max_unauthenticated;
+
+    ngx_msec_t                 typing_timeout;
+    ngx_msec_t                 presence_grace;
+    ngx_uint_t                 presence_max_members;
+    ngx_uint_t                 live_slots;
+    ngx_msec_t                 receipt_flush;
+    ngx_uint_t                 receipt_max_members;
+    ngx_flag_t                 notify;
+    ngx_msec_t                 notify_delay;
+    time_t                     notify_retention;
 
     ngx_flag_t                 enabled;          /* any "chat" location */
 } ngx_chat_main_conf_t;
@@ -231,6 +249,7 @@ typedef struct {
     ngx_uint_t                 nslots;
     ngx_chat_slot_t           *slots;
     ngx_chat_tickets_sh_t      tickets;
+    ngx_chat_live_sh_t        *live;             /* ngx_chat_live.c */
 } ngx_chat_shctx_t;
 
 

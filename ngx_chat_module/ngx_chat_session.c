@@ -34,6 +34,8 @@
 #include "ngx_chat_session.h"
 #include "ngx_chat_json.h"
 #include "ngx_chat_limit.h"
+#include "ngx_chat_live.h"
+#include "ngx_chat_receipts.h"
 
 
 #define NGX_CHAT_REQ_ID_MAX        64
@@ -46,7 +48,8 @@
 
 /* a send's reply carries its message: the body and the rest */
 #define ngx_chat_session_reply_size(snd)                                     \
-    ((snd)->body.len + (snd)->client_msg_id.len + (snd)->sender.len + 512)
+    ((snd)->body.len + (snd)->client_msg_id.len + (snd)->sender.len         \
+     + (snd)->mentions.len + 512)
 
 
 typedef struct {
@@ -70,6 +73,18 @@ static void ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
 static void ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
 static void ngx_chat_session_send_done(ngx_chat_send_t *snd);
+static void ngx_chat_session_typing(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid);
+static void ngx_chat_session_presence(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid);
+static void ngx_chat_session_presence_sub(ngx_chat_session_t *s,
+    json_t *root, ngx_chat_req_id_t *rid);
+static ngx_int_t ngx_chat_session_contacts(ngx_chat_session_t *s,
+    ngx_str_t *list);
+static void ngx_chat_session_ack(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid);
+static void ngx_chat_session_read(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid);
 static void ngx_chat_session_join(ngx_chat_session_t *s);
 static void ngx_chat_session_join_done(ngx_chat_join_t *j);
 static void ngx_chat_session_welcome(ngx_chat_session_t *s);
@@ -342,6 +357,21 @@ ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len)
     if (ngx_strcmp(t, "send") == 0) {
         ngx_chat_session_send(s, root, &rid);
 
+    } else if (ngx_strcmp(t, "ack") == 0) {
+        ngx_chat_session_ack(s, root, &rid);
+
+    } else if (ngx_strcmp(t, "read") == 0) {
+        ngx_chat_session_read(s, root, &rid);
+
+    } else if (ngx_strcmp(t, "typing") == 0) {
+        ngx_chat_session_typing(s, root, &rid);
+
+    } else if (ngx_strcmp(t, "presence") == 0) {
+        ngx_chat_session_presence(s, root, &rid);
+
+    } else if (ngx_strcmp(t, "presence_sub") == 0) {
+        ngx_chat_session_presence_sub(s, root, &rid);
+
     } else if (ngx_strcmp(t, "auth") == 0) {
         ngx_chat_session_auth(s, root, &rid);
 
@@ -440,6 +470,15 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
         return;
     }
 
+    if (device.data
+        && ngx_chat_live_valid_device(device.data, device.len) != NGX_OK)
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"device_id\" must be 1 to 64 of "
+                             "[A-Za-z0-9._-]", 0);
+        return;
+    }
+
     if (rc == NGX_DECLINED && !s->authenticated) {
         ngx_chat_reply_error(s, rid->data, rid->len, "unauthorized",
                              "a token is required", 0);
@@ -461,6 +500,16 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
 
     ngx_memcpy(s->hello_id, rid->data, rid->len);
     s->hello_id_len = rid->len;
+
+    /*
+     * The device of a connection is set once: before the join it goes in
+     * with it; after an implicit join (credentials on the upgrade) the
+     * joined device takes it now.
+     */
+    if (device.len && s->device.len == 0) {
+        (void) ngx_chat_session_device(s, &device);
+        ngx_chat_live_device(s);
+    }
 
     switch (s->state) {
 
@@ -706,6 +755,7 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
 {
     u_char              *p, *end, *last;
     int64_t              conv;
+    ngx_int_t            rc;
     ngx_chat_session_t  *s;
 
     s = j->data;
@@ -755,6 +805,25 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
                   == NGX_OK)
     {
         s->cursor = s->want;
+    }
+
+    rc = ngx_chat_session_contacts(s, &j->contacts);
+
+    if (rc == NGX_DECLINED) {
+        if (s->hello_id) {
+            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
+                                 "rate_limited",
+                                 "too many connections for this user", 5000);
+        }
+
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_SLOW,
+                               "too many connections");
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
     }
 
     s->start = s->cursor;
@@ -1159,9 +1228,9 @@ ngx_chat_session_deliver(ngx_chat_session_t *s, ngx_chat_event_t *ev)
 
     if (ev->gseq) {
         s->cursor = ev->gseq;
+        s->delivered = 1;
+        ngx_chat_receipts_delivered(s, ev);
     }
-
-    s->delivered = 1;
 
     return ngx_chat_session_sent(s, s->transport->send_event(s, ev));
 }
@@ -1379,6 +1448,7 @@ ngx_chat_session_closed(ngx_chat_session_t *s)
         s->catchup_waiting = 0;
     }
 
+    ngx_chat_live_leave(s);
     ngx_chat_bus_unregister(s);
 
     if (s->refs == 0) {
@@ -1411,9 +1481,18 @@ ngx_chat_session_free(ngx_chat_session_t *s)
         ngx_chat_limit_unauth_add(-1);
     }
 
+    ngx_chat_receipts_free(s);
     ngx_free(s->hello_id);
     ngx_free(s->idmem);
     ngx_free(s);
+}
+
+
+void
+ngx_chat_session_end(ngx_chat_session_t *s, ngx_uint_t code,
+    const char *reason)
+{
+    ngx_chat_session_close(s, code, reason);
 }
 
 
@@ -1486,4 +1565,275 @@ ngx_chat_reply_error(ngx_chat_session_t *s, u_char *id, size_t idlen,
     }
 
     (void) ngx_chat_session_write(s, b);
+}
+
+
+ngx_int_t
+ngx_chat_session_device(ngx_chat_session_t *s, ngx_str_t *device)
+{
+    if (ngx_chat_live_valid_device(device->data, device->len) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    s->device.data = s->devmem;
+    s->device.len = device->len;
+    ngx_memcpy(s->devmem, device->data, device->len);
+
+    return NGX_OK;
+}
+
+
+/*
+ * The joined session becomes a device of its user (presence, device_id,
+ * the per-user cap); list holds its conversations small enough for
+ * presence, comma separated.
+ */
+static ngx_int_t
+ngx_chat_session_contacts(ngx_chat_session_t *s, ngx_str_t *list)
+{
+    u_char      *p, *end, *last;
+    int64_t     *contacts;
+    ngx_int_t    rc;
+    ngx_uint_t   n;
+
+    n = 0;
+    contacts = NULL;
+
+    if (list->len) {
+        /* "1,2,3": at most len / 2 + 1 ids */
+        contacts = ngx_alloc((list->len / 2 + 1) * sizeof(int64_t), s->log);
+        if (contacts == NULL) {
+            return NGX_ERROR;
+        }
+
+        p = list->data;
+        end = p + list->len;
+
+        while (p < end) {
+            last = ngx_strlchr(p, end, ',');
+            if (last == NULL) {
+                last = end;
+            }
+
+            if (ngx_chat_parse_id(p, last - p, &contacts[n]) == NGX_OK) {
+                n++;
+            }
+
+            p = last + 1;
+        }
+    }
+
+    rc = ngx_chat_live_join(s, contacts, n);
+
+    ngx_free(contacts);
+
+    return rc;
+}
+
+
+/* "id" is optional on live-state requests: without it, no success reply */
+
+static ngx_inline void
+ngx_chat_session_reply_empty(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    if (json_object_get(root, "id") != NULL) {
+        ngx_chat_reply_ok(s, rid->data, rid->len, (u_char *) "{}", 2);
+    }
+}
+
+
+static void
+ngx_chat_session_typing(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    int64_t     conv;
+    ngx_uint_t  i;
+    ngx_str_t   state;
+    ngx_uint_t  start;
+
+    if (ngx_chat_json_id(root, "conversation_id", &conv, 1) != NGX_OK
+        || ngx_chat_json_str(root, "state", &state, 8, 1) != NGX_OK
+        || !((state.len == 5 && ngx_strncmp(state.data, "start", 5) == 0)
+             || (state.len == 4 && ngx_strncmp(state.data, "stop", 4) == 0)))
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"conversation_id\" and \"state\" (\"start\" "
+                             "or \"stop\") are required", 0);
+        return;
+    }
+
+    if (!s->hello_done
+        || !ngx_chat_bus_subscribed(s, conv))
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "forbidden",
+                             "not a member of the conversation", 0);
+        return;
+    }
+
+    start = (state.len == 5);
+
+    for (i = 0; i < s->ntyping; i++) {
+        if (s->typing[i] == conv) {
+            break;
+        }
+    }
+
+    if (!start && i < s->ntyping) {
+        s->typing[i] = s->typing[--s->ntyping];
+
+    } else if (start && i == s->ntyping) {
+
+        if (s->ntyping == NGX_CHAT_SESSION_TYPING) {
+            /* a connection types in a few conversations at once at most */
+            (void) ngx_chat_live_typing(s->typing[0], &s->user, 0, s->id);
+            ngx_memmove(&s->typing[0], &s->typing[1],
+                        (NGX_CHAT_SESSION_TYPING - 1) * sizeof(int64_t));
+            s->ntyping--;
+        }
+
+        s->typing[s->ntyping++] = conv;
+    }
+
+    if (ngx_chat_live_typing(conv, &s->user, start, s->id) == NGX_BUSY) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
+                             "too many typing states", 1000);
+        return;
+    }
+
+    ngx_chat_session_reply_empty(s, root, rid);
+}
+
+
+static void
+ngx_chat_session_presence(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    ngx_str_t  status;
+
+    if (ngx_chat_json_str(root, "status", &status, 8, 1) != NGX_OK
+        || !((status.len == 6 && ngx_strncmp(status.data, "online", 6) == 0)
+             || (status.len == 4 && ngx_strncmp(status.data, "away", 4) == 0)))
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"status\" must be \"online\" or \"away\"", 0);
+        return;
+    }
+
+    ngx_chat_live_away(s, status.len == 4);
+
+    ngx_chat_session_reply_empty(s, root, rid);
+}
+
+
+static void
+ngx_chat_session_presence_sub(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    json_t          *a, *u;
+    size_t           i, n;
+    ngx_str_t        users[NGX_CHAT_PRESENCE_SUB_MAX];
+    ngx_chat_buf_t   b;
+
+    a = json_object_get(root, "users");
+
+    if (!json_is_array(a) || json_array_size(a) > NGX_CHAT_PRESENCE_SUB_MAX) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"users\" must be an array of at most 256 "
+                             "user ids", 0);
+        return;
+    }
+
+    n = json_array_size(a);
+
+    for (i = 0; i < n; i++) {
+        u = json_array_get(a, i);
+
+        if (!json_is_string(u)) {
+            goto invalid;
+        }
+
+        users[i].data = (u_char *) json_string_value(u);
+        users[i].len = json_string_length(u);
+
+        if (ngx_chat_valid_user_id(users[i].data, users[i].len) != NGX_OK) {
+            goto invalid;
+        }
+    }
+
+    ngx_memzero(&b, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&b, "{\"presence\":") != NGX_OK
+        || ngx_chat_live_subscribe(s, users, n, &b) != NGX_OK
+        || ngx_chat_buf_add_lit(&b, "}") != NGX_OK)
+    {
+        ngx_chat_buf_free(&b);
+        ngx_chat_reply_error(s, rid->data, rid->len, "internal",
+                             "out of memory", 0);
+        return;
+    }
+
+    ngx_chat_reply_ok(s, rid->data, rid->len, b.data, b.len);
+    ngx_chat_buf_free(&b);
+
+    return;
+
+invalid:
+
+    ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                         "\"users\" must be an array of user ids", 0);
+}
+
+
+/* the client has every event up to the cursor: "delivered" */
+
+static void
+ngx_chat_session_ack(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    uint64_t   gseq;
+    ngx_str_t  cursor;
+
+    if (ngx_chat_json_str(root, "cursor", &cursor, 1024, 1) != NGX_OK
+        || ngx_chat_cursor_parse(cursor.data, cursor.len, &gseq) != NGX_OK)
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"cursor\" must be a cursor of this server",
+                             0);
+        return;
+    }
+
+    /* a cursor past what this connection was handed acks only that */
+    ngx_chat_receipts_ack(s, ngx_min(gseq, s->cursor));
+
+    ngx_chat_session_reply_empty(s, root, rid);
+}
+
+
+static void
+ngx_chat_session_read(ngx_chat_session_t *s, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    int64_t  conv, seq;
+
+    if (ngx_chat_json_id(root, "conversation_id", &conv, 1) != NGX_OK
+        || ngx_chat_json_int(root, "seq", &seq, 1) != NGX_OK
+        || seq < 0)
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
+                             "\"conversation_id\" and \"seq\" are required",
+                             0);
+        return;
+    }
+
+    if (!s->hello_done || !ngx_chat_bus_subscribed(s, conv)) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "forbidden",
+                             "not a member of the conversation", 0);
+        return;
+    }
+
+    ngx_chat_receipts_mark(conv, &s->user, seq, seq,
+                           ngx_chat_bus_position());
+
+    ngx_chat_session_reply_empty(s, root, rid);
 }

@@ -18,6 +18,9 @@
 #define NGX_CHAT_SESSION_LIVE       3
 #define NGX_CHAT_SESSION_CLOSED     4
 
+/* typing states one connection holds at once: the oldest stops */
+#define NGX_CHAT_SESSION_TYPING     8
+
 struct ngx_chat_session_s {
     ngx_chat_transport_t      *transport;
     void                      *tctx;             /* the transport's */
@@ -55,6 +58,18 @@ struct ngx_chat_session_s {
     size_t                     hello_id_len;
     uint64_t                   want;             /* cursor asked for */
 
+    ngx_str_t                  device;           /* device_id, in devmem */
+    u_char                     devmem[64];
+    uint64_t                   live_mark;        /* ngx_chat_live.c */
+    void                     **psubs;            /* presence_sub links */
+    ngx_uint_t                 npsubs;
+    int64_t                    typing[NGX_CHAT_SESSION_TYPING];
+    ngx_uint_t                 ntyping;          /* conversations typed in */
+    void                      *acks;             /* ngx_chat_receipts.c */
+    ngx_uint_t                 ack_head;
+    ngx_uint_t                 nacks;
+    ngx_uint_t                 nalloc_acks;
+
     unsigned                   authenticated:1;
     unsigned                   hello_done:1;
     unsigned                   catchup_busy:1;
@@ -67,12 +82,17 @@ struct ngx_chat_session_s {
     unsigned                   catchup_stale:1;
     unsigned                   delivered:1;      /* since start */
     unsigned                   unauth:1;         /* counted as such */
+    unsigned                   present:1;        /* a device in the zone */
+    unsigned                   acking:1;         /* the client sends acks */
 };
 
 
 ngx_int_t ngx_chat_session_deliver(ngx_chat_session_t *s,
     ngx_chat_event_t *ev);
 void ngx_chat_session_resync(ngx_chat_session_t *s, const char *reason);
+void ngx_chat_session_end(ngx_chat_session_t *s, ngx_uint_t code,
+    const char *reason);
+ngx_int_t ngx_chat_session_device(ngx_chat_session_t *s, ngx_str_t *device);
 
 
 #endif /* _NGX_CHAT_SESSION_H_INCLUDED_ */

@@ -25,6 +25,7 @@
 #include "ngx_chat_db.h"
 #include "ngx_chat_store.h"
 #include "ngx_chat_bus.h"
+#include "ngx_chat_live.h"
 #include "ngx_chat_json.h"
 
 
@@ -32,6 +33,9 @@
 #define NGX_CHAT_RETRY_MAX     100
 #define NGX_CHAT_PARALLEL_MIN  32
 #define NGX_CHAT_PARALLEL_SLOW 20         /* ms */
+
+/* user ids a send may mention */
+#define NGX_CHAT_MAX_MENTIONS  50
 
 
 typedef struct {
@@ -58,6 +62,7 @@ typedef struct {
     ngx_chat_join_t          **items;
     ngx_uint_t                 n;
     ngx_chat_buf_t             json;
+    u_char                     max[NGX_INT_T_LEN + 1];
 } ngx_chat_join_batch_t;
 
 
@@ -163,13 +168,20 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "ORDER BY e.gseq LIMIT 512", 2 },
 
     /* one row per user, in order; one snapshot for all of them */
+    /* contacts: conversations of at most $2 members, for presence */
     { "chat_memberships",
       "SELECT coalesce((SELECT string_agg(m.conversation_id::text, ',' "
       "ORDER BY m.conversation_id) "
       "FROM chat_members m WHERE m.user_id = u.u), ''), "
-      "(SELECT coalesce(max(gseq), 0) FROM chat_events) "
+      "(SELECT coalesce(max(gseq), 0) FROM chat_events), "
+      "coalesce((SELECT string_agg(m.conversation_id::text, ',' "
+      "ORDER BY m.conversation_id) "
+      "FROM chat_members m WHERE m.user_id = u.u "
+      "AND (SELECT count(*) FROM (SELECT 1 FROM chat_members x "
+      "WHERE x.conversation_id = m.conversation_id "
+      "LIMIT $2::int + 1) z) <= $2::int), '') "
       "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
-      "AS u (u, ord) ORDER BY u.ord", 1 },
+      "AS u (u, ord) ORDER BY u.ord", 2 },
 
     /*
      * A page of a user's events after a cursor, a merge over the user's
@@ -219,7 +231,7 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       4 },
 
     { "chat_get_conversation",
-      "SELECT chat_conversation_json(c.id), $3::boolean OR EXISTS "
+      "SELECT chat_conversation_detail(c.id, $2), $3::boolean OR EXISTS "
       "(SELECT 1 FROM chat_members m WHERE m.conversation_id = c.id "
       "AND m.user_id = $2) FROM chat_conversations c "
       "WHERE c.id = $1::bigint", 3 },
@@ -252,6 +264,51 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
     { "chat_settle",
       "SELECT o_gseq, o_conv, o_payload "
       "FROM chat_settle($1::bigint, $2::bigint, $3::bigint)", 3 },
+
+    { "chat_last_seen",
+      "INSERT INTO chat_presence (user_id, last_seen) "
+      "VALUES ($1, to_timestamp($2::bigint / 1000.0)) "
+      "ON CONFLICT (user_id) DO UPDATE SET last_seen = "
+      "greatest(chat_presence.last_seen, excluded.last_seen)", 2 },
+
+    /* one row per user asked for, in order */
+    { "chat_presence",
+      "SELECT u.u, chat_ts(p.last_seen) "
+      "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
+      "AS u (u, ord) LEFT JOIN chat_presence p ON p.user_id = u.u "
+      "ORDER BY u.ord", 1 },
+
+    /* a receipt flush's two steps, run by EXECUTE in its transaction */
+    { "chat_receipt_stage",
+      "SELECT o_conv, o_event, o_user, o_delivered, o_read, o_asof "
+      "FROM chat_receipt_stage($1::bigint, $2::bigint, $3::jsonb, $4::int)",
+      4 },
+    { "chat_receipt_events",
+      "SELECT chat_receipt_events($1::bigint, $2::jsonb)", 2 },
+
+    { "chat_unread_total",
+      "SELECT chat_unread_total($1)", 1 },
+
+    /* does the conversation exist, is the user a member */
+    { "chat_member",
+      "SELECT EXISTS (SELECT 1 FROM chat_conversations c "
+      "WHERE c.id = $1::bigint), EXISTS (SELECT 1 FROM chat_members m "
+      "WHERE m.conversation_id = $1::bigint AND m.user_id = $2)", 2 },
+
+    /* the notification outbox (chat_notify_sweep() in sql/004) */
+    { "chat_notify_sweep",
+      "SELECT chat_notify_sweep($1::bigint, $2::bigint, $3::bigint)", 3 },
+    { "chat_notifications",
+      "SELECT chat_notifications_page($1::bigint, $2::int)", 2 },
+    { "chat_notify_ack",
+      "WITH d AS (DELETE FROM chat_notifications WHERE id <= $1::bigint "
+      "RETURNING 1) SELECT count(*) FROM d", 1 },
+
+    /* a member's settings; no row: not a member (or no conversation) */
+    { "chat_mute",
+      "UPDATE chat_members SET muted = $3::boolean "
+      "WHERE conversation_id = $1::bigint AND user_id = $2 "
+      "RETURNING muted", 3 },
 
     { NULL, NULL, 0 }
 };
@@ -323,8 +380,10 @@ ngx_chat_send_t *
 ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
     size_t extra, const char **code, const char **msg)
 {
+    char             *mentions;
+    size_t            i, mlen;
     u_char           *p;
-    json_t           *a;
+    json_t           *a, *m;
     int64_t           reply_to;
     ngx_str_t         cmid, body, format;
     ngx_chat_send_t  *snd;
@@ -382,15 +441,58 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
         return NULL;
     }
 
+    /* user ids; kept by the store when they name other members */
+    a = json_object_get(root, "mentions");
+    mentions = NULL;
+
+    if (a && !json_is_null(a)) {
+        if (!json_is_array(a) || json_array_size(a) > NGX_CHAT_MAX_MENTIONS) {
+            *msg = "\"mentions\" must be an array of at most 50 user ids";
+            return NULL;
+        }
+
+        for (i = 0; i < json_array_size(a); i++) {
+            m = json_array_get(a, i);
+
+            if (!json_is_string(m)
+                || ngx_chat_valid_user_id((u_char *) json_string_value(m),
+                                          json_string_length(m))
+                   != NGX_OK)
+            {
+                *msg = "\"mentions\" must be an array of user ids";
+                return NULL;
+            }
+        }
+
+        if (json_array_size(a)) {
+            mentions = json_dumps(a, JSON_COMPACT);
+            if (mentions == NULL) {
+                *code = "internal";
+                *msg = "out of memory";
+                return NULL;
+            }
+        }
+    }
+
+    mlen = mentions ? ngx_strlen(mentions) : 0;
+
     snd = ngx_chat_store_send_alloc(sender->len + cmid.len + body.len
-                                    + format.len + extra);
+                                    + format.len + mlen + extra);
     if (snd == NULL) {
+        free(mentions);
         *code = "internal";
         *msg = "out of memory";
         return NULL;
     }
 
     p = snd->mem;
+
+    if (mentions) {
+        snd->mentions.data = p;
+        snd->mentions.len = mlen;
+        p = ngx_cpymem(p, mentions, mlen);
+        free(mentions);
+    }
 
     snd->sender.data = p;
     snd->sender.len = sender->len;
@@ -739,6 +841,13 @@ ngx_chat_store_add_item(ngx_chat_buf_t *b, ngx_chat_send_t *snd)
         return NGX_ERROR;
     }
 
+    if (snd->mentions.len
+        && (ngx_chat_buf_add_lit(b, ",\"mentions\":") != NGX_OK
+            || ngx_chat_buf_add_str(b, &snd->mentions) != NGX_OK))
+    {
+        return NGX_ERROR;
+    }
+
     return ngx_chat_buf_add_lit(b, "}");
 }
 
@@ -1010,6 +1119,10 @@ ngx_chat_store_events_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
                       PQgetlength(stage, b->rows[idx], 2)),
             (u_char *) PQgetvalue(stage, b->rows[idx], 5),
             PQgetlength(stage, b->rows[idx], 5));
+
+        /* whoever sends has stopped typing there */
+        ngx_chat_live_sent(b->items[idx]->conversation,
+                           &b->items[idx]->sender);
     }
 
     ngx_chat_bus_release(b->resv, b->key);
@@ -1636,7 +1749,7 @@ ngx_chat_store_join_flush(ngx_event_t *ev)
 
     if (b != NULL) {
         b->query.stmt = NGX_CHAT_STMT_MEMBERSHIPS;
-        b->query.nparams = 1;
+        b->query.nparams = 2;
         b->query.build = ngx_chat_store_join_build;
         b->query.handler = ngx_chat_store_join_done;
         b->query.data = b;
@@ -1713,6 +1826,10 @@ ngx_chat_store_join_build(ngx_chat_query_t *q)
     q->params[0] = (const char *) b->json.data;
     q->lengths[0] = b->json.len - 1;
 
+    *ngx_sprintf(b->max, "%ui", ngx_chat_worker.cmcf->presence_max_members)
+        = '\0';
+    q->params[1] = (const char *) b->max;
+
     return NGX_OK;
 }
 
@@ -1746,6 +1863,8 @@ ngx_chat_store_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         if (rc == NGX_OK) {
             j->conversations.data = (u_char *) PQgetvalue(res, i, 0);
             j->conversations.len = PQgetlength(res, i, 0);
+            j->contacts.data = (u_char *) PQgetvalue(res, i, 2);
+            j->contacts.len = PQgetlength(res, i, 2);
             j->clock = ngx_atoof((u_char *) PQgetvalue(res, i, 1),
                                  PQgetlength(res, i, 1));
         }

@@ -27,6 +27,16 @@
 #define NGX_CHAT_STMT_CLOCK_START    11
 #define NGX_CHAT_STMT_RAISE          12
 #define NGX_CHAT_STMT_SETTLE         13
+#define NGX_CHAT_STMT_LAST_SEEN      14
+#define NGX_CHAT_STMT_PRESENCE       15
+#define NGX_CHAT_STMT_RECEIPT_STAGE  16
+#define NGX_CHAT_STMT_RECEIPT_EVENTS 17
+#define NGX_CHAT_STMT_UNREAD_TOTAL   18
+#define NGX_CHAT_STMT_MEMBER         19
+#define NGX_CHAT_STMT_NOTIFY_SWEEP   20
+#define NGX_CHAT_STMT_NOTIFICATIONS  21
+#define NGX_CHAT_STMT_NOTIFY_ACK     22
+#define NGX_CHAT_STMT_MUTE           23
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 
@@ -47,6 +57,7 @@ struct ngx_chat_send_s {
     ngx_str_t                  format;
     int64_t                    reply_to;         /* 0: none */
     ngx_str_t                  attachments;      /* JSON text or empty */
+    ngx_str_t                  mentions;         /* JSON array or empty */
     ngx_msec_t                 deadline;         /* give up "busy" retries */
     ngx_msec_t                 busy_since;       /* first found busy */
     unsigned                   alone:1;          /* in a batch of its own */
@@ -80,6 +91,7 @@ struct ngx_chat_join_s {
     ngx_str_t                  user;
     ngx_int_t                  rc;
     ngx_str_t                  conversations;
+    ngx_str_t                  contacts;         /* small conversations */
     uint64_t                   clock;
     void                     (*handler)(ngx_chat_join_t *j);
     void                      *data;

@@ -19,6 +19,8 @@
 typedef struct {
     uint64_t                   gseq;             /* 0: ephemeral */
     int64_t                    conversation;
+    int64_t                    seq;              /* message.new; 0: not
+                                                    parsed, -1: none */
     ngx_str_t                  kind;             /* in payload */
     ngx_str_t                  payload;          /* event object JSON */
     ngx_str_t                  envelope;         /* {"type":"event",...} */

@@ -35,6 +35,7 @@
 #include "ngx_chat_ws.h"
 #include "ngx_chat_api.h"
 #include "ngx_chat_limit.h"
+#include "ngx_chat_live.h"
 
 
 #define NGX_CHAT_WS_OP_CONT          0x0
@@ -237,7 +238,7 @@ ngx_int_t
 ngx_chat_ws_handler(ngx_http_request_t *r)
 {
     ngx_int_t             rc;
-    ngx_str_t             key;
+    ngx_str_t             key, device;
     ngx_uint_t            status, protocol;
     const char           *err, *code, *msg;
     ngx_chat_ws_ctx_t    *ctx;
@@ -251,6 +252,14 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
                                    0);
     }
 #endif
+
+    if (ngx_http_arg(r, (u_char *) "device_id", 9, &device) == NGX_OK
+        && ngx_chat_live_valid_device(device.data, device.len) != NGX_OK)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"device_id\" must be 1 to 64 of "
+                                   "[A-Za-z0-9._-]", 0);
+    }
 
     err = ngx_chat_ws_check_request(r, &status, &key, &protocol);
 
@@ -739,7 +748,7 @@ static void
 ngx_chat_ws_detach(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx)
 {
     ngx_buf_t                 *b;
-    ngx_str_t                  cursor;
+    ngx_str_t                  cursor, device;
     ngx_connection_t          *c;
     ngx_http_cleanup_t        *cln;
     ngx_http_connection_t     *hc;
@@ -792,6 +801,12 @@ ngx_chat_ws_detach(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx)
                                                &cursor);
         if (ctx->session == NULL) {
             ctx->fail = 1;
+
+        } else if (ngx_http_arg(r, (u_char *) "device_id", 9, &device)
+                   == NGX_OK)
+        {
+            /* checked before the upgrade */
+            (void) ngx_chat_session_device(ctx->session, &device);
         }
     }
 

@@ -57,7 +57,8 @@ def get(path, tok):
 
 st, h, b = get("/me", TA)
 is_(st, 200, "GET /me")
-is_(b, {"user": {"id": "alice", "name": "Alice", "role": "user"}}, "GET /me: user, name, role")
+is_(b, {"user": {"id": "alice", "name": "Alice", "role": "user"}, "unread_total": 0},
+    "GET /me: user, name, role, unread_total")
 st, h, b = get("/me", TS_)
 is_((b or {}).get("user", {}).get("role") if isinstance(b, dict) else None, "service",
     "GET /me with a service token: role service")
@@ -157,7 +158,12 @@ is_((st, (b or {}).get("conversations") if isinstance(b, dict) else None), (200,
 
 st, h, b = get("/conversations/%s" % G.get("id"), TB)
 is_(st, 200, "GET /conversations/{id} as a member: 200")
-is_(conv_of(b), G, "... the same object as on create")
+got = dict(conv_of(b) or {})
+extra = {k: got.pop(k, None) for k in ("receipts", "unread_count")}
+is_(got, G, "... the same object as on create")
+is_(extra, {"receipts": [{"user": u, "delivered_seq": 0, "read_seq": 0}
+                         for u in ("alice", "bob", "carol")], "unread_count": 0},
+    "... plus every member's receipts and the caller's unread_count")
 st, h, b = get("/conversations/%s" % G.get("id"), TM)
 is_json_error(st, h, b, 403, "GET /conversations/{id} as a non-member", "forbidden")
 st, h, b = get("/conversations/987654321", TA)
@@ -268,7 +274,9 @@ is_([c.get("id") for c in convs], [D.get("id"), G.get("id"), G2.get("id")],
 byid = {c.get("id"): c for c in convs}
 d = byid.get(D.get("id"), {})
 is_(d.get("last_message"), D_LAST, "direct: last_message is the latest message object")
-is_(d.get("unread_count"), 3, "direct: alice's unread_count counts bob's 3 messages")
+# sending marks the conversation read up to the sent message (PROTOCOL §9):
+# alice's reply d-4 came after bob's three
+is_(d.get("unread_count"), 0, "direct: alice replied after bob's 3 messages: unread 0")
 is_(d.get("members"), ["alice", "bob"], "direct: members listed")
 is_(d.get("last_seq"), 4, "direct: last_seq 4")
 g = byid.get(G.get("id"), {})
@@ -281,8 +289,13 @@ is_((g2.get("last_message", "missing"), g2.get("unread_count")), (None, 0),
 st, h, b = get("/conversations", TB)
 bd = {c.get("id"): c for c in (b.get("conversations") or [])} if isinstance(b, dict) else {}
 is_(bd.get(D.get("id"), {}).get("unread_count"), 1, "bob's unread_count in the direct: 1")
-is_(bd.get(G.get("id"), {}).get("unread_count"), 12, "bob's unread_count in the group: 12 "
-    "(carol's)")
+is_(bd.get(D.get("id"), {}).get("unread_count"), 1, "bob's unread_count in the direct: 1 "
+    "(alice's reply)")
+is_(bd.get(G.get("id"), {}).get("unread_count"), 0, "bob's unread_count in the group: 0 "
+    "(the last message, 25, is his)")
+cd = {c.get("id"): c for c in (get("/conversations", TC)[2].get("conversations") or [])}
+is_(cd.get(G.get("id"), {}).get("unread_count"), 1, "carol's unread_count in the group: 1 "
+    "(bob's 25, after her 24)")
 ok(S.get("id") in bd, "bob's list includes the service-made group")
 st, h, b = get("/conversations", TM)
 is_((st, b.get("conversations") if isinstance(b, dict) else None), (200, []),

@@ -90,6 +90,9 @@ typedef struct {
     double          mixed_group_msgs;   /* mixed: share of group messages */
     double          typing_prob;        /* mixed: typing before a message */
     uint32_t        read_every;         /* mixed: read receipt per N msgs */
+    int             live;               /* chat: typing, reads, acks in
+                                           dm and group too */
+    uint32_t        ack_ms;             /* live: an ack at most this often */
     uint32_t        retries;            /* chat: retries of unavailable */
     uint32_t        rest_parallel;      /* chat: REST connections/worker */
     int             rest_keepalive;     /* chat: reuse REST connections */
@@ -155,6 +158,7 @@ typedef struct {
 
     uint64_t    typing_sent;
     uint64_t    read_sent;
+    uint64_t    acks_sent;
     uint64_t    other_events;
     uint64_t    pings;
     uint64_t    bytes_out;

@@ -55,6 +55,10 @@ cb_usage(void)
 "  --group-msgs F    mixed: share of their messages to the group (0.3)\n"
 "  --typing P        mixed: typing request before a message (0.1)\n"
 "  --read-every N    mixed: read receipt every N deliveries (5)\n"
+"  --live            chat: also in dm and group, typing (--typing), reads\n"
+"                    (--read-every) and acks of received events, as the\n"
+"                    browser client sends them\n"
+"  --ack-ms N        live: an ack at most every N ms of received events (100)\n"
 "  --retries N       chat: retries of unavailable/rate_limited (3)\n"
 "  --rest-parallel N chat: REST connections per worker (8)\n"
 "  --rest-keepalive  chat: reuse REST connections (default: one request\n"
@@ -241,6 +245,7 @@ cb_options(cb_opt_t *o, int argc, char **argv)
         { "verbose", 0, 0, 'v' }, { "help", 0, 0, 18 },
         { "quickack", 0, 0, 19 }, { "cpu-limit", 1, 0, 20 },
         { "server-match", 1, 0, 21 }, { "rest-keepalive", 0, 0, 22 },
+        { "live", 0, 0, 23 }, { "ack-ms", 1, 0, 24 },
         { 0, 0, 0, 0 }
     };
 
@@ -270,6 +275,7 @@ cb_options(cb_opt_t *o, int argc, char **argv)
     o->mixed_group_msgs = 0.3;
     o->typing_prob = 0.1;
     o->read_every = 5;
+    o->ack_ms = 100;
     o->retries = 3;
     o->rest_parallel = 8;
     o->token_ttl = 3600;
@@ -372,6 +378,12 @@ cb_options(cb_opt_t *o, int argc, char **argv)
         case 7:
             o->read_every = (uint32_t) strtoul(optarg, NULL, 10);
             break;
+        case 23:
+            o->live = 1;
+            break;
+        case 24:
+            o->ack_ms = (uint32_t) strtoul(optarg, NULL, 10);
+            break;
         case 8:
             o->retries = (uint32_t) strtoul(optarg, NULL, 10);
             break;
@@ -451,9 +463,15 @@ cb_options(cb_opt_t *o, int argc, char **argv)
 
     o->self_echo = echo >= 0 ? echo : 1;
 
-    if (o->scenario != CB_SC_MIXED || o->mode != CB_MODE_CHAT) {
+    if ((o->scenario != CB_SC_MIXED && !o->live)
+        || o->mode != CB_MODE_CHAT)
+    {
         o->typing_prob = 0;
         o->read_every = 0;
+    }
+
+    if (o->mode != CB_MODE_CHAT) {
+        o->live = 0;
     }
 
     if (o->mode != CB_MODE_CHAT && o->scenario == CB_SC_MIXED) {
@@ -898,10 +916,11 @@ cb_print(const cb_opt_t *o, const cb_sum_t *s)
                (unsigned long long) t->late_sends);
     }
 
-    if (t->typing_sent + t->read_sent > 0) {
-        printf("%-22s typing %llu read %llu other events %llu\n",
+    if (t->typing_sent + t->read_sent + t->acks_sent > 0) {
+        printf("%-22s typing %llu read %llu ack %llu other events %llu\n",
                "requests", (unsigned long long) t->typing_sent,
                (unsigned long long) t->read_sent,
+               (unsigned long long) t->acks_sent,
                (unsigned long long) t->other_events);
     }
 
@@ -1077,7 +1096,7 @@ cb_write_results(const cb_opt_t *o, const cb_sum_t *s)
             "  \"send_lag_ms\": {\"p99\": %.4f, \"max\": %.4f, "
             "\"late\": %llu},\n"
             "  \"requests\": {\"typing\": %llu, \"read\": %llu, "
-            "\"other_events\": %llu, \"pings\": %llu},\n"
+            "\"ack\": %llu, \"other_events\": %llu, \"pings\": %llu},\n"
             "  \"generator\": {\"cpu_run_max_pct\": %.2f, "
             "\"cpu_connect_max_pct\": %.2f, \"cpu_per_pinned_max_pct\": "
             "%.2f, \"maxrss_kb\": %ld, \"bytes_out\": %llu, "
@@ -1130,6 +1149,7 @@ cb_write_results(const cb_opt_t *o, const cb_sum_t *s)
             (unsigned long long) t->late_sends,
             (unsigned long long) t->typing_sent,
             (unsigned long long) t->read_sent,
+            (unsigned long long) t->acks_sent,
             (unsigned long long) t->other_events,
             (unsigned long long) t->pings,
             s->cpu_run_max, s->cpu_connect_max, s->cpu_cpu_max,

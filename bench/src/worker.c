@@ -137,6 +137,7 @@ typedef struct {
     uint32_t    inflight;
     uint64_t    t_ref;
     uint64_t    t_start;
+    uint64_t    t_ack;                  /* live: last ack sent */
     cb_buf_t    in;
     cb_buf_t    out;
     cb_buf_t    frag;
@@ -1790,6 +1791,25 @@ cb_chat_message(cb_w_t *w, cb_conn_t *c, const char *p, size_t len)
     }
 
     if (cb_jv_eq(&v, "event")) {
+        /* live: acks coalesced as the browser client sends them */
+        if (w->o->live && w->o->ack_ms
+            && cb_json_get(p, len, "cursor", &v) == 0 && v.len < 200)
+        {
+            now = cb_now();
+
+            if (now - c->t_ack >= (uint64_t) w->o->ack_ms * CB_MS) {
+                char    abuf[256];
+                size_t  an;
+
+                c->t_ack = now;
+                an = (size_t) snprintf(abuf, sizeof(abuf),
+                                       "{\"type\":\"ack\",\"cursor\":"
+                                       "\"%.*s\"}", (int) v.len, v.p);
+                cb_ws_text(w, c, abuf, an);
+                r->acks_sent++;
+            }
+        }
+
         if (cb_json_get(p, len, "event.kind", &v) == 0
             && cb_jv_eq(&v, "message.new")
             && cb_json_get(p, len, "event.message.body", &body) == 0)

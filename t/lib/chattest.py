@@ -56,7 +56,8 @@ __all__ = [
     # shared test helpers (the end of this file)
     "session_pid", "gseq", "until", "conv_events", "stream_ok", "ws_ping",
     "request_or_none", "ws_connect_on", "ws_spread", "rest_create_conv", "db_create_conv",
-    "db_messages", "by_sender_cmid", "db_lock",
+    "db_messages", "by_sender_cmid", "db_lock", "worker_of", "ws_open_on",
+    "ws_join_on",
 ]
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -1726,3 +1727,85 @@ def db_lock(sql, *params, pg=None):
         cur.execute(sql, params or None)
         cur.fetchall()
     return lk
+
+
+def _tcp_inode(local_port, remote_port):
+    """The socket inode of the established 127.0.0.1 TCP connection whose
+    local port is local_port and remote port remote_port (/proc/net/tcp),
+    or None."""
+    try:
+        with open("/proc/net/tcp") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        f = line.split()
+        try:
+            lp = int(f[1].rsplit(":", 1)[1], 16)
+            rp = int(f[2].rsplit(":", 1)[1], 16)
+        except (IndexError, ValueError):
+            continue
+        if lp == local_port and rp == remote_port and f[3] == "01" and f[9] != "0":
+            return f[9]
+    return None
+
+
+def worker_of(c, nginx=None):
+    """The pid of the nginx worker that accepted a ChatClient's TCP
+    connection (read from /proc: the worker holding the server side's
+    socket), or None -- known right after the upgrade, before any hello."""
+    n = _nginx(nginx)
+    try:
+        cport = c.ws.transport.get_extra_info("sockname")[1]
+    except (AttributeError, IndexError, TypeError):
+        return None
+    inode = _tcp_inode(n.port, cport)
+    if inode is None:
+        return None
+    want = "socket:[%s]" % inode
+    for pid in n.worker_pids():
+        d = "/proc/%d/fd" % pid
+        try:
+            fds = os.listdir(d)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(d, fd)) == want:
+                    return pid
+            except OSError:
+                pass
+    return None
+
+
+async def ws_open_on(want_pid, nginx=None, tries=200, **kw):
+    """A ChatClient connected to the worker with pid want_pid and not
+    joined yet (no hello sent; kw go to ws_connect(), e.g. path=, but no
+    credentials on the upgrade, which would join it): upgrades another
+    worker accepted are closed before any hello and repeated, up to `tries`
+    connections; then it raises RuntimeError.  For sessions whose joining
+    has side effects (presence, device replacement, per-user caps) that
+    ws_connect_on()'s hello on the wrong worker would cause."""
+    kw.setdefault("hello", False)
+    for _ in range(tries):
+        c = await ws_connect(nginx=nginx, **kw)
+        if worker_of(c, nginx) == want_pid:
+            return c
+        await c.close()
+    raise RuntimeError("no connection landed on worker %s in %d tries" % (want_pid, tries))
+
+
+async def ws_join_on(user, want_pid=None, nginx=None, check=True, tries=200, **fields):
+    """A ChatClient of `user` on the worker with pid want_pid (any worker
+    when None) that sent hello with token(user) and `fields` (cursor=,
+    device_id=, ...) only once it is there (ws_open_on()); the reply is in
+    client.hello.  With check, a hello that is not ok raises RuntimeError."""
+    if want_pid is None:
+        c = await ws_connect(nginx=nginx, hello=False)
+    else:
+        c = await ws_open_on(want_pid, nginx=nginx, tries=tries)
+    c.hello = await c.request("hello", token=token(user), **fields)
+    if check and not (c.hello and c.hello.get("ok")):
+        await c.close()
+        raise RuntimeError("hello of %s failed: %r" % (user, c.hello))
+    return c
