@@ -1799,8 +1799,8 @@ ngx_chat_api_member_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     }
 
     if (ctx->read) {
-        ngx_chat_receipts_mark(ctx->conversation, &ctx->id.user, ctx->seq,
-                               ctx->seq, ngx_chat_bus_position());
+        ngx_chat_receipts_mark(ctx->conversation, &ctx->id.user, 0,
+                               ctx->seq, ngx_chat_bus_known());
 
     } else if (ngx_chat_live_typing(ctx->conversation, &ctx->id.user,
                                     ctx->typing_start, 0)

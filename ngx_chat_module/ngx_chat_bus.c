@@ -59,6 +59,9 @@
 /* slots a full zone's eviction looks at per hold */
 #define NGX_CHAT_BUS_EVICT_SCAN  1024
 
+/* sessions of a user a worker takes past chat_max_connections_per_user */
+#define NGX_CHAT_BUS_REPLACING   8
+
 /* events dispatched per turn of the event loop; the rest on the next */
 #define NGX_CHAT_BUS_TURN        1024
 #define NGX_CHAT_BUS_COPY_RESERVE                                            \
@@ -2351,7 +2354,14 @@ ngx_chat_bus_register(ngx_chat_session_t *s)
 
         ngx_rbtree_insert(&ngx_chat_bus.users, &u->sn.node);
 
-    } else if (u->count >= ngx_chat_worker.cmcf->max_connections) {
+    } else if (u->count >= ngx_chat_worker.cmcf->max_connections
+                            + NGX_CHAT_BUS_REPLACING)
+    {
+        /*
+         * The cap across workers is the zone's (ngx_chat_live_join());
+         * this one bounds a worker when the zone cannot, with room for
+         * connections that replace others of the same device.
+         */
         return NGX_DECLINED;
     }
 

@@ -59,8 +59,8 @@
 
 #define NGX_CHAT_LIVE_TYPING_MAX  65536
 
-/* users gone offline per sweep of the zone */
-#define NGX_CHAT_LIVE_OFFLINE     64
+/* users copied out of the zone per hold of its mutex */
+#define NGX_CHAT_LIVE_NOTES       64
 
 /* connections one new one may replace (same user and device_id) */
 #define NGX_CHAT_LIVE_REPLACE     8
@@ -92,7 +92,17 @@ typedef struct {
 typedef struct {
     ngx_pid_t                  pid;              /* 0: free */
     ngx_queue_t                devices;
+    ngx_queue_t                kick;             /* of ngx_chat_kick_t */
 } ngx_chat_live_proc_t;
+
+
+/* a connection of the process to close: replaced by another one */
+typedef struct {
+    ngx_queue_t                queue;
+    uint64_t                   session;
+    size_t                     user_len;
+    u_char                     user[1];
+} ngx_chat_kick_t;
 
 
 typedef struct {
@@ -126,12 +136,15 @@ typedef struct {
 } ngx_chat_live_gone_t;
 
 
-/* a user who went offline, for last_seen */
+/*
+ * A user copied out of the zone, for work done once it is unlocked: who
+ * went offline (v: when), whose connection to close (v: the session).
+ */
 typedef struct {
     u_char                     user[NGX_CHAT_MAX_ID_LEN];
     size_t                     len;
-    uint64_t                   when;
-} ngx_chat_offline_t;
+    uint64_t                   v;
+} ngx_chat_live_note_t;
 
 
 typedef struct {
@@ -196,7 +209,7 @@ typedef struct {
     ngx_chat_buf_t             copy;
     ngx_chat_buf_t             rec;
     size_t                     offs[NGX_CHAT_LIVE_SCAN];
-    ngx_chat_offline_t         offline[NGX_CHAT_LIVE_OFFLINE];
+    ngx_chat_live_note_t       notes[NGX_CHAT_LIVE_NOTES];
 } ngx_chat_live_t;
 
 
@@ -223,6 +236,10 @@ static void ngx_chat_live_update_locked(ngx_chat_presence_t *u);
 static void ngx_chat_live_presence_event(ngx_chat_presence_t *u,
     ngx_uint_t status, uint64_t when);
 static void ngx_chat_live_device_free(ngx_chat_device_t *d);
+static void ngx_chat_live_kick_locked(ngx_pid_t pid, uint64_t session,
+    ngx_str_t *user);
+static void ngx_chat_live_kicks(void);
+static void ngx_chat_live_proc_free_locked(ngx_chat_live_proc_t *proc);
 static ngx_chat_device_t *ngx_chat_live_device_locked(ngx_chat_session_t *s);
 static void ngx_chat_live_replace_locked(ngx_chat_presence_t *u,
     ngx_chat_device_t *d);
@@ -282,6 +299,7 @@ ngx_chat_live_init_zone(ngx_slab_pool_t *shpool, ngx_chat_shctx_t *sh,
 
     for (i = 0; i < NGX_CHAT_LIVE_PROCS; i++) {
         ngx_queue_init(&lsh->procs[i].devices);
+        ngx_queue_init(&lsh->procs[i].kick);
     }
 
     sh->live = lsh;
@@ -301,8 +319,6 @@ ngx_int_t
 ngx_chat_live_init_process(ngx_cycle_t *cycle)
 {
     ngx_uint_t           i;
-    ngx_queue_t         *q;
-    ngx_chat_device_t   *d;
     ngx_chat_live_t     *lv;
     ngx_slab_pool_t     *shpool;
     ngx_chat_live_sh_t  *lsh;
@@ -335,13 +351,7 @@ ngx_chat_live_init_process(ngx_cycle_t *cycle)
         }
 
         /* a dead process's entry, and its pid given to us: stale */
-        while (!ngx_queue_empty(&lsh->procs[i].devices)) {
-            q = ngx_queue_head(&lsh->procs[i].devices);
-            d = ngx_queue_data(q, ngx_chat_device_t, pqueue);
-            ngx_chat_live_device_free(d);
-        }
-
-        lsh->procs[i].pid = 0;
+        ngx_chat_live_proc_free_locked(&lsh->procs[i]);
     }
 
     for (i = 0; i < NGX_CHAT_LIVE_PROCS; i++) {
@@ -372,10 +382,8 @@ ngx_chat_live_init_process(ngx_cycle_t *cycle)
 void
 ngx_chat_live_exit_process(void)
 {
-    ngx_queue_t          *q;
     ngx_chat_live_t      *lv;
     ngx_slab_pool_t      *shpool;
-    ngx_chat_device_t    *d;
 
     lv = &ngx_chat_live;
 
@@ -393,13 +401,7 @@ ngx_chat_live_exit_process(void)
         ngx_shmtx_lock(&shpool->mutex);
 
         /* connections still open at exit go away with the process */
-        while (!ngx_queue_empty(&lv->proc->devices)) {
-            q = ngx_queue_head(&lv->proc->devices);
-            d = ngx_queue_data(q, ngx_chat_device_t, pqueue);
-            ngx_chat_live_device_free(d);
-        }
-
-        lv->proc->pid = 0;
+        ngx_chat_live_proc_free_locked(lv->proc);
         lv->proc = NULL;
 
         ngx_shmtx_unlock(&shpool->mutex);
@@ -641,7 +643,6 @@ ngx_chat_live_dispatch(ngx_chat_live_rec_t *h)
     ngx_queue_t          *q, *next;
     ngx_chat_psub_t      *ps;
     ngx_chat_plink_t     *pl;
-    ngx_chat_session_t   *s;
     ngx_chat_live_fan_t   fan;
 
     contacts = (int64_t *) &h[1];
@@ -684,17 +685,9 @@ ngx_chat_live_dispatch(ngx_chat_live_rec_t *h)
         break;
 
     case NGX_CHAT_REC_REPLACE:
-        if (h->pid != ngx_pid) {
-            break;
-        }
-
-        s = ngx_chat_bus_find(&fan.user, h->session);
-
-        if (s) {
-            ngx_log_error(NGX_LOG_INFO, s->log, 0,
-                          "chat: connection replaced by a new one of the "
-                          "same device");
-            ngx_chat_session_end(s, NGX_CHAT_CLOSE_REPLACED, "replaced");
+        /* what to close is in this process's queue in the zone */
+        if (h->pid == ngx_pid) {
+            ngx_chat_live_kicks();
         }
 
         break;
@@ -763,9 +756,9 @@ ngx_chat_live_tick_handler(ngx_event_t *ev)
         ngx_shmtx_unlock(&shpool->mutex);
 
         for (i = 0; i < gone; i++) {
-            user.data = lv->offline[i].user;
-            user.len = lv->offline[i].len;
-            ngx_chat_live_persist(&user, lv->offline[i].when);
+            user.data = lv->notes[i].user;
+            user.len = lv->notes[i].len;
+            ngx_chat_live_persist(&user, lv->notes[i].v);
         }
 
         if (n + gone) {
@@ -775,6 +768,7 @@ ngx_chat_live_tick_handler(ngx_event_t *ev)
 
     /* a doorbell rung by a worker of another generation is not ours */
     ngx_chat_live_process();
+    ngx_chat_live_kicks();
 
     ngx_add_timer(&lv->tick, NGX_CHAT_LIVE_TICK);
 }
@@ -889,6 +883,43 @@ ngx_chat_live_typing(int64_t conv, ngx_str_t *user, ngx_uint_t start,
     ngx_chat_bus_notify();
 
     return NGX_OK;
+}
+
+
+/* a connection lets go of a typing state it holds, if it still does */
+
+void
+ngx_chat_live_typing_release(int64_t conv, ngx_str_t *user,
+    uint64_t session)
+{
+    ngx_str_t            name;
+    ngx_slab_pool_t     *shpool;
+    ngx_chat_typing_t   *t;
+    u_char               key[NGX_CHAT_TYPING_KEY_LEN];
+
+    if (user->len > NGX_CHAT_MAX_ID_LEN) {
+        return;
+    }
+
+    shpool = ngx_chat_worker.shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    t = ngx_chat_live_typing_lookup(conv, user, key, &name);
+
+    if (t && t->pid == ngx_pid && t->session == session) {
+        ngx_chat_live_typing_event(t, 0);
+        ngx_chat_live_typing_free(t);
+
+    } else {
+        t = NULL;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (t) {
+        ngx_chat_bus_notify();
+    }
 }
 
 
@@ -1142,13 +1173,113 @@ ngx_chat_live_replace_locked(ngx_chat_presence_t *u, ngx_chat_device_t *d)
     }
 
     for (i = 0; i < n; i++) {
+        /*
+         * Lossless: a note in the owner's queue, which it reads on every
+         * doorbell and tick; the ring record (lossy) only makes it look
+         * at once.
+         */
+        ngx_chat_live_kick_locked(gone[i].pid, gone[i].session, &u->sn.str);
+
         ngx_memzero(&h, sizeof(ngx_chat_live_rec_t));
         h.kind = NGX_CHAT_REC_REPLACE;
         h.pid = gone[i].pid;
-        h.session = gone[i].session;
         h.user_len = u->sn.str.len;
 
         ngx_chat_live_publish_locked(&h, NULL, &u->sn.str, NULL);
+    }
+}
+
+
+static void
+ngx_chat_live_kick_locked(ngx_pid_t pid, uint64_t session, ngx_str_t *user)
+{
+    ngx_uint_t            i;
+    ngx_chat_kick_t      *k;
+    ngx_chat_live_sh_t   *lsh;
+
+    lsh = ngx_chat_live_sh();
+
+    for (i = 0; i < NGX_CHAT_LIVE_PROCS; i++) {
+        if (lsh->procs[i].pid == pid) {
+            break;
+        }
+    }
+
+    if (i == NGX_CHAT_LIVE_PROCS) {
+        /* gone already, and its connections with it */
+        return;
+    }
+
+    k = ngx_slab_alloc_locked(ngx_chat_worker.shpool,
+                              sizeof(ngx_chat_kick_t) + user->len);
+    if (k == NULL) {
+        ngx_log_error(NGX_LOG_WARN, ngx_chat_worker.log, 0,
+                      "chat: the zone is full, a replaced connection "
+                      "stays open");
+        return;
+    }
+
+    k->session = session;
+    k->user_len = user->len;
+    ngx_memcpy(k->user, user->data, user->len);
+
+    ngx_queue_insert_tail(&lsh->procs[i].kick, &k->queue);
+}
+
+
+/* this process's connections that were replaced: closed with 4009 */
+
+static void
+ngx_chat_live_kicks(void)
+{
+    ngx_str_t              user;
+    ngx_uint_t             i, n;
+    ngx_queue_t           *q;
+    ngx_chat_kick_t       *k;
+    ngx_slab_pool_t       *shpool;
+    ngx_chat_session_t    *s;
+    ngx_chat_live_note_t  *note;
+
+    if (ngx_chat_live.proc == NULL
+        || ngx_queue_empty(&ngx_chat_live.proc->kick))
+    {
+        return;
+    }
+
+    shpool = ngx_chat_worker.shpool;
+    n = 0;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    while (!ngx_queue_empty(&ngx_chat_live.proc->kick)
+           && n < NGX_CHAT_LIVE_NOTES)
+    {
+        q = ngx_queue_head(&ngx_chat_live.proc->kick);
+        k = ngx_queue_data(q, ngx_chat_kick_t, queue);
+        ngx_queue_remove(q);
+
+        note = &ngx_chat_live.notes[n++];
+        note->v = k->session;
+        note->len = ngx_min(k->user_len, NGX_CHAT_MAX_ID_LEN);
+        ngx_memcpy(note->user, k->user, note->len);
+
+        ngx_slab_free_locked(shpool, k);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    for (i = 0; i < n; i++) {
+        user.data = ngx_chat_live.notes[i].user;
+        user.len = ngx_chat_live.notes[i].len;
+
+        s = ngx_chat_bus_find(&user, ngx_chat_live.notes[i].v);
+
+        if (s) {
+            ngx_log_error(NGX_LOG_INFO, s->log, 0,
+                          "chat: connection replaced by a new one of the "
+                          "same device");
+            ngx_chat_session_end(s, NGX_CHAT_CLOSE_REPLACED, "replaced");
+        }
     }
 }
 
@@ -1539,14 +1670,14 @@ ngx_chat_live_offline_locked(void)
 {
     ngx_uint_t            n;
     ngx_queue_t          *q;
-    ngx_chat_offline_t   *gone;
+    ngx_chat_live_note_t *gone;
     ngx_chat_live_sh_t   *lsh;
     ngx_chat_presence_t  *u;
 
     lsh = ngx_chat_live_sh();
     n = 0;
 
-    while (!ngx_queue_empty(&lsh->leaving) && n < NGX_CHAT_LIVE_OFFLINE) {
+    while (!ngx_queue_empty(&lsh->leaving) && n < NGX_CHAT_LIVE_NOTES) {
         q = ngx_queue_head(&lsh->leaving);
         u = ngx_queue_data(q, ngx_chat_presence_t, leaving);
 
@@ -1557,10 +1688,10 @@ ngx_chat_live_offline_locked(void)
         ngx_chat_live_presence_event(u, NGX_CHAT_PRESENCE_OFFLINE, u->left);
 
         /* written to the store once the zone is unlocked */
-        gone = &ngx_chat_live.offline[n];
+        gone = &ngx_chat_live.notes[n];
         gone->len = ngx_min(u->sn.str.len, NGX_CHAT_MAX_ID_LEN);
         ngx_memcpy(gone->user, u->sn.str.data, gone->len);
-        gone->when = u->left;
+        gone->v = u->left;
 
         ngx_chat_live_user_free(u);
         n++;
@@ -1620,9 +1751,7 @@ ngx_chat_live_reap(void)
 {
     ngx_uint_t           i, k, n;
     ngx_pid_t            dead[8];
-    ngx_queue_t         *q;
     ngx_slab_pool_t     *shpool;
-    ngx_chat_device_t   *d;
     ngx_chat_live_sh_t  *lsh;
 
     lsh = ngx_chat_live_sh();
@@ -1658,20 +1787,39 @@ ngx_chat_live_reap(void)
                       "chat: process %P is gone, its connections with it",
                       lsh->procs[i].pid);
 
-        while (!ngx_queue_empty(&lsh->procs[i].devices)) {
-            q = ngx_queue_head(&lsh->procs[i].devices);
-            d = ngx_queue_data(q, ngx_chat_device_t, pqueue);
-            ngx_chat_live_device_free(d);
-        }
-
         /* its typing ends by the timeout */
-
-        lsh->procs[i].pid = 0;
+        ngx_chat_live_proc_free_locked(&lsh->procs[i]);
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
 
     ngx_chat_bus_notify();
+}
+
+
+/* with the zone locked: a process's entry, devices and notes */
+
+static void
+ngx_chat_live_proc_free_locked(ngx_chat_live_proc_t *proc)
+{
+    ngx_queue_t        *q;
+    ngx_chat_kick_t    *k;
+    ngx_chat_device_t  *d;
+
+    while (!ngx_queue_empty(&proc->devices)) {
+        q = ngx_queue_head(&proc->devices);
+        d = ngx_queue_data(q, ngx_chat_device_t, pqueue);
+        ngx_chat_live_device_free(d);
+    }
+
+    while (!ngx_queue_empty(&proc->kick)) {
+        q = ngx_queue_head(&proc->kick);
+        k = ngx_queue_data(q, ngx_chat_kick_t, queue);
+        ngx_queue_remove(q);
+        ngx_slab_free_locked(ngx_chat_worker.shpool, k);
+    }
+
+    proc->pid = 0;
 }
 
 

@@ -29,6 +29,8 @@ void ngx_chat_live_process(void);
 
 ngx_int_t ngx_chat_live_typing(int64_t conv, ngx_str_t *user,
     ngx_uint_t start, uint64_t session);
+void ngx_chat_live_typing_release(int64_t conv, ngx_str_t *user,
+    uint64_t session);
 void ngx_chat_live_sent(int64_t conv, ngx_str_t *user);
 
 ngx_int_t ngx_chat_live_join(ngx_chat_session_t *s, int64_t *contacts,

@@ -150,8 +150,9 @@ ngx_chat_receipts_exit_process(void)
 
 
 /*
- * Positions of user in conv, at least delivered and read (0: no change).
- * Reading marks delivered too.  Members only: the caller checked.
+ * Positions of user in conv, at least delivered and read (0: no change);
+ * a read is cut to the last message as of position asof.  Members only:
+ * the caller checked.
  */
 void
 ngx_chat_receipts_mark(int64_t conv, ngx_str_t *user, int64_t delivered,
@@ -165,11 +166,8 @@ ngx_chat_receipts_mark(int64_t conv, ngx_str_t *user, int64_t delivered,
 
     rt = &ngx_chat_receipts;
 
-    if (delivered < read) {
-        delivered = read;
-    }
-
-    if (delivered <= 0 || user->len > NGX_CHAT_MAX_ID_LEN) {
+    /* a read marks delivered too: in the store, once it is cut */
+    if ((delivered <= 0 && read <= 0) || user->len > NGX_CHAT_MAX_ID_LEN) {
         return;
     }
 
@@ -287,13 +285,13 @@ ngx_chat_receipts_flush_handler(ngx_event_t *ev)
 
         if (ngx_chat_buf_add_json_str(&items, r->user.data, r->user.len)
             != NGX_OK
-            || ngx_chat_buf_reserve(&items, 2 * NGX_INT64_LEN + 8) != NGX_OK)
+            || ngx_chat_buf_reserve(&items, 3 * NGX_INT64_LEN + 8) != NGX_OK)
         {
             goto failed;
         }
 
-        p = ngx_sprintf(items.data + items.len, ",%L,%L]", r->delivered,
-                        r->read);
+        p = ngx_sprintf(items.data + items.len, ",%L,%L,%uL]", r->delivered,
+                        r->read, r->asof);
         items.len = p - items.data;
 
         /* out of the table: marks from now on go to the next flush */

@@ -1686,7 +1686,7 @@ ngx_chat_session_typing(ngx_chat_session_t *s, json_t *root,
 
         if (s->ntyping == NGX_CHAT_SESSION_TYPING) {
             /* a connection types in a few conversations at once at most */
-            (void) ngx_chat_live_typing(s->typing[0], &s->user, 0, s->id);
+            ngx_chat_live_typing_release(s->typing[0], &s->user, s->id);
             ngx_memmove(&s->typing[0], &s->typing[1],
                         (NGX_CHAT_SESSION_TYPING - 1) * sizeof(int64_t));
             s->ntyping--;
@@ -1832,8 +1832,7 @@ ngx_chat_session_read(ngx_chat_session_t *s, json_t *root,
         return;
     }
 
-    ngx_chat_receipts_mark(conv, &s->user, seq, seq,
-                           ngx_chat_bus_position());
+    ngx_chat_receipts_mark(conv, &s->user, 0, seq, ngx_chat_bus_known());
 
     ngx_chat_session_reply_empty(s, root, rid);
 }

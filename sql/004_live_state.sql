@@ -48,11 +48,13 @@ BEGIN
                CASE WHEN it.r = 0 OR it.a = 0
                     THEN least(it.r, cv.last_seq)
                     ELSE least(it.r, cv.last_seq, coalesce(
-                        (SELECT m.seq FROM chat_events e
-                         JOIN chat_messages m ON m.id = e.message_id
+                        (SELECT coalesce(m.seq,
+                                         (e.payload::jsonb ->> 'seq')::bigint)
+                         FROM chat_events e
+                         LEFT JOIN chat_messages m ON m.id = e.message_id
                          WHERE e.conversation_id = it.c AND e.gseq <= it.a
                            AND e.kind = 'message.new'
-                         ORDER BY e.gseq DESC LIMIT 1), 0))
+                         ORDER BY e.gseq DESC LIMIT 1), cv.last_seq))
                END AS r
         FROM it JOIN chat_conversations cv ON cv.id = it.c
     ), want AS (

@@ -790,6 +790,15 @@ def sync_during_catchup(initial_cursor):
     NG["cur"] = Nginx(pg, workers=2, http="chat_catchup_page 16;\nchat_bus_slots 1024;\n"
                       "chat_max_queue 256k;",
                       server="listen 127.0.0.1:%d sndbuf=32k;" % port)
+
+    async def ready():
+        # both workers joined to the store and their bus started (a slow
+        # build, e.g. with ASan, may take a while after the listen)
+        for pid in NG["cur"].worker_pids():
+            c = await ws_connect_on("u1", pid, nginx=NG["cur"], timeout=30)
+            await c.close()
+
+    asyncio.run(ready())
     for label, pick in (
             ("sync to the 10th event", lambda evs: evs[9]["cursor"]),
             ("sync to the middle", lambda evs: evs[len(evs) // 2]["cursor"]),
