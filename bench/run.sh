@@ -539,8 +539,19 @@ pg_last_id() {
         -c "SELECT last_value FROM chat_messages_id_seq" 2> /dev/null || echo 0
 }
 
+pg_receipts() {     # receipt events, chat_members row updates, xacts
+    /usr/lib/postgresql/*/bin/psql -X -A -t -F ' ' -h "$REPO/var/run" \
+        -p "$CHAT_PGPORT" -U postgres -d chat \
+        -c "SELECT (SELECT count(*) FROM chat_events WHERE kind = 'receipt'),
+                   (SELECT n_tup_upd FROM pg_stat_user_tables
+                    WHERE relname = 'chat_members'),
+                   extract(epoch FROM clock_timestamp())" \
+        2> /dev/null || echo "0 0 0"
+}
+
 pg_sample() {       # start | stop
     if [ "$1" = start ]; then
+        PG_RECEIPTS="$(pg_receipts)"
         PG_SAMPLES="$RAW/logs/pg-samples.$$"
         : > "$PG_SAMPLES"
         ( while :; do echo "$(pg_ticks) $(pg_last_id)"; sleep 1; done ) \
@@ -557,6 +568,13 @@ pg_sample() {       # start | stop
                      T / hz, M, M ? T / hz / M * 1e6 : 0,
                      (n > 2 ? M / (n - 2) : 0) }' "$PG_SAMPLES"
     rm -f "$PG_SAMPLES"
+    # live state: what receipts cost the store over the whole run (the
+    # statistics of row updates lag by up to a second)
+    sleep 1
+    echo "$PG_RECEIPTS $(pg_receipts)" | awk '
+        { dt = $6 - $3; if (dt > 0 && $4 > $1)
+              printf "postgres receipts: %d events (%.0f/s), %d member rows updated (%.0f/s) in %.0f s\n",
+                     $4 - $1, ($4 - $1) / dt, $5 - $2, ($5 - $2) / dt, dt }'
 }
 
 # ---- one measurement ----
@@ -601,7 +619,7 @@ run_one() {         # mode scenario size conns rate k rep
         > "$RAW/logs/$tag.txt" 2>&1
     rc=$?
     [ "$mode" = chat ] && pg_sample stop >> "$RAW/logs/$tag.txt"
-    grep -E 'result|latency e2e|latency ack|integrity|connect |server rss|postgres cpu' \
+    grep -E 'result|latency e2e|latency ack|integrity|connect |server rss|postgres cpu|postgres receipts|requests' \
         "$RAW/logs/$tag.txt" | sed 's/^/    /' | tee -a "$OUT/run.log"
     [ $rc = 0 ] || log "run $tag exited $rc (see $RAW/logs/$tag.txt)"
     sleep 1

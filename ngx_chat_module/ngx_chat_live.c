@@ -125,8 +125,7 @@ typedef struct {
     ngx_pid_t                  pid;
     uint64_t                   session;
     ngx_uint_t                 away;
-    size_t                     device_len;
-    u_char                     device[NGX_CHAT_DEVICE_ID_LEN];
+    uint64_t                   device;           /* its id's hash, or 0 */
 } ngx_chat_device_t;
 
 
@@ -244,7 +243,7 @@ static ngx_chat_device_t *ngx_chat_live_device_locked(ngx_chat_session_t *s);
 static void ngx_chat_live_replace_locked(ngx_chat_presence_t *u,
     ngx_chat_device_t *d);
 static ngx_uint_t ngx_chat_live_same_device(ngx_chat_presence_t *u,
-    ngx_str_t *dev);
+    uint64_t dev);
 static void ngx_chat_live_user_leaving(ngx_chat_presence_t *u);
 static void ngx_chat_live_user_free(ngx_chat_presence_t *u);
 static void ngx_chat_live_reap(void);
@@ -1146,7 +1145,7 @@ ngx_chat_live_replace_locked(ngx_chat_presence_t *u, ngx_chat_device_t *d)
     ngx_chat_live_rec_t   h;
     ngx_chat_live_gone_t  gone[NGX_CHAT_LIVE_REPLACE];
 
-    if (d->device_len == 0) {
+    if (d->device == 0) {
         return;
     }
 
@@ -1159,9 +1158,7 @@ ngx_chat_live_replace_locked(ngx_chat_presence_t *u, ngx_chat_device_t *d)
         next = ngx_queue_next(q);
         old = ngx_queue_data(q, ngx_chat_device_t, queue);
 
-        if (old == d || old->device_len != d->device_len
-            || ngx_strncmp(old->device, d->device, d->device_len) != 0)
-        {
+        if (old == d || old->device != d->device) {
             continue;
         }
 
@@ -1287,7 +1284,7 @@ ngx_chat_live_kicks(void)
 /* devices of u with device id dev, other than the session's own */
 
 static ngx_uint_t
-ngx_chat_live_same_device(ngx_chat_presence_t *u, ngx_str_t *dev)
+ngx_chat_live_same_device(ngx_chat_presence_t *u, uint64_t dev)
 {
     ngx_uint_t          n;
     ngx_queue_t        *q;
@@ -1295,7 +1292,7 @@ ngx_chat_live_same_device(ngx_chat_presence_t *u, ngx_str_t *dev)
 
     n = 0;
 
-    if (dev->len == 0) {
+    if (dev == 0) {
         return 0;
     }
 
@@ -1305,9 +1302,7 @@ ngx_chat_live_same_device(ngx_chat_presence_t *u, ngx_str_t *dev)
     {
         d = ngx_queue_data(q, ngx_chat_device_t, queue);
 
-        if (d->device_len == dev->len
-            && ngx_strncmp(d->device, dev->data, dev->len) == 0)
-        {
+        if (d->device == dev) {
             n++;
         }
     }
@@ -1363,7 +1358,7 @@ ngx_chat_live_join(ngx_chat_session_t *s, int64_t *contacts, ngx_uint_t n)
         lsh->nusers++;
     }
 
-    if (u->ndevices - ngx_chat_live_same_device(u, &s->device)
+    if (u->ndevices - ngx_chat_live_same_device(u, s->device)
         >= ngx_chat_worker.cmcf->max_connections)
     {
         ngx_chat_live_user_leaving(u);
@@ -1406,8 +1401,7 @@ ngx_chat_live_join(ngx_chat_session_t *s, int64_t *contacts, ngx_uint_t n)
     d->pid = ngx_pid;
     d->session = s->id;
     d->away = 0;
-    d->device_len = s->device.len;
-    ngx_memcpy(d->device, s->device.data, s->device.len);
+    d->device = s->device;
 
     ngx_queue_insert_tail(&u->devices, &d->queue);
     ngx_queue_insert_tail(&ngx_chat_live.proc->devices, &d->pqueue);
@@ -1451,7 +1445,7 @@ ngx_chat_live_device(ngx_chat_session_t *s)
     ngx_slab_pool_t    *shpool;
     ngx_chat_device_t  *d;
 
-    if (!s->present || s->device.len == 0) {
+    if (!s->present || s->device == 0) {
         return;
     }
 
@@ -1461,9 +1455,8 @@ ngx_chat_live_device(ngx_chat_session_t *s)
 
     d = ngx_chat_live_device_locked(s);
 
-    if (d && d->device_len == 0) {
-        d->device_len = s->device.len;
-        ngx_memcpy(d->device, s->device.data, s->device.len);
+    if (d && d->device == 0) {
+        d->device = s->device;
 
         ngx_chat_live_replace_locked(d->user, d);
     }

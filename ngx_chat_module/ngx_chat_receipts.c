@@ -19,7 +19,7 @@
  * seq, gseq), in delivery order; an ack with a cursor marks delivered
  * every remembered message up to it and forgets them.  The memory is
  * bounded: NGX_CHAT_ACKS_FIRST messages until the client has acked once
- * (a client that never acks costs 200 bytes), NGX_CHAT_ACKS after; past
+ * (a client that never acks costs 100 bytes), NGX_CHAT_ACKS after; past
  * it the oldest is forgotten, and a later message of its conversation
  * marks it delivered with the next ack.
  *
@@ -42,7 +42,7 @@
 #define NGX_CHAT_RECEIPTS_BATCH   4096
 #define NGX_CHAT_RECEIPTS_MAX     65536
 #define NGX_CHAT_ACKS             128
-#define NGX_CHAT_ACKS_FIRST       8
+#define NGX_CHAT_ACKS_FIRST       4
 
 
 typedef struct {
@@ -682,7 +682,8 @@ ngx_chat_receipts_delivered(ngx_chat_session_t *s, ngx_chat_event_t *ev)
         && cap < (s->acking ? NGX_CHAT_ACKS : NGX_CHAT_ACKS_FIRST))
     {
         /* grow, unrolling the ring */
-        na = ngx_alloc((cap ? 2 * cap : 8) * sizeof(ngx_chat_ack_t), s->log);
+        na = ngx_alloc((cap ? 2 * cap : NGX_CHAT_ACKS_FIRST)
+                       * sizeof(ngx_chat_ack_t), s->log);
         if (na == NULL) {
             return;
         }
@@ -694,7 +695,7 @@ ngx_chat_receipts_delivered(ngx_chat_session_t *s, ngx_chat_event_t *ev)
         ngx_free(a);
         s->acks = na;
         s->ack_head = 0;
-        s->nalloc_acks = cap ? 2 * cap : 8;
+        s->nalloc_acks = cap ? 2 * cap : NGX_CHAT_ACKS_FIRST;
         a = na;
         cap = s->nalloc_acks;
     }

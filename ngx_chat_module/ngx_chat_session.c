@@ -506,7 +506,7 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
      * with it; after an implicit join (credentials on the upgrade) the
      * joined device takes it now.
      */
-    if (device.len && s->device.len == 0) {
+    if (device.len && s->device == 0) {
         (void) ngx_chat_session_device(s, &device);
         ngx_chat_live_device(s);
     }
@@ -1575,9 +1575,16 @@ ngx_chat_session_device(ngx_chat_session_t *s, ngx_str_t *device)
         return NGX_ERROR;
     }
 
-    s->device.data = s->devmem;
-    s->device.len = device->len;
-    ngx_memcpy(s->devmem, device->data, device->len);
+    /*
+     * Only sameness matters: a 64-bit hash (two independent 32-bit ones)
+     * stands for the id, in the session and in the zone.
+     */
+    s->device = ((uint64_t) ngx_crc32_long(device->data, device->len) << 32)
+                | ngx_hash_key(device->data, device->len);
+
+    if (s->device == 0) {
+        s->device = 1;
+    }
 
     return NGX_OK;
 }

@@ -58,8 +58,7 @@ struct ngx_chat_session_s {
     size_t                     hello_id_len;
     uint64_t                   want;             /* cursor asked for */
 
-    ngx_str_t                  device;           /* device_id, in devmem */
-    u_char                     devmem[64];
+    uint64_t                   device;           /* device_id's hash; 0 */
     uint64_t                   live_mark;        /* ngx_chat_live.c */
     void                     **psubs;            /* presence_sub links */
     ngx_uint_t                 npsubs;
