@@ -80,8 +80,8 @@ for w in $WORKERS_LIST; do
         for r in $RATES; do
             pt="w$w r$r d$f"
             dir="$OUT/w$w-r$r-d$f"
-            opts=""
-            [ "$f" != 0 ] && opts="-c commit_delay=$f -c commit_siblings=0"
+            opts="${PG_OPTS:-}"
+            [ "$f" != 0 ] && opts="$opts -c commit_delay=$f -c commit_siblings=0"
             if [ "$SCENARIO" = group ]; then
                 spec=(GROUP_SPECS="$K:$r" GROUP_SPEC_1K=)
             else

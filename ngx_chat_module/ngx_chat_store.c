@@ -176,10 +176,9 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "(SELECT coalesce(max(gseq), 0) FROM chat_events), "
       "coalesce((SELECT string_agg(m.conversation_id::text, ',' "
       "ORDER BY m.conversation_id) "
-      "FROM chat_members m WHERE m.user_id = u.u "
-      "AND (SELECT count(*) FROM (SELECT 1 FROM chat_members x "
-      "WHERE x.conversation_id = m.conversation_id "
-      "LIMIT $2::int + 1) z) <= $2::int), '') "
+      "FROM chat_members m CROSS JOIN LATERAL (SELECT c.member_count "
+      "FROM chat_conversations c WHERE c.id = m.conversation_id LIMIT 1) c "
+      "WHERE m.user_id = u.u AND c.member_count <= $2::int), '') "
       "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
       "AS u (u, ord) ORDER BY u.ord", 2 },
 

@@ -35,44 +35,56 @@ BEGIN
     PERFORM pg_advisory_xact_lock(p_key),
             pg_advisory_xact_lock_shared(p_holder);
 
+    -- Row by row through the primary keys (LATERAL ... LIMIT 1, and the
+    -- function's settings below): a plan that hashes chat_members or
+    -- chat_conversations is cheap on a new installation and a disaster on
+    -- a big one, and the plan cache would keep it.
     RETURN QUERY
     WITH it AS (
         SELECT (e ->> 0)::bigint AS c, e ->> 1 AS u,
                (e ->> 2)::bigint AS d, (e ->> 3)::bigint AS r,
                coalesce((e ->> 4)::bigint, 0) AS a
         FROM jsonb_array_elements(p_items) e
-    ), cut AS (
-        -- a read is cut to the last message as of when it came (the
-        -- module's position a): not to one committed after it
-        SELECT it.c, it.u, it.d, it.a, cv.last_seq,
-               CASE WHEN it.r = 0 OR it.a = 0
-                    THEN least(it.r, cv.last_seq)
-                    ELSE least(it.r, cv.last_seq, coalesce(
+    ), base AS MATERIALIZED (
+        SELECT it.c, it.u, it.d, it.r, it.a, cv.last_seq,
+               mb.delivered_seq AS md, mb.read_seq AS mr
+        FROM it
+        CROSS JOIN LATERAL (SELECT c.last_seq FROM chat_conversations c
+                            WHERE c.id = it.c LIMIT 1) cv
+        CROSS JOIN LATERAL (SELECT x.delivered_seq, x.read_seq
+                            FROM chat_members x
+                            WHERE x.conversation_id = it.c
+                              AND x.user_id = it.u LIMIT 1) mb
+    ), cut AS MATERIALIZED (
+        -- a read that moves is cut to the last message as of when it came
+        -- (the module's position a): not to one committed after it
+        SELECT b.c, b.u, b.d, b.a, b.last_seq, b.md, b.mr,
+               CASE WHEN b.r <= b.mr OR b.a = 0
+                    THEN least(b.r, b.last_seq)
+                    ELSE least(b.r, b.last_seq, coalesce(
                         (SELECT coalesce(m.seq,
                                          (e.payload::jsonb ->> 'seq')::bigint)
                          FROM chat_events e
                          LEFT JOIN chat_messages m ON m.id = e.message_id
-                         WHERE e.conversation_id = it.c AND e.gseq <= it.a
+                         WHERE e.conversation_id = b.c AND e.gseq <= b.a
                            AND e.kind = 'message.new'
-                         ORDER BY e.gseq DESC LIMIT 1), cv.last_seq))
+                         ORDER BY e.gseq DESC LIMIT 1), b.last_seq))
                END AS r
-        FROM it JOIN chat_conversations cv ON cv.id = it.c
-    ), want AS (
-        SELECT x.c, x.u, x.a,
-               least(greatest(x.d, x.r), x.last_seq) AS d, x.r
-        FROM cut x
-    ), moving AS (
-        SELECT w.c, w.u, w.d, w.r, w.a
-        FROM want w JOIN chat_members mb
-          ON mb.conversation_id = w.c AND mb.user_id = w.u
-        WHERE w.d > mb.delivered_seq OR w.r > mb.read_seq
-    ), locked AS (
-        SELECT mb.conversation_id AS c, mb.user_id AS u
-        FROM chat_members mb
-        WHERE (mb.conversation_id, mb.user_id) IN (SELECT m.c, m.u
-                                                   FROM moving m)
-        ORDER BY mb.conversation_id, mb.user_id
-        FOR UPDATE SKIP LOCKED
+        FROM base b
+    ), moving AS MATERIALIZED (
+        SELECT x.c, x.u, x.d, x.r, x.a
+        FROM (SELECT k.c, k.u, k.a, k.r, k.md, k.mr,
+                     least(greatest(k.d, k.r), k.last_seq) AS d
+              FROM cut k) x
+        WHERE x.d > x.md OR x.r > x.mr
+    ), locked AS MATERIALIZED (
+        SELECT l.c, l.u
+        FROM (SELECT m.c, m.u FROM moving m ORDER BY m.c, m.u) m
+        CROSS JOIN LATERAL (SELECT mb.conversation_id AS c, mb.user_id AS u
+                            FROM chat_members mb
+                            WHERE mb.conversation_id = m.c
+                              AND mb.user_id = m.u
+                            FOR UPDATE SKIP LOCKED) l
     ), upd AS (
         UPDATE chat_members mb
         SET delivered_seq = greatest(mb.delivered_seq, m.d),
@@ -87,9 +99,8 @@ BEGIN
     -- announce nothing (every ack of every member, to every member, would
     -- be members^2); they come back as rows with neither event nor user
     SELECT x.c,
-           CASE WHEN (SELECT count(*) FROM (SELECT 1 FROM chat_members z
-                                            WHERE z.conversation_id = x.c
-                                            LIMIT p_max + 1) y) <= p_max
+           CASE WHEN (SELECT c.member_count FROM chat_conversations c
+                      WHERE c.id = x.c) <= p_max
                 THEN x.ev END,
            NULL::text, NULL::bigint, NULL::bigint, NULL::bigint
     FROM (SELECT upd.c,
@@ -110,6 +121,12 @@ END;
 $$;
 
 
+ALTER FUNCTION chat_receipt_stage(bigint, bigint, jsonb, int)
+    SET enable_hashjoin = off;
+ALTER FUNCTION chat_receipt_stage(bigint, bigint, jsonb, int)
+    SET enable_mergejoin = off;
+
+
 CREATE FUNCTION chat_receipt_events(p_base bigint, p_events jsonb)
 RETURNS void
 LANGUAGE sql AS $$
@@ -127,6 +144,32 @@ $$;
 -- deep the backlog.
 CREATE INDEX chat_messages_deleted ON chat_messages (conversation_id, seq)
 WHERE deleted;
+
+-- The number of members, kept by a trigger: which conversations are
+-- small enough for presence is asked at every join, by key.
+ALTER TABLE chat_conversations ADD COLUMN member_count int NOT NULL DEFAULT 0;
+
+UPDATE chat_conversations c
+SET member_count = (SELECT count(*) FROM chat_members m
+                    WHERE m.conversation_id = c.id);
+
+CREATE FUNCTION chat_member_count() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE chat_conversations SET member_count = member_count + 1
+        WHERE id = NEW.conversation_id;
+    ELSE
+        UPDATE chat_conversations SET member_count = member_count - 1
+        WHERE id = OLD.conversation_id;
+    END IF;
+
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER chat_member_count AFTER INSERT OR DELETE ON chat_members
+FOR EACH ROW EXECUTE FUNCTION chat_member_count();
 
 -- Existing members: as if each had read up to their own last message, as
 -- a send does from now on (the count above relies on it).
@@ -413,6 +456,14 @@ BEGIN
     RETURN v_n;
 END;
 $$;
+
+
+-- a bounded range of events, each joined to its few members by key: a
+-- hash of all of chat_members per sweep would cost far more
+ALTER FUNCTION chat_notify_sweep(bigint, bigint, bigint)
+    SET enable_hashjoin = off;
+ALTER FUNCTION chat_notify_sweep(bigint, bigint, bigint)
+    SET enable_mergejoin = off;
 
 
 -- A page of the outbox for the platform, oldest first.
