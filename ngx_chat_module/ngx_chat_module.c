@@ -484,6 +484,16 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_uint_value(cmcf->bus_slots, 65536);
     ngx_conf_init_msec_value(cmcf->bus_hole_timeout, 50);
     ngx_conf_init_uint_value(cmcf->gseq_chunk, 65536);
+
+    /* a send batch and a receipt flush take their positions from one */
+    if (cmcf->gseq_chunk < 2 * cmcf->db_batch_size
+        || cmcf->gseq_chunk < 256)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_gseq_chunk must be at least 256 and twice "
+                           "chat_db_batch_size");
+        return NGX_CONF_ERROR;
+    }
     ngx_conf_init_size_value(cmcf->max_message, 64 * 1024);
     ngx_conf_init_size_value(cmcf->max_queue, 1024 * 1024);
     ngx_conf_init_msec_value(cmcf->ping_interval, 30000);

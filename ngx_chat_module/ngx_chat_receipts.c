@@ -8,12 +8,12 @@
  *
  * No database write per ack or per delivery: a worker keeps the highest
  * position asked for per (conversation, user) in a table of its own and
- * writes the table once per chat_receipt_flush, in one statement
- * (chat_receipt_flush() in sql/004_live_state.sql) that moves the
- * positions and inserts one receipt event per conversation where any
- * moved, at positions the worker took for it.  One flush at a time per
- * worker; what is marked meanwhile waits for the next.  A flush that
- * fails puts its items back.
+ * writes the table once per chat_receipt_flush, in one transaction of two
+ * steps like a send batch (sql/004_live_state.sql): step 1 moves the
+ * positions and makes one receipt event per conversation where any moved;
+ * the worker reserves positions for those events; step 2 inserts them and
+ * commits.  One flush at a time per worker; what is marked meanwhile
+ * waits for the next.  A flush that fails puts its items back.
  *
  * Acks.  A connection remembers the messages it is handed (conversation,
  * seq, gseq), in delivery order; an ack with a cursor marks delivered
@@ -57,11 +57,14 @@ typedef struct {
 
 
 typedef struct {
-    ngx_chat_query_t           query;
+    ngx_chat_query_t           stage;            /* step 1 */
+    ngx_chat_query_t           events;           /* step 2 */
     ngx_queue_t                items;            /* of ngx_chat_rcpt_t */
+    PGresult                  *res;              /* step 1's answer */
     ngx_chat_resv_t           *resv;
     uint64_t                   lo;
     int64_t                    key;
+    ngx_uint_t                 n;                /* events */
     ngx_chat_buf_t             sql;
 } ngx_chat_rflush_t;
 
@@ -89,7 +92,9 @@ static ngx_chat_receipts_t  ngx_chat_receipts;
 
 
 static void ngx_chat_receipts_flush_handler(ngx_event_t *ev);
-static void ngx_chat_receipts_flush_done(ngx_chat_query_t *q,
+static void ngx_chat_receipts_stage_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_receipts_events_done(ngx_chat_query_t *q,
     PGresult *res, ngx_int_t rc);
 static void ngx_chat_receipts_end(ngx_chat_rflush_t *f, ngx_uint_t requeue);
 static void ngx_chat_receipts_schedule(void);
@@ -226,33 +231,13 @@ ngx_chat_receipts_schedule(void)
 }
 
 
-static int ngx_libc_cdecl
-ngx_chat_receipts_cmp(const void *a, const void *b)
-{
-    int64_t  x, y;
+/* step 1 of a flush: the items leave the table for the flush */
 
-    x = *(const int64_t *) a;
-    y = *(const int64_t *) b;
-
-    return (x < y) ? -1 : (x > y);
-}
-
-
-/*
- * A flush is one statement in its own transaction: chat_receipt_flush()
- * moves the positions and inserts the receipt events at positions taken
- * before it, one per conversation of the batch at most (the unused ones
- * are emptied after).  Taking them first is safe here, unlike for a send:
- * the statement never waits on a lock (SKIP LOCKED), and no row stays
- * locked across a round trip to the worker, so sends that move their
- * sender's row never queue behind a flush.
- */
 static void
 ngx_chat_receipts_flush_handler(ngx_event_t *ev)
 {
     u_char               *p;
-    int64_t              *convs;
-    ngx_uint_t            n, i, distinct;
+    ngx_uint_t            n, max;
     ngx_queue_t          *q;
     ngx_chat_buf_t        items;
     ngx_chat_rcpt_t      *r;
@@ -272,11 +257,7 @@ ngx_chat_receipts_flush_handler(ngx_event_t *ev)
     }
 
     f = ngx_calloc(sizeof(ngx_chat_rflush_t), ev->log);
-    convs = ngx_alloc(NGX_CHAT_RECEIPTS_BATCH * sizeof(int64_t), ev->log);
-
-    if (f == NULL || convs == NULL) {
-        ngx_free(f);
-        ngx_free(convs);
+    if (f == NULL) {
         ngx_add_timer(&rt->flush, ngx_chat_worker.cmcf->receipt_flush);
         return;
     }
@@ -290,7 +271,11 @@ ngx_chat_receipts_flush_handler(ngx_event_t *ev)
 
     n = 0;
 
-    while (!ngx_queue_empty(&rt->dirty) && n < NGX_CHAT_RECEIPTS_BATCH) {
+    /* its events (one per conversation at most) fit in half a chunk */
+    max = ngx_min(NGX_CHAT_RECEIPTS_BATCH,
+                  ngx_chat_worker.cmcf->gseq_chunk / 2);
+
+    while (!ngx_queue_empty(&rt->dirty) && n < max) {
         q = ngx_queue_head(&rt->dirty);
         r = ngx_queue_data(q, ngx_chat_rcpt_t, queue);
 
@@ -318,63 +303,46 @@ ngx_chat_receipts_flush_handler(ngx_event_t *ev)
         ngx_rbtree_delete(&rt->tree, &r->sn.node);
         rt->n--;
         ngx_queue_insert_tail(&f->items, q);
-        convs[n++] = r->conv;
+        n++;
     }
 
     if (ngx_chat_buf_add_lit(&items, "]") != NGX_OK) {
         goto failed;
     }
 
-    /* one position per conversation of the batch, at most */
-
-    ngx_qsort(convs, n, sizeof(int64_t), ngx_chat_receipts_cmp);
-
-    for (distinct = 0, i = 0; i < n; i++) {
-        if (i == 0 || convs[i] != convs[i - 1]) {
-            distinct++;
-        }
-    }
-
     f->key = ngx_chat_random_key();
-
-    if (ngx_chat_bus_reserve(distinct, f->key, &f->lo, &f->resv) != NGX_OK) {
-        /* no chunk at hand: asked for; the items wait */
-        goto failed;
-    }
 
     if (ngx_chat_buf_reserve(&f->sql, 96) != NGX_OK) {
         goto failed;
     }
 
     f->sql.len = ngx_sprintf(f->sql.data,
-                             "EXECUTE chat_receipt_flush(%L,%L,",
+                             "BEGIN;EXECUTE chat_receipt_stage(%L,%L,",
                              f->key, ngx_chat_bus_holder())
                  - f->sql.data;
 
     if (ngx_chat_db_literal(&f->sql, items.data, items.len) != NGX_OK
-        || ngx_chat_buf_reserve(&f->sql, 2 * NGX_INT64_LEN + 8) != NGX_OK)
+        || ngx_chat_buf_reserve(&f->sql, NGX_INT_T_LEN + 4) != NGX_OK)
     {
         goto failed;
     }
 
-    p = ngx_sprintf(f->sql.data + f->sql.len, ",%ui,%uL)",
-                    ngx_chat_worker.cmcf->receipt_max_members, f->lo);
+    p = ngx_sprintf(f->sql.data + f->sql.len, ",%ui)",
+                    ngx_chat_worker.cmcf->receipt_max_members);
     *p++ = '\0';
     f->sql.len = p - f->sql.data;
 
     ngx_chat_buf_free(&items);
-    ngx_free(convs);
 
-    f->query.stmt = NGX_CHAT_STMT_RECEIPT_FLUSH;
-    f->query.sql = (const char *) f->sql.data;
-    f->query.handler = ngx_chat_receipts_flush_done;
-    f->query.data = f;
+    f->stage.stmt = NGX_CHAT_STMT_RECEIPT_STAGE;
+    f->stage.sql = (const char *) f->sql.data;
+    f->stage.txn = 1;
+    f->stage.handler = ngx_chat_receipts_stage_done;
+    f->stage.data = f;
 
     rt->busy = f;
 
-    if (ngx_chat_db_query(&f->query) != NGX_OK) {
-        ngx_chat_bus_void(f->resv, f->key);
-        f->resv = NULL;
+    if (ngx_chat_db_query(&f->stage) != NGX_OK) {
         ngx_chat_receipts_end(f, 1);
     }
 
@@ -383,62 +351,45 @@ ngx_chat_receipts_flush_handler(ngx_event_t *ev)
 failed:
 
     ngx_chat_buf_free(&items);
-    ngx_free(convs);
-
-    if (f->resv) {
-        ngx_chat_bus_void(f->resv, f->key);
-        f->resv = NULL;
-    }
-
     ngx_chat_receipts_end(f, 1);
 }
 
 
 /*
- * The rows: first the receipt events, at lo, lo + 1, ...; then the items
- * that were not locked (to retry) and the conversations too big to
- * announce.
+ * Step 1 is back with one row per conversation whose positions moved
+ * (its receipt event) and one per item it could not lock (to retry).
  */
 static void
-ngx_chat_receipts_flush_done(ngx_chat_query_t *q, PGresult *res,
+ngx_chat_receipts_stage_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc)
 {
-    uint64_t            g;
+    u_char             *p;
     ngx_str_t           user;
     ngx_int_t           i, rows;
+    ngx_uint_t          quiet;
+    ngx_chat_buf_t      ev;
     ngx_chat_rflush_t  *f;
 
     f = q->data;
 
-    if (rc == NGX_DECLINED) {
-        /* committed or not: the store says, once the lock is free */
-        ngx_chat_bus_unknown(f->resv, f->key);
-        f->resv = NULL;
-        ngx_chat_receipts_end(f, 1);
-        return;
-    }
-
     if (rc != NGX_OK) {
-        ngx_chat_bus_void(f->resv, f->key);
-        f->resv = NULL;
         ngx_chat_receipts_end(f, 1);
         return;
     }
 
-    g = f->lo;
     rows = PQntuples(res);
+    f->n = 0;
+    quiet = 0;
 
     for (i = 0; i < rows; i++) {
         if (!PQgetisnull(res, i, 1)) {
-            ngx_chat_bus_publish_reserved(f->resv, f->key, g++,
-                ngx_atoof((u_char *) PQgetvalue(res, i, 0),
-                          PQgetlength(res, i, 0)),
-                (u_char *) PQgetvalue(res, i, 1), PQgetlength(res, i, 1));
+            f->n++;
             continue;
         }
 
         if (PQgetisnull(res, i, 2)) {
             /* a big conversation: stored, not announced */
+            quiet++;
             continue;
         }
 
@@ -457,13 +408,158 @@ ngx_chat_receipts_flush_done(ngx_chat_query_t *q, PGresult *res,
                                          PQgetlength(res, i, 5)));
     }
 
-    ngx_chat_receipts.events += g - f->lo;
+    if (f->n == 0) {
+        if (quiet == 0) {
+            /* nothing moved: the transaction is rolled back */
+            ngx_chat_receipts_end(f, 0);
+            return;
+        }
 
-    /* the positions no event took are emptied, and the reservation ends */
+        /* positions moved without events: no positions to take */
+        f->sql.len = 0;
+
+        if (ngx_chat_buf_add(&f->sql, "COMMIT", sizeof("COMMIT")) != NGX_OK) {
+            ngx_chat_receipts_end(f, 1);
+            return;
+        }
+
+        ngx_chat_db_keep_result();
+        f->res = res;
+
+        f->events.stmt = NGX_CHAT_STMT_RECEIPT_EVENTS;
+        f->events.sql = (const char *) f->sql.data;
+        f->events.handler = ngx_chat_receipts_events_done;
+        f->events.data = f;
+
+        ngx_chat_db_continue(&f->events, q->conn);
+        return;
+    }
+
+    if (ngx_chat_bus_reserve(f->n, f->key, &f->lo, &f->resv) != NGX_OK) {
+        ngx_chat_receipts_end(f, 1);
+        return;
+    }
+
+    ngx_memzero(&ev, sizeof(ngx_chat_buf_t));
+
+    if (ngx_chat_buf_add_lit(&ev, "[") != NGX_OK) {
+        goto failed;
+    }
+
+    for (i = 0; i < rows; i++) {
+        if (PQgetisnull(res, i, 1)) {
+            continue;
+        }
+
+        if (ngx_chat_buf_add(&ev, ev.len > 1 ? ",[" : "[", ev.len > 1 ? 2 : 1)
+            != NGX_OK
+            || ngx_chat_buf_add(&ev, PQgetvalue(res, i, 0),
+                                PQgetlength(res, i, 0)) != NGX_OK
+            || ngx_chat_buf_add_lit(&ev, ",") != NGX_OK
+            || ngx_chat_buf_add_json_str(&ev, (u_char *) PQgetvalue(res, i, 1),
+                                         PQgetlength(res, i, 1)) != NGX_OK
+            || ngx_chat_buf_add_lit(&ev, "]") != NGX_OK)
+        {
+            goto failed;
+        }
+    }
+
+    if (ngx_chat_buf_add_lit(&ev, "]") != NGX_OK) {
+        goto failed;
+    }
+
+    f->sql.len = 0;
+
+    if (ngx_chat_buf_reserve(&f->sql, 64) != NGX_OK) {
+        goto failed;
+    }
+
+    p = ngx_sprintf(f->sql.data, "EXECUTE chat_receipt_events(%uL,", f->lo);
+    f->sql.len = p - f->sql.data;
+
+    if (ngx_chat_db_literal(&f->sql, ev.data, ev.len) != NGX_OK
+        || ngx_chat_buf_add(&f->sql, ");COMMIT", sizeof(");COMMIT"))
+           != NGX_OK)
+    {
+        goto failed;
+    }
+
+    ngx_chat_buf_free(&ev);
+
+    ngx_chat_db_keep_result();
+    f->res = res;
+
+    f->events.stmt = NGX_CHAT_STMT_RECEIPT_EVENTS;
+    f->events.sql = (const char *) f->sql.data;
+    f->events.handler = ngx_chat_receipts_events_done;
+    f->events.data = f;
+
+    ngx_chat_db_continue(&f->events, q->conn);
+
+    return;
+
+failed:
+
+    ngx_chat_buf_free(&ev);
     ngx_chat_bus_void(f->resv, f->key);
     f->resv = NULL;
+    ngx_chat_receipts_end(f, 1);
+}
 
-    ngx_chat_receipts_end(f, 0);
+
+static void
+ngx_chat_receipts_events_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc)
+{
+    uint64_t            g;
+    ngx_int_t           i, rows;
+    ngx_chat_rflush_t  *f;
+
+    f = q->data;
+
+    if (f->n == 0) {
+        /* a COMMIT of positions without events: nothing reserved */
+        ngx_chat_receipts_end(f, rc != NGX_OK);
+        return;
+    }
+
+    if (rc == NGX_OK) {
+        g = f->lo;
+        rows = PQntuples(f->res);
+
+        for (i = 0; i < rows; i++) {
+            if (PQgetisnull(f->res, i, 1)) {
+                continue;
+            }
+
+            ngx_chat_bus_publish_reserved(f->resv, f->key, g++,
+                ngx_atoof((u_char *) PQgetvalue(f->res, i, 0),
+                          PQgetlength(f->res, i, 0)),
+                (u_char *) PQgetvalue(f->res, i, 1),
+                PQgetlength(f->res, i, 1));
+        }
+
+        ngx_chat_bus_release(f->resv, f->key);
+        ngx_chat_bus_notify();
+
+        ngx_chat_receipts.events += f->n;
+        f->resv = NULL;
+        ngx_chat_receipts_end(f, 0);
+        return;
+    }
+
+    if (rc == NGX_DECLINED) {
+        /* committed or not: the store says, once the lock is free */
+        ngx_chat_bus_unknown(f->resv, f->key);
+
+    } else {
+        ngx_chat_bus_void(f->resv, f->key);
+    }
+
+    f->resv = NULL;
+
+    /* marks are idempotent: moving them again is harmless */
+    ngx_chat_receipts_end(f, 1);
 }
 
 
@@ -499,6 +595,10 @@ ngx_chat_receipts_end(ngx_chat_rflush_t *f, ngx_uint_t requeue)
         }
 
         ngx_free(r);
+    }
+
+    if (f->res) {
+        PQclear(f->res);
     }
 
     ngx_chat_buf_free(&f->sql);

@@ -277,11 +277,14 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "AS u (u, ord) LEFT JOIN chat_presence p ON p.user_id = u.u "
       "ORDER BY u.ord", 1 },
 
-    /* a receipt flush, run by EXECUTE in a transaction of its own */
-    { "chat_receipt_flush",
+    /* a receipt flush's two steps, run by EXECUTE in its transaction */
+    { "chat_receipt_stage",
       "SELECT o_conv, o_event, o_user, o_delivered, o_read, o_asof "
-      "FROM chat_receipt_flush($1::bigint, $2::bigint, $3::jsonb, $4::int, "
-      "$5::bigint)", 5 },
+      "FROM chat_receipt_stage($1::bigint, $2::bigint, $3::jsonb, $4::int)",
+      4 },
+    { "chat_receipt_events",
+      "SELECT chat_receipt_events($1::bigint, $2::jsonb)", 2 },
+
     { "chat_unread_total",
       "SELECT chat_unread_total($1)", 1 },
 

@@ -13,11 +13,11 @@ CREATE TABLE chat_presence (
 
 -- Receipts.  chat_members.delivered_seq / read_seq are each member's
 -- positions; they only grow.  The module coalesces acks and reads in each
--- worker and writes them once per flush interval with chat_receipt_flush()
--- below, one statement: chat_receipt_stage() moves the positions and makes
--- one receipt event object per conversation where one moved, which go in
--- at positions the module took before (the statement never waits on a
--- lock, so holding them first cannot stall anybody).
+-- worker and writes them in one transaction per flush interval, two steps
+-- like a send batch (the receipt events are durable and take positions):
+--   1. chat_receipt_stage(): move the positions, one receipt event object
+--      per conversation where one moved;
+--   2. chat_receipt_events(): those events at the reserved positions.
 -- In conversations of more than p_max members the positions are stored
 -- and no event is made (clients read them with GET /conversations/{id}).
 -- Member rows another transaction holds are skipped, not waited for (a
@@ -134,28 +134,12 @@ ALTER FUNCTION chat_receipt_stage(bigint, bigint, jsonb, int)
     SET enable_mergejoin = off;
 
 
--- A whole flush in one statement (its own transaction): the positions,
--- then the receipt events at p_lo, p_lo + 1, ... (the module took one
--- position per conversation of the batch; it empties those no event
--- took).  Rows: the events first, in position order, then the rest.
-CREATE FUNCTION chat_receipt_flush(p_key bigint, p_holder bigint,
-                                   p_items jsonb, p_max int, p_lo bigint)
-RETURNS TABLE (o_conv bigint, o_event text, o_user text,
-               o_delivered bigint, o_read bigint, o_asof bigint)
+CREATE FUNCTION chat_receipt_events(p_base bigint, p_events jsonb)
+RETURNS void
 LANGUAGE sql AS $$
-    WITH s AS MATERIALIZED (
-        SELECT x.*, CASE WHEN x.o_event IS NOT NULL THEN
-                        row_number() OVER (PARTITION BY x.o_event IS NULL
-                                           ORDER BY x.o_conv)
-                    END AS n
-        FROM chat_receipt_stage(p_key, p_holder, p_items, p_max) x
-    ), ins AS (
-        INSERT INTO chat_events (gseq, conversation_id, kind, payload)
-        SELECT p_lo + s.n - 1, s.o_conv, 'receipt', s.o_event
-        FROM s WHERE s.n IS NOT NULL
-    )
-    SELECT s.o_conv, s.o_event, s.o_user, s.o_delivered, s.o_read, s.o_asof
-    FROM s ORDER BY s.n NULLS LAST, s.o_conv
+    INSERT INTO chat_events (gseq, conversation_id, kind, payload)
+    SELECT p_base + e.ord - 1, (e.v ->> 0)::bigint, 'receipt', e.v ->> 1
+    FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e (v, ord)
 $$;
 
 
