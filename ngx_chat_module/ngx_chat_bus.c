@@ -2345,10 +2345,7 @@ ngx_chat_bus_register(ngx_chat_session_t *s)
             return NGX_ERROR;
         }
 
-        u->sn.str.data = (u_char *) &u[1];
-        u->sn.str.len = s->user.len;
-        ngx_memcpy(u->sn.str.data, s->user.data, s->user.len);
-        u->sn.node.key = ngx_crc32_short(s->user.data, s->user.len);
+        ngx_chat_str_node_init(&u->sn, (u_char *) &u[1], &s->user);
         ngx_queue_init(&u->sessions);
         u->count = 0;
 

@@ -775,21 +775,11 @@ ngx_chat_live_tick_handler(ngx_event_t *ev)
 
 /* typing */
 
-#define NGX_CHAT_TYPING_KEY_LEN  (NGX_INT64_LEN + 1 + NGX_CHAT_MAX_ID_LEN)
-
-
 static ngx_chat_typing_t *
 ngx_chat_live_typing_lookup(int64_t conv, ngx_str_t *user, u_char *key,
     ngx_str_t *name)
 {
-    u_char  *p;
-
-    /* user ids are at most NGX_CHAT_MAX_ID_LEN (the JWT check) */
-    p = ngx_sprintf(key, "%L:", conv);
-    p = ngx_cpymem(p, user->data, user->len);
-
-    name->data = key;
-    name->len = p - key;
+    ngx_chat_conv_key(key, conv, user, name);
 
     return (ngx_chat_typing_t *) ngx_str_rbtree_lookup(
                                      &ngx_chat_live_sh()->typing, name,
@@ -810,7 +800,7 @@ ngx_chat_live_typing(int64_t conv, ngx_str_t *user, ngx_uint_t start,
     ngx_slab_pool_t     *shpool;
     ngx_chat_typing_t   *t;
     ngx_chat_live_sh_t  *lsh;
-    u_char               key[NGX_CHAT_TYPING_KEY_LEN];
+    u_char               key[NGX_CHAT_CONV_KEY_LEN];
 
     if (user->len > NGX_CHAT_MAX_ID_LEN) {
         return NGX_ERROR;
@@ -860,10 +850,7 @@ ngx_chat_live_typing(int64_t conv, ngx_str_t *user, ngx_uint_t start,
         return NGX_BUSY;
     }
 
-    t->sn.str.data = (u_char *) &t[1];
-    t->sn.str.len = name.len;
-    ngx_memcpy(t->sn.str.data, name.data, name.len);
-    t->sn.node.key = ngx_crc32_short(name.data, name.len);
+    ngx_chat_str_node_init(&t->sn, (u_char *) &t[1], &name);
     t->user.data = t->sn.str.data + name.len - user->len;
     t->user.len = user->len;
     t->conv = conv;
@@ -894,7 +881,7 @@ ngx_chat_live_typing_release(int64_t conv, ngx_str_t *user,
     ngx_str_t            name;
     ngx_slab_pool_t     *shpool;
     ngx_chat_typing_t   *t;
-    u_char               key[NGX_CHAT_TYPING_KEY_LEN];
+    u_char               key[NGX_CHAT_CONV_KEY_LEN];
 
     if (user->len > NGX_CHAT_MAX_ID_LEN) {
         return;
@@ -930,7 +917,7 @@ ngx_chat_live_sent(int64_t conv, ngx_str_t *user)
     ngx_str_t            name;
     ngx_slab_pool_t     *shpool;
     ngx_chat_typing_t   *t;
-    u_char               key[NGX_CHAT_TYPING_KEY_LEN];
+    u_char               key[NGX_CHAT_CONV_KEY_LEN];
 
     if (ngx_chat_worker.sh == NULL
         || *(volatile ngx_uint_t *) &ngx_chat_live_sh()->ntyping == 0
@@ -1347,10 +1334,7 @@ ngx_chat_live_join(ngx_chat_session_t *s, int64_t *contacts, ngx_uint_t n)
             goto nomem;
         }
 
-        u->sn.str.data = (u_char *) &u[1];
-        u->sn.str.len = s->user.len;
-        ngx_memcpy(u->sn.str.data, s->user.data, s->user.len);
-        u->sn.node.key = ngx_crc32_short(s->user.data, s->user.len);
+        ngx_chat_str_node_init(&u->sn, (u_char *) &u[1], &s->user);
         ngx_queue_init(&u->devices);
         u->status = NGX_CHAT_PRESENCE_NONE;
 
@@ -1532,7 +1516,7 @@ ngx_chat_live_leave(ngx_chat_session_t *s)
     ngx_slab_pool_t     *shpool;
     ngx_chat_device_t   *d;
     ngx_chat_typing_t   *t;
-    u_char               key[NGX_CHAT_TYPING_KEY_LEN];
+    u_char               key[NGX_CHAT_CONV_KEY_LEN];
 
     ngx_chat_live_unsubscribe(s);
 
@@ -1881,10 +1865,7 @@ ngx_chat_live_subscribe(ngx_chat_session_t *s, ngx_str_t *users,
                 return NGX_ERROR;
             }
 
-            ps->sn.str.data = (u_char *) &ps[1];
-            ps->sn.str.len = users[i].len;
-            ngx_memcpy(ps->sn.str.data, users[i].data, users[i].len);
-            ps->sn.node.key = hash;
+            ngx_chat_str_node_init(&ps->sn, (u_char *) &ps[1], &users[i]);
             ngx_queue_init(&ps->links);
 
             ngx_rbtree_insert(&ngx_chat_live.psubs, &ps->sn.node);

@@ -82,6 +82,35 @@ ngx_chat_rbtree_lookup(ngx_rbtree_t *tree, ngx_rbtree_key_t key)
 
 #define NGX_CHAT_MAX_ID_LEN            128
 
+
+/* a string node keyed by s, over a copy of s at mem (after the node) */
+static ngx_inline void
+ngx_chat_str_node_init(ngx_str_node_t *sn, u_char *mem, ngx_str_t *s)
+{
+    sn->str.data = mem;
+    sn->str.len = s->len;
+    ngx_memcpy(mem, s->data, s->len);
+    sn->node.key = ngx_crc32_short(s->data, s->len);
+}
+
+
+/* "<conv>:<user>": the key of state per (conversation, user) */
+
+#define NGX_CHAT_CONV_KEY_LEN  (NGX_INT64_LEN + 1 + NGX_CHAT_MAX_ID_LEN)
+
+static ngx_inline void
+ngx_chat_conv_key(u_char *buf, int64_t conv, ngx_str_t *user, ngx_str_t *key)
+{
+    u_char  *p;
+
+    /* user ids are at most NGX_CHAT_MAX_ID_LEN (the JWT check) */
+    p = ngx_sprintf(buf, "%L:", conv);
+    p = ngx_cpymem(p, user->data, user->len);
+
+    key->data = buf;
+    key->len = p - buf;
+}
+
 #define NGX_CHAT_ROLE_USER             0
 #define NGX_CHAT_ROLE_SERVICE          1
 

@@ -94,13 +94,12 @@ static ngx_chat_receipts_t  ngx_chat_receipts;
 static void ngx_chat_receipts_flush_handler(ngx_event_t *ev);
 static void ngx_chat_receipts_stage_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
+static void ngx_chat_receipts_step2(ngx_chat_rflush_t *f,
+    ngx_chat_query_t *q, PGresult *res);
 static void ngx_chat_receipts_events_done(ngx_chat_query_t *q,
     PGresult *res, ngx_int_t rc);
 static void ngx_chat_receipts_end(ngx_chat_rflush_t *f, ngx_uint_t requeue);
 static void ngx_chat_receipts_schedule(void);
-
-
-#define NGX_CHAT_RCPT_KEY_LEN  (NGX_INT64_LEN + 1 + NGX_CHAT_MAX_ID_LEN)
 
 
 ngx_int_t
@@ -158,11 +157,10 @@ void
 ngx_chat_receipts_mark(int64_t conv, ngx_str_t *user, int64_t delivered,
     int64_t read, uint64_t asof)
 {
-    u_char               *p;
     ngx_str_t             name;
     ngx_chat_rcpt_t      *r;
     ngx_chat_receipts_t  *rt;
-    u_char                key[NGX_CHAT_RCPT_KEY_LEN];
+    u_char                key[NGX_CHAT_CONV_KEY_LEN];
 
     rt = &ngx_chat_receipts;
 
@@ -171,11 +169,7 @@ ngx_chat_receipts_mark(int64_t conv, ngx_str_t *user, int64_t delivered,
         return;
     }
 
-    p = ngx_sprintf(key, "%L:", conv);
-    p = ngx_cpymem(p, user->data, user->len);
-
-    name.data = key;
-    name.len = p - key;
+    ngx_chat_conv_key(key, conv, user, &name);
 
     r = (ngx_chat_rcpt_t *) ngx_str_rbtree_lookup(&rt->tree, &name,
                                 ngx_crc32_short(name.data, name.len));
@@ -191,10 +185,7 @@ ngx_chat_receipts_mark(int64_t conv, ngx_str_t *user, int64_t delivered,
             return;
         }
 
-        r->sn.str.data = (u_char *) &r[1];
-        r->sn.str.len = name.len;
-        ngx_memcpy(r->sn.str.data, name.data, name.len);
-        r->sn.node.key = ngx_crc32_short(name.data, name.len);
+        ngx_chat_str_node_init(&r->sn, (u_char *) &r[1], &name);
         r->user.data = r->sn.str.data + name.len - user->len;
         r->user.len = user->len;
         r->conv = conv;
@@ -423,15 +414,7 @@ ngx_chat_receipts_stage_done(ngx_chat_query_t *q, PGresult *res,
             return;
         }
 
-        ngx_chat_db_keep_result();
-        f->res = res;
-
-        f->events.stmt = NGX_CHAT_STMT_RECEIPT_EVENTS;
-        f->events.sql = (const char *) f->sql.data;
-        f->events.handler = ngx_chat_receipts_events_done;
-        f->events.data = f;
-
-        ngx_chat_db_continue(&f->events, q->conn);
+        ngx_chat_receipts_step2(f, q, res);
         return;
     }
 
@@ -486,15 +469,7 @@ ngx_chat_receipts_stage_done(ngx_chat_query_t *q, PGresult *res,
 
     ngx_chat_buf_free(&ev);
 
-    ngx_chat_db_keep_result();
-    f->res = res;
-
-    f->events.stmt = NGX_CHAT_STMT_RECEIPT_EVENTS;
-    f->events.sql = (const char *) f->sql.data;
-    f->events.handler = ngx_chat_receipts_events_done;
-    f->events.data = f;
-
-    ngx_chat_db_continue(&f->events, q->conn);
+    ngx_chat_receipts_step2(f, q, res);
 
     return;
 
@@ -504,6 +479,24 @@ failed:
     ngx_chat_bus_void(f->resv, f->key);
     f->resv = NULL;
     ngx_chat_receipts_end(f, 1);
+}
+
+
+/* f->sql (the events, if any, and the COMMIT) on step 1's connection */
+
+static void
+ngx_chat_receipts_step2(ngx_chat_rflush_t *f, ngx_chat_query_t *q,
+    PGresult *res)
+{
+    ngx_chat_db_keep_result();
+    f->res = res;
+
+    f->events.stmt = NGX_CHAT_STMT_RECEIPT_EVENTS;
+    f->events.sql = (const char *) f->sql.data;
+    f->events.handler = ngx_chat_receipts_events_done;
+    f->events.data = f;
+
+    ngx_chat_db_continue(&f->events, q->conn);
 }
 
 

@@ -89,6 +89,7 @@ static void ngx_chat_session_join(ngx_chat_session_t *s);
 static void ngx_chat_session_join_done(ngx_chat_join_t *j);
 static void ngx_chat_session_welcome(ngx_chat_session_t *s);
 static void ngx_chat_session_join_failed(ngx_chat_session_t *s);
+static void ngx_chat_session_refuse(ngx_chat_session_t *s, ngx_int_t rc);
 static void ngx_chat_session_rewind(ngx_chat_session_t *s, uint64_t cursor);
 static void ngx_chat_session_catchup(ngx_chat_session_t *s);
 static ngx_int_t ngx_chat_session_catchup_query(ngx_chat_session_t *s);
@@ -699,20 +700,8 @@ ngx_chat_session_join(ngx_chat_session_t *s)
 
     rc = ngx_chat_bus_register(s);
 
-    if (rc == NGX_DECLINED) {
-        if (s->hello_id) {
-            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
-                                 "rate_limited",
-                                 "too many connections for this user", 5000);
-        }
-
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_SLOW,
-                               "too many connections");
-        return;
-    }
-
     if (rc != NGX_OK) {
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        ngx_chat_session_refuse(s, rc);
         return;
     }
 
@@ -809,20 +798,8 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
 
     rc = ngx_chat_session_contacts(s, &j->contacts);
 
-    if (rc == NGX_DECLINED) {
-        if (s->hello_id) {
-            ngx_chat_reply_error(s, s->hello_id, s->hello_id_len,
-                                 "rate_limited",
-                                 "too many connections for this user", 5000);
-        }
-
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_SLOW,
-                               "too many connections");
-        return;
-    }
-
     if (rc != NGX_OK) {
-        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        ngx_chat_session_refuse(s, rc);
         return;
     }
 
@@ -839,6 +816,25 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
 
     ngx_chat_session_welcome(s);
     ngx_chat_session_catchup(s);
+}
+
+
+/* a join refused: NGX_DECLINED, the user's cap; else an internal error */
+
+static void
+ngx_chat_session_refuse(ngx_chat_session_t *s, ngx_int_t rc)
+{
+    if (rc != NGX_DECLINED) {
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
+        return;
+    }
+
+    if (s->hello_id) {
+        ngx_chat_reply_error(s, s->hello_id, s->hello_id_len, "rate_limited",
+                             "too many connections for this user", 5000);
+    }
+
+    ngx_chat_session_close(s, NGX_CHAT_CLOSE_SLOW, "too many connections");
 }
 
 
