@@ -571,6 +571,15 @@ async def part4():
             else:
                 s = last[conv] + rng.randint(1, 5)
             want = max(read[(u, conv)], min(s, last[conv]))
+            # A read is cut to the last message the worker that takes it
+            # has seen on its bus: a message another worker committed a
+            # moment ago may not be there yet.  Wait until both of the
+            # reader's connections (one per worker) got the last one.
+            if last[conv] and not await until(
+                    lambda: all(max([e["seq"] for e in conv_events(c.msgs(), conv)] or [0])
+                                >= last[conv] for c in chains[u]), 5):
+                problems.append("op %d: %s's connections never got %s seq %d"
+                                % (i, u, conv, last[conv]))
             how = rng.choice(["ws", "ws", "ws-noid", "rest", "rest"])
             op = "read-" + how
             if how == "ws":
