@@ -12,6 +12,7 @@
 #include "ngx_chat_receipts.h"
 #include "ngx_chat_notify.h"
 #include "ngx_chat_ws.h"
+#include "ngx_chat_stream.h"
 #include "ngx_chat_api.h"
 
 
@@ -229,6 +230,27 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_main_conf_t, send_timeout),
       NULL },
 
+    { ngx_string("chat_sse_heartbeat"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, sse_heartbeat),
+      NULL },
+
+    { ngx_string("chat_sse_retry"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, sse_retry),
+      NULL },
+
+    { ngx_string("chat_poll_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, poll_timeout),
+      NULL },
+
     { ngx_string("chat_catchup_page"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -390,6 +412,14 @@ ngx_chat_handler(ngx_http_request_t *r)
         return ngx_chat_ws_handler(r);
     }
 
+    if (path.len == 6 && ngx_strncmp(path.data, "events", 6) == 0) {
+        return ngx_chat_stream_handler(r, NGX_CHAT_STREAM_SSE);
+    }
+
+    if (path.len == 4 && ngx_strncmp(path.data, "poll", 4) == 0) {
+        return ngx_chat_stream_handler(r, NGX_CHAT_STREAM_POLL);
+    }
+
     if (path.len >= 3 && ngx_strncmp(path.data, "api", 3) == 0
         && (path.len == 3 || path.data[3] == '/'))
     {
@@ -460,6 +490,9 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->notify = NGX_CONF_UNSET;
     cmcf->notify_delay = NGX_CONF_UNSET_MSEC;
     cmcf->notify_retention = NGX_CONF_UNSET;
+    cmcf->sse_heartbeat = NGX_CONF_UNSET_MSEC;
+    cmcf->sse_retry = NGX_CONF_UNSET_MSEC;
+    cmcf->poll_timeout = NGX_CONF_UNSET_MSEC;
 
     return cmcf;
 }
@@ -514,6 +547,23 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_value(cmcf->notify, 1);
     ngx_conf_init_msec_value(cmcf->notify_delay, 10000);
     ngx_conf_init_value(cmcf->notify_retention, 7 * 86400);
+
+    ngx_conf_init_msec_value(cmcf->sse_heartbeat, 15000);
+    ngx_conf_init_msec_value(cmcf->sse_retry, 2000);
+    ngx_conf_init_msec_value(cmcf->poll_timeout, 30000);
+
+    /* idle proxies and NATs cut a silent connection after about 60 s */
+    if (cmcf->sse_heartbeat < 1000 || cmcf->sse_heartbeat > 30000) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_sse_heartbeat must be 1s to 30s");
+        return NGX_CONF_ERROR;
+    }
+
+    if (cmcf->poll_timeout > 300000) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_poll_timeout must be at most 300s");
+        return NGX_CONF_ERROR;
+    }
 
     if (cmcf->receipt_flush == 0) {
         cmcf->receipt_flush = 1;

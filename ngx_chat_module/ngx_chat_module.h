@@ -194,6 +194,10 @@ typedef struct {
     ngx_msec_t                 notify_delay;
     time_t                     notify_retention;
 
+    ngx_msec_t                 sse_heartbeat;
+    ngx_msec_t                 sse_retry;
+    ngx_msec_t                 poll_timeout;     /* the longest hold */
+
     ngx_flag_t                 enabled;          /* any "chat" location */
 } ngx_chat_main_conf_t;
 

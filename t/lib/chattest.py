@@ -57,7 +57,7 @@ __all__ = [
     "session_pid", "gseq", "until", "conv_events", "stream_ok", "ws_ping",
     "request_or_none", "ws_connect_on", "ws_spread", "rest_create_conv", "db_create_conv",
     "db_messages", "by_sender_cmid", "db_lock", "worker_of", "ws_open_on",
-    "ws_join_on",
+    "ws_join_on", "worker_of_port", "ahttp", "poll", "PollRequest", "SSEClient", "sse_connect", "sse_connect_on",
 ]
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -1754,11 +1754,17 @@ def worker_of(c, nginx=None):
     """The pid of the nginx worker that accepted a ChatClient's TCP
     connection (read from /proc: the worker holding the server side's
     socket), or None -- known right after the upgrade, before any hello."""
-    n = _nginx(nginx)
     try:
         cport = c.ws.transport.get_extra_info("sockname")[1]
     except (AttributeError, IndexError, TypeError):
         return None
+    return worker_of_port(cport, nginx)
+
+
+def worker_of_port(cport, nginx=None):
+    """The pid of the nginx worker holding the server side of the TCP
+    connection whose client side has local port cport, or None."""
+    n = _nginx(nginx)
     inode = _tcp_inode(n.port, cport)
     if inode is None:
         return None
@@ -1809,3 +1815,299 @@ async def ws_join_on(user, want_pid=None, nginx=None, check=True, tries=200, **f
         await c.close()
         raise RuntimeError("hello of %s failed: %r" % (user, c.hello))
     return c
+
+
+# ------------------------------------------------- SSE and long-poll ----
+
+async def _http_head(reader):
+    """Reads a status line and headers: (status, {lowercase name: value})."""
+    line = await reader.readline()
+    if not line:
+        raise ConnectionError("closed before the status line")
+    status = int(line.split()[1])
+    hdrs = {}
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = line.decode("latin-1").partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    return status, hdrs
+
+
+async def _http_body_each(reader, hdrs, fn):
+    """Calls fn(bytes) with the body's bytes as they come: chunked, by
+    length, or to the close."""
+    if "chunked" in hdrs.get("transfer-encoding", ""):
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            size = int(line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                await reader.readline()
+                return
+            data = await reader.readexactly(size)
+            await reader.readexactly(2)
+            fn(data)
+    elif "content-length" in hdrs:
+        left = int(hdrs["content-length"])
+        while left:
+            data = await reader.read(min(left, 65536))
+            if not data:
+                return
+            left -= len(data)
+            fn(data)
+    else:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            fn(data)
+
+
+def _query(path, **args):
+    import urllib.parse
+    q = {k: v for k, v in args.items() if v is not None}
+    if not q:
+        return path
+    return path + ("&" if "?" in path else "?") + urllib.parse.urlencode(q)
+
+
+async def ahttp(method, path, token=None, headers=None, body=None, nginx=None, timeout=30):
+    """One HTTP/1.1 request over asyncio (the event loop runs while it is
+    held, unlike api()).  Returns (status, headers, body): body parsed as
+    JSON when the response says application/json."""
+    n = _nginx(nginx)
+    reader, writer = await asyncio.open_connection("127.0.0.1", n.port)
+    try:
+        h = {"Host": "localhost", "Connection": "close"}
+        if token:
+            h["Authorization"] = "Bearer " + token
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = _json.dumps(body)
+            h["Content-Type"] = "application/json"
+        if isinstance(body, str):
+            body = body.encode()
+        if body is not None:
+            h["Content-Length"] = str(len(body))
+        h.update(headers or {})
+        req = "%s %s HTTP/1.1\r\n" % (method, path) + "".join("%s: %s\r\n" % kv for kv in h.items()) + "\r\n"
+        writer.write(req.encode() + (body or b""))
+
+        async def go():
+            status, hdrs = await _http_head(reader)
+            parts = []
+            await _http_body_each(reader, hdrs, parts.append)
+            return status, hdrs, b"".join(parts)
+        status, hdrs, data = await asyncio.wait_for(go(), timeout)
+        if "json" in hdrs.get("content-type", ""):
+            try:
+                data = _json.loads(data)
+            except ValueError:
+                pass
+        return status, hdrs, data
+    finally:
+        writer.close()
+
+
+async def poll(user=None, cursor=None, timeout_ms=None, token_=None, nginx=None, timeout=60, **args):
+    """GET /chat/poll as `user` (Bearer token(user), or token_):
+    (status, headers, body)."""
+    path = _query("/chat/poll", cursor=cursor, timeout_ms=timeout_ms, **args)
+    return await ahttp("GET", path, token=token_ or (token(user) if user else None),
+                       nginx=nginx, timeout=timeout)
+
+
+class SSEClient:
+    """An EventSource-like reader of GET /chat/events over asyncio.
+
+    status, headers: the response's.  records: every dispatched SSE event as
+    {"id", "event", "data"} (data parsed as JSON when it parses); messages:
+    the data objects, as a ChatClient's messages (conv_events() reads
+    them); hello: the welcome's data; comments: heartbeat comments seen;
+    retry: the last "retry:" value; last_id: as an EventSource keeps it;
+    closed once the server ended the stream."""
+
+    def __init__(self):
+        self.records, self.messages = [], []
+        self.hello = None
+        self.comments = 0
+        self.retry = None
+        self.last_id = None
+        self.closed = False
+        self.status = None
+        self.headers = {}
+        self.body = b""
+        self._changed = asyncio.Event()
+        self._reader = None
+        self._writer = None
+        self._task = None
+
+    async def open(self, path="/chat/events", token=None, ticket=None, cursor=None,
+                   last_event_id=None, headers=None, nginx=None, **args):
+        n = _nginx(nginx)
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", n.port)
+        h = {"Host": "localhost", "Accept": "text/event-stream"}
+        if token:
+            h["Authorization"] = "Bearer " + token
+        if last_event_id:
+            h["Last-Event-ID"] = last_event_id
+        h.update(headers or {})
+        path = _query(path, ticket=ticket, cursor=cursor, **args)
+        req = "GET %s HTTP/1.1\r\n" % path + "".join("%s: %s\r\n" % kv for kv in h.items()) + "\r\n"
+        self._writer.write(req.encode())
+        self.status, self.headers = await asyncio.wait_for(_http_head(self._reader), 10)
+        self._task = asyncio.ensure_future(self._read())
+        return self
+
+    def pid(self):
+        try:
+            return int(self.hello["session_id"].split("-")[0])
+        except (TypeError, KeyError, ValueError, IndexError, AttributeError):
+            return None
+
+    def _feed(self, chunk):
+        self.body += chunk
+        self._buf += chunk
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            line = line.rstrip(b"\r").decode("utf-8")
+            if line == "":
+                if self._data:
+                    self._dispatch(self._fields, "\n".join(self._data))
+                self._fields, self._data = {}, []
+                continue
+            if line.startswith(":"):
+                self.comments += 1
+                self._changed.set()
+                continue
+            k, _, v = line.partition(":")
+            v = v[1:] if v.startswith(" ") else v
+            if k == "data":
+                self._data.append(v)
+            elif k == "retry":
+                self.retry = int(v)
+            elif k in ("id", "event"):
+                self._fields[k] = v
+                if k == "id":
+                    self.last_id = v
+
+    async def _read(self):
+        self._buf, self._fields, self._data = b"", {}, []
+        try:
+            await _http_body_each(self._reader, self.headers, self._feed)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            self.closed = True
+            self._changed.set()
+
+    def _dispatch(self, fields, data):
+        try:
+            obj = _json.loads(data)
+        except ValueError:
+            obj = data
+        rec = {"id": fields.get("id"), "event": fields.get("event", "message"), "data": obj}
+        self.records.append(rec)
+        if isinstance(obj, dict):
+            self.messages.append(obj)
+            if obj.get("type") == "welcome":
+                self.hello = obj
+        self._changed.set()
+
+    async def wait(self, pred, timeout=10):
+        """Waits until pred(self) is true; returns it (False on timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if pred(self):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.closed and not pred(self)):
+                return bool(pred(self))
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_closed(self, timeout=10):
+        return await self.wait(lambda s: s.closed, timeout)
+
+    def abort(self):
+        """Drops the TCP connection (a client that goes away)."""
+        if self._writer:
+            self._writer.transport.abort()
+
+    async def close(self):
+        self.abort()
+        if self._task:
+            try:
+                await asyncio.wait_for(self._task, 5)
+            except Exception:
+                self._task.cancel()
+
+
+async def sse_connect(user=None, token_=None, nginx=None, welcome=True, **kw):
+    """An SSEClient of `user` (Bearer token(user)); waits for the welcome
+    when welcome=True."""
+    c = await SSEClient().open(token=token_ or (token(user) if user else None), nginx=nginx, **kw)
+    if welcome and c.status == 200:
+        await c.wait(lambda s: s.hello is not None or s.closed, 15)
+    return c
+
+
+async def sse_connect_on(user, want_pid, tries=100, **kw):
+    """An SSEClient of `user` whose session is on worker want_pid."""
+    for _ in range(tries):
+        c = await sse_connect(user, **kw)
+        if c.pid() == want_pid:
+            return c
+        await c.close()
+    raise RuntimeError("no SSE stream landed on worker %s" % want_pid)
+
+
+class PollRequest:
+    """A GET /chat/poll in flight: start() sends it; pid() is the worker
+    holding it; result() waits for (status, headers, body); abort() drops
+    the connection (a client that goes away)."""
+
+    async def start(self, user=None, cursor=None, timeout_ms=None, token_=None, nginx=None,
+                    headers=None, **args):
+        n = _nginx(nginx)
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", n.port)
+        self.port = self._writer.get_extra_info("sockname")[1]
+        self.nginx = n
+        h = {"Host": "localhost"}
+        t = token_ or (token(user) if user else None)
+        if t:
+            h["Authorization"] = "Bearer " + t
+        h.update(headers or {})
+        path = _query("/chat/poll", cursor=cursor, timeout_ms=timeout_ms, **args)
+        req = "GET %s HTTP/1.1\r\n" % path + "".join("%s: %s\r\n" % kv for kv in h.items()) + "\r\n"
+        self._writer.write(req.encode())
+        self.task = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self):
+        status, hdrs = await _http_head(self._reader)
+        parts = []
+        await _http_body_each(self._reader, hdrs, parts.append)
+        data = b"".join(parts)
+        if "json" in hdrs.get("content-type", ""):
+            try:
+                data = _json.loads(data)
+            except ValueError:
+                pass
+        self._writer.close()
+        return status, hdrs, data
+
+    def pid(self):
+        return worker_of_port(self.port, self.nginx)
+
+    async def result(self, timeout=60):
+        return await asyncio.wait_for(asyncio.shield(self.task), timeout)
+
+    def abort(self):
+        self._writer.transport.abort()
+        self.task.cancel()
