@@ -13,6 +13,7 @@
 #include "ngx_chat_store.h"
 #include "ngx_chat_bus.h"
 #include "ngx_chat_api.h"
+#include "ngx_chat_ops.h"
 #include "ngx_chat_json.h"
 #include "ngx_chat_live.h"
 #include "ngx_chat_receipts.h"
@@ -29,6 +30,7 @@ typedef ngx_int_t (*ngx_chat_api_body_pt)(ngx_http_request_t *r,
 typedef struct {
     ngx_chat_identity_t        id;
     int64_t                    conversation;
+    int64_t                    message;
     ngx_chat_api_body_pt       body_handler;
     ngx_chat_query_t          *query;            /* in the db layer */
     ngx_chat_send_t           *send;             /* in the store */
@@ -110,6 +112,16 @@ static void ngx_chat_api_presence_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static ngx_int_t ngx_chat_api_query(ngx_http_request_t *r,
     ngx_chat_query_t *q);
+static ngx_int_t ngx_chat_api_message(ngx_http_request_t *r, u_char *p,
+    u_char *end);
+static ngx_int_t ngx_chat_api_edit(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_react(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_unreact(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_op(ngx_http_request_t *r, const char *name,
+    json_t *args);
+static ngx_int_t ngx_chat_api_op_now(ngx_http_request_t *r,
+    const char *name, json_t *args);
+static void ngx_chat_api_op_done(ngx_chat_op_t *op);
 static ngx_int_t ngx_chat_api_arg_num(ngx_http_request_t *r, char *name,
     size_t len, int64_t *v, int64_t min, int64_t max);
 
@@ -302,6 +314,10 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
         }
 
         goto not_found;
+    }
+
+    if (seg.len == 8 && ngx_strncmp(p, "messages", 8) == 0 && slash) {
+        return ngx_chat_api_message(r, slash + 1, end);
     }
 
     if (!(seg.len == 13 && ngx_strncmp(p, "conversations", 13) == 0)) {
@@ -2198,4 +2214,196 @@ ngx_chat_api_settings_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     ngx_http_finalize_request(r, ngx_chat_api_send(r, NGX_HTTP_OK,
                               (u_char *) "{\"settings\":{\"muted\":false}}",
                               sizeof("{\"settings\":{\"muted\":false}}") - 1));
+}
+
+
+/* messages/{id} and messages/{id}/reactions */
+
+static ngx_int_t
+ngx_chat_api_message(ngx_http_request_t *r, u_char *p, u_char *end)
+{
+    u_char              *slash;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    slash = ngx_strlchr(p, end, '/');
+
+    if (ngx_chat_parse_id(p, (slash ? slash : end) - p, &ctx->message)
+        != NGX_OK)
+    {
+        goto not_found;
+    }
+
+    if (slash == NULL) {
+        if (r->method == NGX_HTTP_PATCH) {
+            return ngx_chat_api_read_body(r, ngx_chat_api_edit);
+        }
+
+        if (r->method == NGX_HTTP_DELETE) {
+            return ngx_chat_api_op_now(r, "delete", NULL);
+        }
+
+        goto not_allowed;
+    }
+
+    p = slash + 1;
+
+    if (end - p == 9 && ngx_strncmp(p, "reactions", 9) == 0) {
+        if (r->method == NGX_HTTP_POST) {
+            return ngx_chat_api_read_body(r, ngx_chat_api_react);
+        }
+
+        if (r->method == NGX_HTTP_DELETE) {
+            return ngx_chat_api_unreact(r);
+        }
+
+        goto not_allowed;
+    }
+
+not_found:
+
+    return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                               "no such endpoint", 0);
+
+not_allowed:
+
+    return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED, "bad_request",
+                               "method not allowed", 0);
+}
+
+
+static ngx_int_t
+ngx_chat_api_edit(ngx_http_request_t *r, json_t *body)
+{
+    return ngx_chat_api_op(r, "edit", body);
+}
+
+
+static ngx_int_t
+ngx_chat_api_react(ngx_http_request_t *r, json_t *body)
+{
+    return ngx_chat_api_op(r, "react", body);
+}
+
+
+/* DELETE .../reactions?emoji=<percent-encoded emoji> */
+
+static ngx_int_t
+ngx_chat_api_unreact(ngx_http_request_t *r)
+{
+    u_char     *dst, *src;
+    json_t     *args, *v;
+    ngx_int_t   rc;
+    ngx_str_t   arg;
+    u_char      emoji[128];
+
+    if (ngx_http_arg(r, (u_char *) "emoji", 5, &arg) != NGX_OK
+        || arg.len == 0 || arg.len > sizeof(emoji))
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "?emoji= must be one emoji", 0);
+    }
+
+    src = arg.data;
+    dst = emoji;
+    ngx_unescape_uri(&dst, &src, arg.len, 0);
+
+    /* jansson refuses text that is not UTF-8 */
+    v = json_stringn((char *) emoji, dst - emoji);
+    if (v == NULL) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "?emoji= must be one emoji", 0);
+    }
+
+    args = json_object();
+
+    if (args == NULL || json_object_set_new(args, "emoji", v) != 0) {
+        if (args) {
+            json_decref(args);
+        }
+
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_chat_api_op_now(r, "unreact", args);
+    json_decref(args);
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_chat_api_op(ngx_http_request_t *r, const char *name, json_t *args)
+{
+    const char          *code, *msg;
+    ngx_chat_op_t       *op;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    op = ngx_chat_op_create(name, ctx->message, args, &ctx->id.user,
+                            ctx->id.role == NGX_CHAT_ROLE_SERVICE, 0, &code,
+                            &msg);
+    if (op == NULL) {
+        if (code == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, code, msg, 0);
+    }
+
+    op->handler = ngx_chat_api_op_done;
+
+    /* the body reader's reference keeps the request until we finalize */
+    return ngx_chat_api_query(r, &op->query);
+}
+
+
+/* from the content handler (no body read): the request is held here */
+
+static ngx_int_t
+ngx_chat_api_op_now(ngx_http_request_t *r, const char *name, json_t *args)
+{
+    ngx_int_t  rc;
+
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_chat_api_op(r, name, args);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+}
+
+
+static void
+ngx_chat_api_op_done(ngx_chat_op_t *op)
+{
+    ngx_int_t            rc;
+    ngx_chat_api_ctx_t  *ctx;
+    ngx_http_request_t  *r;
+
+    r = op->query.data;
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    ctx->query = NULL;
+
+    if (op->rc != NGX_OK) {
+        rc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                 "unavailable", "the store is unavailable",
+                                 ngx_chat_db_retry_after());
+
+    } else if (op->code) {
+        rc = ngx_chat_http_error(r, op->status, op->code,
+                                 (const char *) op->text.data, 0);
+
+    } else {
+        rc = ngx_chat_api_send(r, op->status, op->text.data, op->text.len);
+    }
+
+    ngx_http_finalize_request(r, rc);
 }

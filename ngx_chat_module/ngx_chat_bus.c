@@ -630,6 +630,142 @@ ngx_chat_bus_publish_reserved(ngx_chat_resv_t *r, int64_t key,
 }
 
 
+/*
+ * An edit or a delete of a message (data: its message.edited or
+ * message.deleted event at gseq): the ring's earlier events of the same
+ * message -- its message.new, its earlier edits -- are rewritten to show
+ * the message as it is now, the way the store builds them
+ * (sql/005_messaging.sql), so that a client that catches up later never
+ * gets the text that was replaced or deleted.  Deletes and edits are
+ * rare; the scan releases the zone mutex every NGX_CHAT_BUS_SCAN slots.
+ */
+void
+ngx_chat_bus_rewrite_message(int64_t conv, uint64_t gseq, u_char *data,
+    size_t len)
+{
+    u_char            *p, *q, *id, *end, *d;
+    size_t             idlen, tail, kind, n;
+    uint64_t           g, from, last;
+    ngx_slab_pool_t   *shpool;
+    ngx_chat_slot_t   *slot;
+    ngx_chat_shctx_t  *sh;
+
+    static u_char  prefix[] = "{\"kind\":\"message.";
+    static u_char  key[] = ",\"message\":{\"id\":\"";
+
+    sh = ngx_chat_worker.sh;
+    shpool = ngx_chat_worker.shpool;
+    end = data + len;
+
+    if (len <= sizeof(prefix) - 1
+        || ngx_strncmp(data, prefix, sizeof(prefix) - 1) != 0)
+    {
+        return;
+    }
+
+    /* the rest after the kind: ","conversation_id":...,"message":{...}} */
+    q = ngx_strlchr(data + sizeof(prefix) - 1, end, '"');
+    if (q == NULL) {
+        return;
+    }
+
+    tail = end - q;
+
+    id = ngx_strlcasestrn(q, ngx_min(end, q + 128), key, sizeof(key) - 2);
+    if (id == NULL) {
+        return;
+    }
+
+    id += sizeof(key) - 1;
+    p = ngx_strlchr(id, end, '"');
+    if (p == NULL) {
+        return;
+    }
+
+    idlen = p - id;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    from = (sh->published > sh->nslots) ? sh->published - sh->nslots + 1 : 1;
+    from = ngx_max(from, sh->evict);
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    for (g = from; g < gseq; g = last) {
+        last = ngx_min(gseq, g + NGX_CHAT_BUS_SCAN);
+
+        ngx_shmtx_lock(&shpool->mutex);
+
+        for ( /* void */ ; g < last; g++) {
+            slot = &sh->slots[g % sh->nslots];
+
+            if (slot->gseq != g || slot->conversation != conv
+                || slot->data == NULL
+                || slot->len <= sizeof(prefix) - 1
+                || ngx_strncmp(slot->data, prefix, sizeof(prefix) - 1) != 0)
+            {
+                continue;
+            }
+
+            d = slot->data + sizeof(prefix) - 1;
+
+            if (slot->len > sizeof(prefix) + 4
+                && ngx_strncmp(d, "new\"", 4) == 0)
+            {
+                kind = sizeof("new") - 1;
+
+            } else if (slot->len > sizeof(prefix) + 7
+                       && ngx_strncmp(d, "edited\"", 7) == 0)
+            {
+                kind = sizeof("edited") - 1;
+
+            } else {
+                continue;
+            }
+
+            p = ngx_strlcasestrn(d + kind,
+                                 ngx_min(slot->data + slot->len,
+                                         d + kind + 128),
+                                 key, sizeof(key) - 2);
+
+            if (p == NULL
+                || (size_t) (slot->data + slot->len - p)
+                   <= sizeof(key) - 1 + idlen
+                || ngx_strncmp(p + sizeof(key) - 1, id, idlen) != 0
+                || p[sizeof(key) - 1 + idlen] != '"')
+            {
+                continue;
+            }
+
+            n = sizeof(prefix) - 1 + kind + tail;
+
+            if (n <= slot->len) {
+                /* readers copy under the mutex: in place is safe */
+                d = slot->data;
+
+            } else {
+                d = ngx_slab_alloc_locked(shpool, n);
+
+                if (d == NULL) {
+                    /* readers that need it read the store */
+                    ngx_chat_bus_free_slot(slot);
+                    continue;
+                }
+
+                ngx_memcpy(d, slot->data, sizeof(prefix) - 1 + kind);
+                ngx_slab_free_locked(shpool, slot->data);
+                slot->data = d;
+            }
+
+            ngx_memcpy(d + sizeof(prefix) - 1 + kind, q, tail);
+            slot->len = n;
+        }
+
+        ngx_shmtx_unlock(&shpool->mutex);
+    }
+}
+
+
 /* NGX_DECLINED: no room, readers find the slot empty and read the store */
 
 static ngx_int_t

@@ -28,6 +28,8 @@ ngx_int_t ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
 void ngx_chat_bus_publish_reserved(ngx_chat_resv_t *r, int64_t key,
     uint64_t gseq, int64_t conversation, u_char *data, size_t len);
 void ngx_chat_bus_release(ngx_chat_resv_t *r, int64_t key);
+void ngx_chat_bus_rewrite_message(int64_t conv, uint64_t gseq, u_char *data,
+    size_t len);
 void ngx_chat_bus_void(ngx_chat_resv_t *r, int64_t key);
 void ngx_chat_bus_unknown(ngx_chat_resv_t *r, int64_t key);
 ngx_int_t ngx_chat_bus_register(ngx_chat_session_t *s);

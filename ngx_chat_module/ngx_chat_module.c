@@ -251,6 +251,13 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_main_conf_t, poll_timeout),
       NULL },
 
+    { ngx_string("chat_edit_window"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, edit_window),
+      NULL },
+
     { ngx_string("chat_catchup_page"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -493,6 +500,7 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->sse_heartbeat = NGX_CONF_UNSET_MSEC;
     cmcf->sse_retry = NGX_CONF_UNSET_MSEC;
     cmcf->poll_timeout = NGX_CONF_UNSET_MSEC;
+    cmcf->edit_window = NGX_CONF_UNSET_MSEC;
 
     return cmcf;
 }
@@ -551,6 +559,7 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(cmcf->sse_heartbeat, 15000);
     ngx_conf_init_msec_value(cmcf->sse_retry, 2000);
     ngx_conf_init_msec_value(cmcf->poll_timeout, 30000);
+    ngx_conf_init_msec_value(cmcf->edit_window, 0);
 
     /* idle proxies and NATs cut a silent connection after about 60 s */
     if (cmcf->sse_heartbeat < 1000 || cmcf->sse_heartbeat > 30000) {

@@ -59,7 +59,7 @@
 #include <openssl/evp.h>
 
 
-#define NGX_CHAT_SCHEMA_VERSION        4
+#define NGX_CHAT_SCHEMA_VERSION        5
 
 
 /* a node of a tree keyed by unique integers (conversation ids), or NULL */
@@ -197,6 +197,8 @@ typedef struct {
     ngx_msec_t                 sse_heartbeat;
     ngx_msec_t                 sse_retry;
     ngx_msec_t                 poll_timeout;     /* the longest hold */
+
+    ngx_msec_t                 edit_window;      /* 0: any time */
 
     ngx_flag_t                 enabled;          /* any "chat" location */
 } ngx_chat_main_conf_t;

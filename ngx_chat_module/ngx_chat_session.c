@@ -36,6 +36,7 @@
 #include "ngx_chat_limit.h"
 #include "ngx_chat_live.h"
 #include "ngx_chat_receipts.h"
+#include "ngx_chat_ops.h"
 
 
 #define NGX_CHAT_REQ_ID_MAX        64
@@ -72,6 +73,9 @@ static void ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
 static void ngx_chat_session_sync(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
+static void ngx_chat_session_op(ngx_chat_session_t *s, const char *name,
+    json_t *root, ngx_chat_req_id_t *rid);
+static void ngx_chat_session_op_done(ngx_chat_op_t *op);
 static void ngx_chat_session_send_done(ngx_chat_send_t *snd);
 static void ngx_chat_session_typing(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
@@ -357,6 +361,12 @@ ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len)
 
     if (ngx_strcmp(t, "send") == 0) {
         ngx_chat_session_send(s, root, &rid);
+
+    } else if (ngx_strcmp(t, "edit") == 0 || ngx_strcmp(t, "delete") == 0
+               || ngx_strcmp(t, "react") == 0
+               || ngx_strcmp(t, "unreact") == 0)
+    {
+        ngx_chat_session_op(s, t, root, &rid);
 
     } else if (ngx_strcmp(t, "ack") == 0) {
         ngx_chat_session_ack(s, root, &rid);
@@ -1352,6 +1362,79 @@ ngx_chat_session_send_done(ngx_chat_send_t *snd)
     }
 
     (void) ngx_chat_session_write(s, b);
+}
+
+
+/* edit, delete, react, unreact: one event each (ngx_chat_ops.c) */
+
+static void
+ngx_chat_session_op(ngx_chat_session_t *s, const char *name, json_t *root,
+    ngx_chat_req_id_t *rid)
+{
+    const char     *code, *msg;
+    ngx_chat_op_t  *op;
+
+    if (s->sends >= NGX_CHAT_SESSION_SENDS) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
+                             "too many requests waiting for the store",
+                             NGX_CHAT_SESSION_SEND_WAIT);
+        return;
+    }
+
+    op = ngx_chat_op_create(name, 0, root, &s->user,
+                            s->role == NGX_CHAT_ROLE_SERVICE, rid->len,
+                            &code, &msg);
+    if (op == NULL) {
+        ngx_chat_reply_error(s, rid->data, rid->len,
+                             code ? code : "internal",
+                             code ? msg : "internal error", 0);
+        return;
+    }
+
+    op->req_id_len = rid->len;
+    ngx_memcpy(op->req_id, rid->data, rid->len);
+
+    op->handler = ngx_chat_session_op_done;
+    op->query.data = s;
+
+    if (ngx_chat_db_query(&op->query) != NGX_OK) {
+        ngx_free(op);
+        ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
+                             "the store is unavailable",
+                             ngx_chat_db_retry_after());
+        return;
+    }
+
+    s->refs++;
+    s->sends++;
+}
+
+
+static void
+ngx_chat_session_op_done(ngx_chat_op_t *op)
+{
+    ngx_chat_session_t  *s;
+
+    s = op->query.data;
+    s->sends--;
+
+    if (ngx_chat_session_unref(s) != NGX_OK) {
+        return;
+    }
+
+    if (op->rc != NGX_OK) {
+        ngx_chat_reply_error(s, op->req_id, op->req_id_len, "unavailable",
+                             "the store is unavailable",
+                             ngx_chat_db_retry_after());
+
+    } else if (op->code) {
+        ngx_chat_reply_error(s, op->req_id, op->req_id_len, op->code,
+                             (const char *) op->text.data, 0);
+
+    } else {
+        ngx_chat_reply_ok(s, op->req_id, op->req_id_len, op->text.data,
+                          op->text.len);
+    }
 }
 
 

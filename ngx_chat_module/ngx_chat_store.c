@@ -309,6 +309,14 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "WHERE conversation_id = $1::bigint AND user_id = $2 "
       "RETURNING muted", 3 },
 
+    /* an operation on a message, its two steps, run by EXECUTE */
+    { "chat_op_stage",
+      "SELECT o_status, o_http, o_message, o_conv, o_result, o_event "
+      "FROM chat_op_stage($1::bigint, $2::bigint, $3, $4, $5::boolean, "
+      "$6::jsonb)", 6 },
+    { "chat_op_event",
+      "SELECT chat_op_event($1::bigint, $2::bigint)", 2 },
+
     { NULL, NULL, 0 }
 };
 

@@ -37,6 +37,8 @@
 #define NGX_CHAT_STMT_NOTIFICATIONS  21
 #define NGX_CHAT_STMT_NOTIFY_ACK     22
 #define NGX_CHAT_STMT_MUTE           23
+#define NGX_CHAT_STMT_OP_STAGE       24
+#define NGX_CHAT_STMT_OP_EVENT       25
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 

@@ -81,8 +81,6 @@ typedef struct {
     /* long-poll */
     ngx_uint_t                 nevents;
     uint64_t                   cursor;          /* of the last one */
-    ngx_str_t                  client_cursor;
-    ngx_msec_t                 deadline;
 
     ngx_uint_t                 close_code;
     const char                *close_reason;
@@ -105,6 +103,10 @@ static ngx_int_t ngx_chat_stream_reserve(ngx_chat_stream_ctx_t *ctx,
     size_t size);
 static ngx_int_t ngx_chat_stream_add(ngx_chat_stream_ctx_t *ctx,
     u_char *data, size_t len);
+static ngx_int_t ngx_chat_stream_record(ngx_chat_stream_ctx_t *ctx,
+    u_char *head, size_t head_len, ngx_str_t *name, u_char *data,
+    size_t len);
+static ngx_int_t ngx_chat_stream_failed(ngx_chat_stream_ctx_t *ctx);
 static ngx_int_t ngx_chat_stream_queued(ngx_chat_stream_ctx_t *ctx);
 static void ngx_chat_stream_schedule(ngx_chat_stream_ctx_t *ctx);
 static void ngx_chat_stream_post_handler(ngx_event_t *ev);
@@ -121,6 +123,7 @@ static ngx_int_t ngx_chat_stream_send_json(ngx_http_request_t *r,
 static void ngx_chat_stream_finish(ngx_chat_stream_ctx_t *ctx, ngx_int_t rc);
 static void ngx_chat_stream_detach(ngx_chat_stream_ctx_t *ctx);
 static void ngx_chat_stream_cleanup(void *data);
+static void ngx_chat_stream_free(void *data);
 static ngx_str_t ngx_chat_stream_type(u_char *data, size_t len, size_t skip);
 
 static ngx_int_t ngx_chat_stream_send(ngx_chat_session_t *s, u_char *data,
@@ -130,6 +133,10 @@ static ngx_int_t ngx_chat_stream_send_event(ngx_chat_session_t *s,
 static void ngx_chat_stream_close(ngx_chat_session_t *s, ngx_uint_t code,
     const char *reason);
 static size_t ngx_chat_stream_pending(ngx_chat_session_t *s);
+
+
+/* ngx_http_request_handler(), which is static in nginx */
+static ngx_event_handler_pt  ngx_chat_stream_http_handler;
 
 
 static ngx_chat_transport_t  ngx_chat_sse_transport = {
@@ -158,6 +165,7 @@ ngx_chat_stream_handler(ngx_http_request_t *r, ngx_uint_t kind)
     ngx_msec_t              timeout;
     const char             *code, *msg;
     ngx_connection_t       *c;
+    ngx_pool_cleanup_t     *pcln;
     ngx_http_cleanup_t     *cln;
     ngx_chat_identity_t    *id;
     ngx_chat_stream_ctx_t  *ctx;
@@ -174,8 +182,10 @@ ngx_chat_stream_handler(ngx_http_request_t *r, ngx_uint_t kind)
                                    "method not allowed", 0);
     }
 
-    if (ngx_http_discard_request_body(r) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    /* a held request reads nothing more: a body would never be read */
+    if (r->headers_in.content_length_n > 0 || r->headers_in.chunked) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "a request with a body", 0);
     }
 
     timeout = 0;
@@ -235,6 +245,19 @@ ngx_chat_stream_handler(ngx_http_request_t *r, ngx_uint_t kind)
     cln->handler = ngx_chat_stream_cleanup;
     cln->data = ctx;
 
+    /*
+     * The buffers go with r->pool, not with the request's cleanup: an
+     * HTTP/2 stream that is terminated still sends the DATA frames that
+     * point into them until ngx_http_free_request().
+     */
+    pcln = ngx_pool_cleanup_add(r->pool, 0);
+    if (pcln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    pcln->handler = ngx_chat_stream_free;
+    pcln->data = ctx;
+
     ctx->request = r;
     ctx->kind = kind;
 
@@ -249,9 +272,6 @@ ngx_chat_stream_handler(ngx_http_request_t *r, ngx_uint_t kind)
     ngx_http_set_ctx(r, ctx, ngx_chat_module);
 
     if (kind == NGX_CHAT_STREAM_POLL) {
-        ctx->client_cursor = cursor;
-        ctx->deadline = ngx_current_msec + timeout;
-
         if (ngx_chat_stream_add(ctx, (u_char *) "{\"events\":[",
                                 sizeof("{\"events\":[") - 1)
             != NGX_OK)
@@ -295,6 +315,7 @@ ngx_chat_stream_handler(ngx_http_request_t *r, ngx_uint_t kind)
     {
         /* a reload's ngx_close_idle_connections() tells us to go */
         ctx->read_handler = c->read->handler;
+        ngx_chat_stream_http_handler = c->read->handler;
         c->read->handler = ngx_chat_stream_read_handler;
         c->idle = 1;
     }
@@ -558,6 +579,75 @@ ngx_chat_stream_pending(ngx_chat_session_t *s)
 }
 
 
+/*
+ * One SSE record (head, "event: <name>", "data: <data>", a blank line) or
+ * one element of a poll's array, reserved whole: a failure leaves no half
+ * record behind.
+ */
+static ngx_int_t
+ngx_chat_stream_record(ngx_chat_stream_ctx_t *ctx, u_char *head,
+    size_t head_len, ngx_str_t *name, u_char *data, size_t len)
+{
+    u_char  *p;
+
+    if (ctx->kind == NGX_CHAT_STREAM_POLL) {
+        if (ngx_chat_stream_reserve(ctx, len + 1) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        p = ctx->out_last;
+
+        if (ctx->nevents) {
+            *p++ = ',';
+        }
+
+        ctx->out_last = ngx_cpymem(p, data, len);
+        ctx->nevents++;
+
+        return NGX_OK;
+    }
+
+    if (ngx_chat_stream_reserve(ctx, head_len + sizeof("event: ") - 1
+                                     + name->len + sizeof("\ndata: ") - 1
+                                     + len + 2)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    p = ngx_cpymem(ctx->out_last, head, head_len);
+    p = ngx_cpymem(p, "event: ", sizeof("event: ") - 1);
+    p = ngx_cpymem(p, name->data, name->len);
+    p = ngx_cpymem(p, "\ndata: ", sizeof("\ndata: ") - 1);
+    p = ngx_cpymem(p, data, len);
+    *p++ = '\n';
+    *p++ = '\n';
+
+    ctx->out_last = p;
+    ctx->quiet = 0;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Out of memory for a record: what cannot be said ends the stream (an
+ * SSE client resumes from its last id; a poll is answered with what it
+ * holds, or 503).
+ */
+static ngx_int_t
+ngx_chat_stream_failed(ngx_chat_stream_ctx_t *ctx)
+{
+    ctx->close_code = NGX_CHAT_CLOSE_INTERNAL;
+    ctx->close_reason = "internal error";
+    ctx->closing = 1;
+
+    ngx_chat_stream_schedule(ctx);
+
+    return NGX_ERROR;
+}
+
+
 /* what send() and send_event() answer once the text is queued */
 
 static ngx_int_t
@@ -599,7 +689,7 @@ ngx_chat_stream_send(ngx_chat_session_t *s, u_char *data, size_t len)
     u_char                 *p;
     ngx_str_t               type;
     ngx_chat_stream_ctx_t  *ctx;
-    u_char                  buf[NGX_CHAT_CURSOR_LEN + 64];
+    u_char                  buf[NGX_CHAT_CURSOR_LEN + 8];
 
     ctx = s->tctx;
 
@@ -608,49 +698,34 @@ ngx_chat_stream_send(ngx_chat_session_t *s, u_char *data, size_t len)
     }
 
     type = ngx_chat_stream_type(data, len, sizeof("{\"type\":\"") - 1);
-
-    /* the welcome is implied by the answer */
-    if (ctx->kind == NGX_CHAT_STREAM_POLL
-        && type.len == 7 && ngx_strncmp(type.data, "welcome", 7) == 0)
-    {
-        return NGX_OK;
-    }
-
-    if (ctx->kind == NGX_CHAT_STREAM_POLL) {
-        if ((ctx->nevents && ngx_chat_stream_add(ctx, (u_char *) ",", 1)
-                             != NGX_OK)
-            || ngx_chat_stream_add(ctx, data, len) != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
-
-        ctx->nevents++;
-
-        /* resync_required: the stream goes on from the session's cursor */
-        ctx->cursor = s->cursor;
-
-        return ngx_chat_stream_queued(ctx);
-    }
-
     p = buf;
 
-    if (type.len == 15
-        && ngx_strncmp(type.data, "resync_required", 15) == 0)
-    {
+    if (type.len == 7 && ngx_strncmp(type.data, "welcome", 7) == 0) {
+        if (ctx->kind == NGX_CHAT_STREAM_POLL) {
+            /* the answer's cursor says it */
+            return NGX_OK;
+        }
+
+        /* a browser that reconnects before any event resumes from here */
         p = ngx_cpymem(p, "id: ", 4);
         p = ngx_chat_cursor_print(p, s->cursor);
         *p++ = '\n';
+
+    } else if (type.len == 15
+               && ngx_strncmp(type.data, "resync_required", 15) == 0)
+    {
+        /* the stream goes on from the session's new cursor */
+        p = ngx_cpymem(p, "id: ", 4);
+        p = ngx_chat_cursor_print(p, s->cursor);
+        *p++ = '\n';
+
+        ctx->cursor = s->cursor;
     }
 
-    p = ngx_cpymem(p, "event: ", 7);
-
-    if (ngx_chat_stream_add(ctx, buf, p - buf) != NGX_OK
-        || ngx_chat_stream_add(ctx, type.data, type.len) != NGX_OK
-        || ngx_chat_stream_add(ctx, (u_char *) "\ndata: ", 7) != NGX_OK
-        || ngx_chat_stream_add(ctx, data, len) != NGX_OK
-        || ngx_chat_stream_add(ctx, (u_char *) "\n\n", 2) != NGX_OK)
+    if (ngx_chat_stream_record(ctx, buf, p - buf, &type, data, len)
+        != NGX_OK)
     {
-        return NGX_ERROR;
+        return ngx_chat_stream_failed(ctx);
     }
 
     return ngx_chat_stream_queued(ctx);
@@ -663,7 +738,7 @@ ngx_chat_stream_send_event(ngx_chat_session_t *s, ngx_chat_event_t *ev)
     u_char                 *p;
     ngx_str_t               kind;
     ngx_chat_stream_ctx_t  *ctx;
-    u_char                  buf[NGX_CHAT_CURSOR_LEN + 64];
+    u_char                  buf[NGX_CHAT_CURSOR_LEN + 8];
 
     ctx = s->tctx;
 
@@ -672,49 +747,33 @@ ngx_chat_stream_send_event(ngx_chat_session_t *s, ngx_chat_event_t *ev)
     }
 
     if (ngx_chat_event_envelope(ev) != NGX_OK) {
-        return NGX_ERROR;
+        return ngx_chat_stream_failed(ctx);
     }
 
-    if (ctx->kind == NGX_CHAT_STREAM_POLL) {
-        if ((ctx->nevents && ngx_chat_stream_add(ctx, (u_char *) ",", 1)
-                             != NGX_OK)
-            || ngx_chat_stream_add(ctx, ev->envelope.data, ev->envelope.len)
-               != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
+    kind = ev->kind;
 
-        ctx->nevents++;
-
-        if (ev->gseq) {
-            ctx->cursor = ev->gseq;
-            ctx->out_gseq = ev->gseq;
-        }
-
-        return ngx_chat_stream_queued(ctx);
+    if (kind.len == 0) {
+        ngx_str_set(&kind, "message");
     }
 
-    kind = ngx_chat_stream_type(ev->payload.data, ev->payload.len,
-                                sizeof("{\"kind\":\"") - 1);
     p = buf;
 
     if (ev->gseq) {
         p = ngx_cpymem(p, "id: ", 4);
         p = ngx_chat_cursor_print(p, ev->gseq);
         *p++ = '\n';
-        ctx->out_gseq = ev->gseq;
     }
 
-    p = ngx_cpymem(p, "event: ", 7);
-
-    if (ngx_chat_stream_add(ctx, buf, p - buf) != NGX_OK
-        || ngx_chat_stream_add(ctx, kind.data, kind.len) != NGX_OK
-        || ngx_chat_stream_add(ctx, (u_char *) "\ndata: ", 7) != NGX_OK
-        || ngx_chat_stream_add(ctx, ev->envelope.data, ev->envelope.len)
-           != NGX_OK
-        || ngx_chat_stream_add(ctx, (u_char *) "\n\n", 2) != NGX_OK)
+    if (ngx_chat_stream_record(ctx, buf, p - buf, &kind, ev->envelope.data,
+                               ev->envelope.len)
+        != NGX_OK)
     {
-        return NGX_ERROR;
+        return ngx_chat_stream_failed(ctx);
+    }
+
+    if (ev->gseq) {
+        ctx->out_gseq = ev->gseq;
+        ctx->cursor = ev->gseq;
     }
 
     return ngx_chat_stream_queued(ctx);
@@ -877,7 +936,9 @@ ngx_chat_stream_run(ngx_chat_stream_ctx_t *ctx)
         return;
     }
 
-    if (rc == NGX_OK && ctx->closing) {
+    if (rc == NGX_OK && ctx->closing && ctx->busy == NULL
+        && (ctx->out == NULL || ctx->out_last == ctx->out))
+    {
         ngx_chat_stream_finish(ctx, NGX_OK);
     }
 }
@@ -900,6 +961,8 @@ ngx_chat_stream_flush(ngx_chat_stream_ctx_t *ctx)
     r = ctx->request;
     c = r->connection;
     wev = c->write;
+
+again:
 
     for ( ;; ) {
 
@@ -966,8 +1029,12 @@ ngx_chat_stream_flush(ngx_chat_stream_ctx_t *ctx)
         ctx->paused = 0;
 
         if (ctx->session) {
-            /* may queue more: it is sent on the next turn */
+            /* may queue more, or the stream's last words */
             ngx_chat_session_drained(ctx->session);
+
+            if (ctx->out && ctx->out_last > ctx->out) {
+                goto again;
+            }
         }
     }
 
@@ -1015,24 +1082,26 @@ ngx_chat_stream_write_handler(ngx_http_request_t *r)
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
     wev = r->connection->write;
 
+    if (ctx == NULL) {
+        /* post_action took the request elsewhere */
+        ngx_http_finalize_request(r, NGX_ERROR);
+        return;
+    }
+
+    /* (ngx_http_request_handler() took limit_rate's timeouts) */
+
     if (wev->timedout) {
         wev->timedout = 0;
 
-        if (wev->delayed) {
-            /* limit_rate let us go on */
-            wev->delayed = 0;
-
-        } else {
-            ngx_log_error(NGX_LOG_INFO, r->connection->log, NGX_ETIMEDOUT,
-                          "client %s too slow: %uz bytes queued, closing",
-                          ctx->kind == NGX_CHAT_STREAM_SSE ? "stream"
-                                                          : "poll",
-                          ctx->session ? ngx_chat_stream_pending(ctx->session)
-                                       : 0);
-            r->connection->timedout = 1;
-            ngx_chat_stream_finish(ctx, NGX_HTTP_REQUEST_TIME_OUT);
-            return;
-        }
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, NGX_ETIMEDOUT,
+                      "client %s too slow: %uz bytes queued, closing",
+                      ctx->kind == NGX_CHAT_STREAM_SSE ? "stream" : "poll",
+                      ctx->out ? (size_t) (ctx->out_last - ctx->out)
+                               + ctx->busy_len
+                               : ctx->busy_len);
+        r->connection->timedout = 1;
+        ngx_chat_stream_finish(ctx, NGX_HTTP_REQUEST_TIME_OUT);
+        return;
     }
 
     ngx_chat_stream_run(ctx);
@@ -1054,6 +1123,14 @@ ngx_chat_stream_read_handler(ngx_event_t *rev)
     c = rev->data;
     r = c->data;
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ctx == NULL) {
+        /* post_action took the request elsewhere: nginx's handler again */
+        c->read->handler = ngx_chat_stream_http_handler;
+        c->idle = 0;
+        c->read->handler(rev);
+        return;
+    }
 
     if (c->close && !c->error) {
         c->close = 0;
@@ -1124,10 +1201,10 @@ ngx_chat_stream_timer_handler(ngx_event_t *ev)
     }
 
     /*
-     * The poll's time is up.  Before the join the cursor to answer with
-     * is the client's; a client without one waits for the join.
+     * The poll's time is up.  Before the join it has no cursor to answer
+     * with that it knows to be good: the join's own failure ends it.
      */
-    if (s && !s->hello_done && ctx->client_cursor.len == 0) {
+    if (s && !s->hello_done) {
         ngx_add_timer(&ctx->timer, NGX_CHAT_STREAM_JOIN_WAIT);
         return;
     }
@@ -1163,7 +1240,7 @@ ngx_chat_stream_answer(ngx_chat_stream_ctx_t *ctx)
         && !(ctx->close_code == NGX_CHAT_CLOSE_GOING_AWAY
              && ctx->close_reason
              && ngx_strcmp(ctx->close_reason, "server going away") == 0
-             && ((s && s->hello_done) || ctx->client_cursor.len)))
+             && (ctx->cursor || (s && s->hello_done))))
     {
         retry = 0;
 
@@ -1212,14 +1289,15 @@ ngx_chat_stream_answer(ngx_chat_stream_ctx_t *ctx)
         return;
     }
 
-    /* only ephemeral events: the stream has not moved */
-    cursor = ctx->cursor;
+    /* only ephemeral events, or none: the stream has not moved */
+    if (ctx->cursor) {
+        cursor = ctx->cursor;
 
-    if (cursor == 0 && s && s->hello_done) {
+    } else if (s && s->hello_done) {
         cursor = s->cursor;
-    }
 
-    if (cursor == 0 && ctx->client_cursor.len == 0) {
+    } else {
+        /* cannot happen: answers come after the join or on a close */
         ngx_chat_stream_detach(ctx);
 
         rc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
@@ -1229,20 +1307,10 @@ ngx_chat_stream_answer(ngx_chat_stream_ctx_t *ctx)
     }
 
     p = ngx_cpymem(buf, "],\"cursor\":\"", sizeof("],\"cursor\":\"") - 1);
+    p = ngx_chat_cursor_print(p, cursor);
+    p = ngx_cpymem(p, "\"}", 2);
 
-    if (cursor) {
-        p = ngx_chat_cursor_print(p, cursor);
-    }
-
-    if ((cursor == 0
-         && (ngx_chat_stream_add(ctx, buf, p - buf) != NGX_OK
-             || ngx_chat_stream_add(ctx, ctx->client_cursor.data,
-                                    ctx->client_cursor.len) != NGX_OK
-             || ngx_chat_stream_add(ctx, (u_char *) "\"}", 2) != NGX_OK))
-        || (cursor
-            && (ngx_chat_stream_add(ctx, buf, p - buf) != NGX_OK
-                || ngx_chat_stream_add(ctx, (u_char *) "\"}", 2) != NGX_OK)))
-    {
+    if (ngx_chat_stream_add(ctx, buf, p - buf) != NGX_OK) {
         ngx_chat_stream_finish(ctx, NGX_HTTP_INTERNAL_SERVER_ERROR);
         return;
     }
@@ -1376,16 +1444,24 @@ ngx_chat_stream_cleanup(void *data)
     ngx_chat_limit_addr_release(ctx->limit);
     ctx->limit = NULL;
 
-    /* nothing sends from here on: r->out goes with the request */
+    if (ctx->read_handler) {
+        ctx->request->connection->read->handler = ctx->read_handler;
+        ctx->read_handler = NULL;
+        ctx->request->connection->idle = 0;
+    }
+}
+
+
+static void
+ngx_chat_stream_free(void *data)
+{
+    ngx_chat_stream_ctx_t  *ctx = data;
 
     ngx_free(ctx->out);
     ctx->out = NULL;
-    ctx->out_last = NULL;
-    ctx->out_end = NULL;
 
     ngx_free(ctx->busy);
     ctx->busy = NULL;
-    ctx->busy_len = 0;
 }
 
 

@@ -8,8 +8,10 @@
 #     messages sent on the other (WebSocket and REST) as id: <cursor> /
 #     event: <kind> / data: <envelope>, and her typing without an id.
 #  3. resume: after a drop, Last-Event-ID (which wins over ?cursor=) or
-#     ?cursor= gives exactly the missed events, in order, once; an unknown
-#     cursor gives resync_required carrying the new cursor as its id.
+#     ?cursor= gives exactly the missed events, in order, once; the
+#     welcome's id is where the stream starts (a reconnect before any event
+#     misses nothing); an unknown cursor gives resync_required carrying the
+#     new cursor as its id.
 #  4. heartbeat comments on an idle stream (chat_sse_heartbeat 1s).
 #  5. a client that goes away is cleaned up at once: 3 streams dropped and 3
 #     new ones fit under chat_max_connections_per_user 3; a 4th is told
@@ -73,6 +75,8 @@ async def part1():
     is_((st, (b.get("error") or {}).get("code")), (401, "token_expired"), "an expired token: 401 token_expired")
     st, h, b = await ahttp("POST", "/chat/events", token=token("bob"))
     is_(st, 405, "POST: 405")
+    st, h, b = await ahttp("GET", "/chat/events", token=token("bob"), body="x")
+    is_(st, 400, "a GET with a body: 400")
 
     _, _, t = api("POST", "/chat/api/tickets", token=token("bob"))
     c = await sse_connect(ticket=t["ticket"])
@@ -130,6 +134,17 @@ async def part3(b, a1):
     is_(msgs_of(c), seqs2, "?cursor=: exactly the 3 missed messages")
     await asyncio.sleep(0.3)
     is_(msgs_of(c), seqs2, "and nothing more")
+    await c.close()
+    # the welcome carries the start as its id: a browser that reconnects
+    # before any event (Last-Event-ID = the welcome's) misses nothing
+    c = await sse_connect("bob")
+    wid = c.records[0]["id"]
+    is_(wid, c.hello["cursor"], "the welcome's id: is where the stream starts")
+    await c.close()
+    seqs3 = await send(a1, 2, "p3c")
+    c = await sse_connect("bob", last_event_id=wid)
+    await c.wait(lambda c: msgs_of(c) == seqs3, 10)
+    is_(msgs_of(c), seqs3, "reconnecting with the welcome's id: the 2 messages sent meanwhile")
     await c.close()
     c = await sse_connect("bob", cursor="nonsense.12")
     await c.wait(lambda c: any(r["event"] == "resync_required" for r in c.records), 5)
