@@ -117,6 +117,11 @@ static ngx_int_t ngx_chat_api_message(ngx_http_request_t *r, u_char *p,
 static ngx_int_t ngx_chat_api_edit(ngx_http_request_t *r, json_t *body);
 static ngx_int_t ngx_chat_api_react(ngx_http_request_t *r, json_t *body);
 static ngx_int_t ngx_chat_api_unreact(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_update(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_add_members(ngx_http_request_t *r,
+    json_t *body);
+static ngx_int_t ngx_chat_api_remove_member(ngx_http_request_t *r,
+    u_char *p, u_char *end);
 static ngx_int_t ngx_chat_api_op(ngx_http_request_t *r, const char *name,
     json_t *args);
 static ngx_int_t ngx_chat_api_op_now(ngx_http_request_t *r,
@@ -347,6 +352,10 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
     }
 
     if (slash == NULL) {
+        if (r->method == NGX_HTTP_PATCH) {
+            return ngx_chat_api_read_body(r, ngx_chat_api_update);
+        }
+
         if (r->method != NGX_HTTP_GET) {
             goto not_allowed;
         }
@@ -355,6 +364,22 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
     }
 
     p = slash + 1;
+
+    if (end - p == 7 && ngx_strncmp(p, "members", 7) == 0) {
+        if (r->method != NGX_HTTP_POST) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_read_body(r, ngx_chat_api_add_members);
+    }
+
+    if (end - p > 8 && ngx_strncmp(p, "members/", 8) == 0) {
+        if (r->method != NGX_HTTP_DELETE) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_remove_member(r, p + 8, end);
+    }
 
     if (end - p == 8 && ngx_strncmp(p, "messages", 8) == 0) {
         if (r->method == NGX_HTTP_GET) {
@@ -2342,7 +2367,15 @@ ngx_chat_api_op(ngx_http_request_t *r, const char *name, json_t *args)
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
 
-    op = ngx_chat_op_create(name, ctx->message, args, &ctx->id.user,
+    /* no position to give its event: nothing is written */
+    if (!ngx_chat_bus_can_reserve()) {
+        return ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                   "unavailable", "the store is busy", 200);
+    }
+
+    op = ngx_chat_op_create(name,
+                            ctx->message ? ctx->message : ctx->conversation,
+                            args, &ctx->id.user,
                             ctx->id.role == NGX_CHAT_ROLE_SERVICE, 0, &code,
                             &msg);
     if (op == NULL) {
@@ -2357,6 +2390,54 @@ ngx_chat_api_op(ngx_http_request_t *r, const char *name, json_t *args)
 
     /* the body reader's reference keeps the request until we finalize */
     return ngx_chat_api_query(r, &op->query);
+}
+
+
+static ngx_int_t
+ngx_chat_api_update(ngx_http_request_t *r, json_t *body)
+{
+    return ngx_chat_api_op(r, "update_conversation", body);
+}
+
+
+static ngx_int_t
+ngx_chat_api_add_members(ngx_http_request_t *r, json_t *body)
+{
+    return ngx_chat_api_op(r, "add_members", body);
+}
+
+
+/*
+ * DELETE conversations/{id}/members/{user}: r->uri is already decoded, so
+ * the rest of the path is the user id (a "/" in it comes as %2F).
+ */
+
+static ngx_int_t
+ngx_chat_api_remove_member(ngx_http_request_t *r, u_char *p, u_char *end)
+{
+    json_t     *args, *v;
+    ngx_int_t   rc;
+
+    v = json_stringn((char *) p, end - p);
+    if (v == NULL) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "not a user id", 0);
+    }
+
+    args = json_object();
+
+    if (args == NULL || json_object_set_new(args, "user", v) != 0) {
+        if (args) {
+            json_decref(args);
+        }
+
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_chat_api_op_now(r, "remove_member", args);
+    json_decref(args);
+
+    return rc;
 }
 
 

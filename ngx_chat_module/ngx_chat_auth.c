@@ -117,6 +117,8 @@ static ngx_int_t ngx_chat_jwt_time(json_t *claims, const char *name,
 static ngx_int_t ngx_chat_valid_user(const u_char *p, size_t len);
 static ngx_int_t ngx_chat_valid_name(const u_char *p, size_t len);
 
+static ngx_int_t ngx_chat_cors_header(ngx_http_request_t *r, char *name,
+    char *value, size_t len);
 static ngx_int_t ngx_chat_origin_match(ngx_array_t *origins,
     ngx_str_t *origin);
 
@@ -1456,6 +1458,153 @@ ngx_chat_origin_allowed(ngx_http_request_t *r)
     }
 
     return 1;
+}
+
+
+/*
+ * Cross-origin use of REST, SSE and long-poll (the platform's web app is
+ * usually on another origin): an allowed Origin is echoed, with
+ * Vary: Origin; a disallowed one gets no CORS headers and the browser
+ * refuses the answer.  NGX_DONE: a preflight, for
+ * ngx_chat_cors_preflight(); NGX_OK otherwise.
+ */
+ngx_int_t
+ngx_chat_cors(ngx_http_request_t *r)
+{
+    ngx_uint_t             i, n;
+    ngx_str_t             *origin;
+    ngx_list_part_t       *part;
+    ngx_table_elt_t       *h, *acrm;
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_get_module_main_conf(r, ngx_chat_module);
+
+    origin = NULL;
+    acrm = NULL;
+    n = 0;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == sizeof("Origin") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Origin",
+                               sizeof("Origin") - 1) == 0)
+        {
+            origin = &h[i].value;
+            n++;
+
+        } else if (h[i].key.len == sizeof("Access-Control-Request-Method") - 1
+                   && ngx_strncasecmp(h[i].key.data,
+                                      (u_char *) "Access-Control-Request-Method",
+                                      sizeof("Access-Control-Request-Method")
+                                      - 1) == 0)
+        {
+            acrm = &h[i];
+        }
+    }
+
+    if (origin == NULL) {
+        return NGX_OK;
+    }
+
+    /* caches keep one answer per origin */
+    if (ngx_chat_cors_header(r, "Vary", "Origin", 6) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (n == 1 && cmcf->cors_origins && cmcf->cors_origins->nelts
+        && ngx_chat_origin_match(cmcf->cors_origins, origin))
+    {
+        if (ngx_chat_cors_header(r, "Access-Control-Allow-Origin",
+                                 (char *) origin->data, origin->len)
+            != NGX_OK
+            || ngx_chat_cors_header(r, "Access-Control-Expose-Headers",
+                                    "Retry-After", 11) != NGX_OK
+            || (cmcf->cors_credentials
+                && ngx_chat_cors_header(r,
+                                        "Access-Control-Allow-Credentials",
+                                        "true", 4) != NGX_OK))
+        {
+            return NGX_ERROR;
+        }
+
+        if (acrm && r->method == NGX_HTTP_OPTIONS
+            && (ngx_chat_cors_header(r, "Access-Control-Allow-Methods",
+                                     "GET, POST, PATCH, DELETE", 24)
+                != NGX_OK
+                || ngx_chat_cors_header(r, "Access-Control-Allow-Headers",
+                                        "Authorization, Content-Type, "
+                                        "Last-Event-ID", 42) != NGX_OK
+                || ngx_chat_cors_header(r, "Access-Control-Max-Age",
+                                        "600", 3) != NGX_OK))
+        {
+            return NGX_ERROR;
+        }
+
+    } else {
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "chat: no CORS for origin \"%V\"", origin);
+    }
+
+    return (acrm && r->method == NGX_HTTP_OPTIONS) ? NGX_DONE : NGX_OK;
+}
+
+
+/* 204 with what ngx_chat_cors() added: no authentication, no body */
+
+ngx_int_t
+ngx_chat_cors_preflight(ngx_http_request_t *r)
+{
+    ngx_int_t  rc;
+
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    r->headers_out.status = NGX_HTTP_NO_CONTENT;
+    r->headers_out.content_length_n = 0;
+    r->header_only = 1;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK) {
+        return rc;
+    }
+
+    return ngx_http_send_special(r, NGX_HTTP_LAST);
+}
+
+
+static ngx_int_t
+ngx_chat_cors_header(ngx_http_request_t *r, char *name, char *value,
+    size_t len)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key.data = (u_char *) name;
+    h->key.len = ngx_strlen(name);
+    h->value.data = (u_char *) value;
+    h->value.len = len;
+
+    return NGX_OK;
 }
 
 

@@ -24,6 +24,8 @@ ngx_int_t ngx_chat_auth_verify(ngx_str_t *token, ngx_pool_t *pool,
 ngx_int_t ngx_chat_auth_request(ngx_http_request_t *r,
     ngx_chat_identity_t *id, const char **code, const char **msg);
 ngx_int_t ngx_chat_origin_allowed(ngx_http_request_t *r);
+ngx_int_t ngx_chat_cors(ngx_http_request_t *r);
+ngx_int_t ngx_chat_cors_preflight(ngx_http_request_t *r);
 void ngx_chat_tickets_init_zone(ngx_chat_tickets_sh_t *t);
 /*
  * NGX_OK, NGX_BUSY when the table is full of other users' live tickets

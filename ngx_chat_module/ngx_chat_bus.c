@@ -74,11 +74,23 @@ typedef struct {
 } ngx_chat_conv_t;
 
 
+/*
+ * A session's membership of a conversation as of the events: it gets the
+ * conversation's events from "from" (its member.added, or 0) to "until"
+ * (its member.removed, or 0: open).  A closed one is kept only so that a
+ * session still catching up gets the events of the time it was a member.
+ */
 typedef struct {
     ngx_queue_t                queue;            /* in conv->subs */
     ngx_chat_session_t        *session;
     ngx_chat_conv_t           *conv;
+    uint64_t                   from;
+    uint64_t                   until;
 } ngx_chat_sub_t;
+
+
+#define ngx_chat_sub_has(sub, g)                                              \
+    ((g) >= (sub)->from && ((sub)->until == 0 || (g) <= (sub)->until))
 
 
 typedef struct {
@@ -152,6 +164,8 @@ static void ngx_chat_bus_dispatch(uint64_t gseq, int64_t conv, u_char *data,
 static void ngx_chat_bus_membership(ngx_chat_event_t *ev,
     ngx_uint_t subscribe);
 static void ngx_chat_bus_reset(uint64_t v, u_char *epoch, size_t len);
+static void ngx_chat_bus_leave(ngx_chat_session_t *s, int64_t conv,
+    uint64_t gseq);
 static ngx_int_t ngx_chat_bus_sub_index(ngx_chat_session_t *s, int64_t conv,
     ngx_uint_t *index);
 static void ngx_chat_bus_fetch(uint64_t upto);
@@ -455,6 +469,19 @@ ngx_chat_bus_position(void)
 }
 
 
+/* below it the ring holds nothing: catch-up reads the store */
+
+uint64_t
+ngx_chat_bus_ring_start(void)
+{
+    uint64_t  n;
+
+    n = ngx_chat_worker.sh->nslots;
+
+    return (ngx_chat_bus.position > n) ? ngx_chat_bus.position - n : 0;
+}
+
+
 /* a join that began before a reset must not keep the old positions */
 
 ngx_uint_t
@@ -632,20 +659,24 @@ ngx_chat_bus_publish_reserved(ngx_chat_resv_t *r, int64_t key,
 
 /*
  * An edit or a delete of a message (data: its message.edited or
- * message.deleted event at gseq): the ring's earlier events of the same
- * message -- its message.new, its earlier edits -- are rewritten to show
- * the message as it is now, the way the store builds them
- * (sql/005_messaging.sql), so that a client that catches up later never
- * gets the text that was replaced or deleted.  Deletes and edits are
- * rare; the scan releases the zone mutex every NGX_CHAT_BUS_SCAN slots.
+ * message.deleted event at gseq): the ring's other events of the same
+ * message -- its message.new, its earlier edits -- are dropped, and so is
+ * this one when a newer one is there already (two workers may publish the
+ * events of one message out of order).  Whoever needs them reads the
+ * store, which builds them from the message as it is now
+ * (sql/005_messaging.sql): a client that catches up later never gets text
+ * that was replaced or deleted.  Only the half of the ring that catch-up
+ * replays from is looked at, with the zone mutex released every
+ * NGX_CHAT_BUS_SCAN slots.
  */
 void
-ngx_chat_bus_rewrite_message(int64_t conv, uint64_t gseq, u_char *data,
+ngx_chat_bus_forget_message(int64_t conv, uint64_t gseq, u_char *data,
     size_t len)
 {
     u_char            *p, *q, *id, *end, *d;
-    size_t             idlen, tail, kind, n;
-    uint64_t           g, from, last;
+    size_t             idlen;
+    uint64_t           g, from, last, top;
+    ngx_uint_t         newer;
     ngx_slab_pool_t   *shpool;
     ngx_chat_slot_t   *slot;
     ngx_chat_shctx_t  *sh;
@@ -657,19 +688,19 @@ ngx_chat_bus_rewrite_message(int64_t conv, uint64_t gseq, u_char *data,
     shpool = ngx_chat_worker.shpool;
     end = data + len;
 
-    if (len <= sizeof(prefix) - 1
-        || ngx_strncmp(data, prefix, sizeof(prefix) - 1) != 0)
+    /* message.edited or message.deleted only */
+    if (len <= sizeof(prefix) + 8
+        || ngx_strncmp(data, prefix, sizeof(prefix) - 1) != 0
+        || (ngx_strncmp(data + sizeof(prefix) - 1, "edited\"", 7) != 0
+            && ngx_strncmp(data + sizeof(prefix) - 1, "deleted\"", 8) != 0))
     {
         return;
     }
 
-    /* the rest after the kind: ","conversation_id":...,"message":{...}} */
     q = ngx_strlchr(data + sizeof(prefix) - 1, end, '"');
     if (q == NULL) {
         return;
     }
-
-    tail = end - q;
 
     id = ngx_strlcasestrn(q, ngx_min(end, q + 128), key, sizeof(key) - 2);
     if (id == NULL) {
@@ -683,25 +714,27 @@ ngx_chat_bus_rewrite_message(int64_t conv, uint64_t gseq, u_char *data,
     }
 
     idlen = p - id;
+    newer = 0;
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    from = (sh->published > sh->nslots) ? sh->published - sh->nslots + 1 : 1;
+    top = sh->published;
+    from = (top > sh->nslots / 2) ? top - sh->nslots / 2 + 1 : 1;
     from = ngx_max(from, sh->evict);
 
     ngx_shmtx_unlock(&shpool->mutex);
 
-    for (g = from; g < gseq; g = last) {
-        last = ngx_min(gseq, g + NGX_CHAT_BUS_SCAN);
+    for (g = from; g <= top; g = last) {
+        last = ngx_min(top + 1, g + NGX_CHAT_BUS_SCAN);
 
         ngx_shmtx_lock(&shpool->mutex);
 
         for ( /* void */ ; g < last; g++) {
             slot = &sh->slots[g % sh->nslots];
 
-            if (slot->gseq != g || slot->conversation != conv
+            if (g == gseq || slot->gseq != g || slot->conversation != conv
                 || slot->data == NULL
-                || slot->len <= sizeof(prefix) - 1
+                || slot->len <= sizeof(prefix) - 1 + 4
                 || ngx_strncmp(slot->data, prefix, sizeof(prefix) - 1) != 0)
             {
                 continue;
@@ -709,23 +742,15 @@ ngx_chat_bus_rewrite_message(int64_t conv, uint64_t gseq, u_char *data,
 
             d = slot->data + sizeof(prefix) - 1;
 
-            if (slot->len > sizeof(prefix) + 4
-                && ngx_strncmp(d, "new\"", 4) == 0)
+            if (ngx_strncmp(d, "new\"", 4) != 0
+                && !(slot->len > sizeof(prefix) + 7
+                     && (ngx_strncmp(d, "edited\"", 7) == 0
+                         || ngx_strncmp(d, "deleted\"", 8) == 0)))
             {
-                kind = sizeof("new") - 1;
-
-            } else if (slot->len > sizeof(prefix) + 7
-                       && ngx_strncmp(d, "edited\"", 7) == 0)
-            {
-                kind = sizeof("edited") - 1;
-
-            } else {
                 continue;
             }
 
-            p = ngx_strlcasestrn(d + kind,
-                                 ngx_min(slot->data + slot->len,
-                                         d + kind + 128),
+            p = ngx_strlcasestrn(d, ngx_min(slot->data + slot->len, d + 160),
                                  key, sizeof(key) - 2);
 
             if (p == NULL
@@ -737,28 +762,22 @@ ngx_chat_bus_rewrite_message(int64_t conv, uint64_t gseq, u_char *data,
                 continue;
             }
 
-            n = sizeof(prefix) - 1 + kind + tail;
-
-            if (n <= slot->len) {
-                /* readers copy under the mutex: in place is safe */
-                d = slot->data;
-
-            } else {
-                d = ngx_slab_alloc_locked(shpool, n);
-
-                if (d == NULL) {
-                    /* readers that need it read the store */
-                    ngx_chat_bus_free_slot(slot);
-                    continue;
-                }
-
-                ngx_memcpy(d, slot->data, sizeof(prefix) - 1 + kind);
-                ngx_slab_free_locked(shpool, slot->data);
-                slot->data = d;
+            if (g > gseq) {
+                newer = 1;
+                continue;
             }
 
-            ngx_memcpy(d + sizeof(prefix) - 1 + kind, q, tail);
-            slot->len = n;
+            /* readers that need it read the store */
+            ngx_chat_bus_free_slot(slot);
+        }
+
+        if (g > top && newer) {
+            /* ours shows an older state of the message than one above it */
+            slot = &sh->slots[gseq % sh->nslots];
+
+            if (slot->gseq == gseq) {
+                ngx_chat_bus_free_slot(slot);
+            }
         }
 
         ngx_shmtx_unlock(&shpool->mutex);
@@ -1531,6 +1550,11 @@ ngx_chat_bus_settle_handler(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             ngx_chat_bus_publish_reserved(r, key, g, conv,
                                           (u_char *) PQgetvalue(res, i, 2),
                                           PQgetlength(res, i, 2));
+
+            /* an edit or a delete: as ngx_chat_op_event_done() does */
+            ngx_chat_bus_forget_message(conv, g,
+                                        (u_char *) PQgetvalue(res, i, 2),
+                                        PQgetlength(res, i, 2));
         }
     }
 
@@ -2229,7 +2253,9 @@ ngx_chat_bus_dispatch(uint64_t gseq, int64_t conv, u_char *data, size_t len)
             sub = ngx_queue_data(q, ngx_chat_sub_t, queue);
             s = sub->session;
 
-            if (s->state != NGX_CHAT_SESSION_LIVE || gseq <= s->cursor) {
+            if (s->state != NGX_CHAT_SESSION_LIVE || gseq <= s->cursor
+                || !ngx_chat_sub_has(sub, gseq))
+            {
                 continue;
             }
 
@@ -2310,10 +2336,11 @@ ngx_chat_bus_membership(ngx_chat_event_t *ev, ngx_uint_t subscribe)
                 s = ngx_queue_data(q, ngx_chat_session_t, user_queue);
 
                 if (subscribe) {
-                    (void) ngx_chat_bus_subscribe(s, ev->conversation);
+                    (void) ngx_chat_bus_subscribe_span(s, ev->conversation,
+                                                       ev->gseq, 0);
 
                 } else {
-                    ngx_chat_bus_unsubscribe(s, ev->conversation);
+                    ngx_chat_bus_leave(s, ev->conversation, ev->gseq);
                 }
             }
         }
@@ -2382,7 +2409,9 @@ ngx_chat_bus_replay(ngx_chat_session_t *s)
 
         for (i = 0, m = 0; i < n; i++) {
             if (ngx_chat_bus_sub_index(s, bus->scan[i].conv, &index)
-                == NGX_OK)
+                == NGX_OK
+                && ngx_chat_sub_has((ngx_chat_sub_t *) s->subs[index],
+                                    bus->scan[i].gseq))
             {
                 bus->scan[m++] = bus->scan[i];
             }
@@ -2557,6 +2586,11 @@ ngx_chat_bus_each(int64_t conv, ngx_chat_bus_each_pt handler, void *data)
         next = ngx_queue_next(q);
         sub = ngx_queue_data(q, ngx_chat_sub_t, queue);
 
+        if (sub->until) {
+            /* no longer a member */
+            continue;
+        }
+
         handler(sub->session, data);
     }
 }
@@ -2651,12 +2685,26 @@ ngx_chat_bus_subscribed(ngx_chat_session_t *s, int64_t conv)
 {
     ngx_uint_t  index;
 
-    return ngx_chat_bus_sub_index(s, conv, &index) == NGX_OK;
+    return ngx_chat_bus_sub_index(s, conv, &index) == NGX_OK
+           && ((ngx_chat_sub_t *) s->subs[index])->until == 0;
 }
 
 
 ngx_int_t
 ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv)
+{
+    return ngx_chat_bus_subscribe_span(s, conv, 0, 0);
+}
+
+
+/*
+ * A membership from "from" to "until" (0: open).  A session that is a
+ * member again gets the new span: a gap before it that it has not caught
+ * up with yet is read from the store, which knows every span.
+ */
+ngx_int_t
+ngx_chat_bus_subscribe_span(ngx_chat_session_t *s, int64_t conv,
+    uint64_t from, uint64_t until)
 {
     void            **subs;
     ngx_uint_t        n, index;
@@ -2664,6 +2712,13 @@ ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv)
     ngx_chat_conv_t  *cv;
 
     if (ngx_chat_bus_sub_index(s, conv, &index) == NGX_OK) {
+        sub = s->subs[index];
+
+        if (sub->until && until == 0) {
+            sub->from = from;
+            sub->until = 0;
+        }
+
         return NGX_OK;
     }
 
@@ -2710,6 +2765,8 @@ ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv)
 
     sub->session = s;
     sub->conv = cv;
+    sub->from = from;
+    sub->until = until;
     ngx_queue_insert_tail(&cv->subs, &sub->queue);
 
     if (index < s->nsubs) {
@@ -2738,6 +2795,31 @@ ngx_chat_bus_sub_free(ngx_chat_sub_t *sub)
         ngx_rbtree_delete(&ngx_chat_bus.convs, &cv->node);
         ngx_free(cv);
     }
+}
+
+
+/*
+ * A member removed at gseq: a session that has everything up to it has
+ * nothing more to get; one still catching up gets the conversation's
+ * events up to its removal.
+ */
+static void
+ngx_chat_bus_leave(ngx_chat_session_t *s, int64_t conv, uint64_t gseq)
+{
+    ngx_uint_t       index;
+    ngx_chat_sub_t  *sub;
+
+    if (ngx_chat_bus_sub_index(s, conv, &index) != NGX_OK) {
+        return;
+    }
+
+    if (s->state == NGX_CHAT_SESSION_LIVE && s->cursor >= gseq) {
+        ngx_chat_bus_unsubscribe(s, conv);
+        return;
+    }
+
+    sub = s->subs[index];
+    sub->until = gseq;
 }
 
 

@@ -19,6 +19,7 @@ void ngx_chat_bus_exit_process(void);
 void ngx_chat_bus_on_db_ready(void);
 ngx_int_t ngx_chat_bus_started(void);
 uint64_t ngx_chat_bus_position(void);
+uint64_t ngx_chat_bus_ring_start(void);
 void ngx_chat_bus_notify(void);
 int64_t ngx_chat_random_key(void);
 int64_t ngx_chat_bus_holder(void);
@@ -28,13 +29,15 @@ ngx_int_t ngx_chat_bus_reserve(ngx_uint_t n, int64_t key, uint64_t *lo,
 void ngx_chat_bus_publish_reserved(ngx_chat_resv_t *r, int64_t key,
     uint64_t gseq, int64_t conversation, u_char *data, size_t len);
 void ngx_chat_bus_release(ngx_chat_resv_t *r, int64_t key);
-void ngx_chat_bus_rewrite_message(int64_t conv, uint64_t gseq, u_char *data,
+void ngx_chat_bus_forget_message(int64_t conv, uint64_t gseq, u_char *data,
     size_t len);
 void ngx_chat_bus_void(ngx_chat_resv_t *r, int64_t key);
 void ngx_chat_bus_unknown(ngx_chat_resv_t *r, int64_t key);
 ngx_int_t ngx_chat_bus_register(ngx_chat_session_t *s);
 void ngx_chat_bus_unregister(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_bus_subscribe(ngx_chat_session_t *s, int64_t conv);
+ngx_int_t ngx_chat_bus_subscribe_span(ngx_chat_session_t *s, int64_t conv,
+    uint64_t from, uint64_t until);
 ngx_int_t ngx_chat_bus_subscribed(ngx_chat_session_t *s, int64_t conv);
 void ngx_chat_bus_unsubscribe(ngx_chat_session_t *s, int64_t conv);
 void ngx_chat_bus_unsubscribe_all(ngx_chat_session_t *s);

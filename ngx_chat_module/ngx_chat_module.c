@@ -251,6 +251,20 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_main_conf_t, poll_timeout),
       NULL },
 
+    { ngx_string("chat_cors_origins"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_conf_set_str_array_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, cors_origins),
+      NULL },
+
+    { ngx_string("chat_cors_credentials"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, cors_credentials),
+      NULL },
+
     { ngx_string("chat_edit_window"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_msec_slot,
@@ -407,6 +421,11 @@ ngx_chat_handler(ngx_http_request_t *r)
                                    "no such endpoint", 0);
     }
 
+    /* a preflight is answered here, before any authentication */
+    if (ngx_chat_cors(r) == NGX_DONE) {
+        return ngx_chat_cors_preflight(r);
+    }
+
     path.data = r->uri.data + clcf->name.len;
     path.len = r->uri.len - clcf->name.len;
 
@@ -501,6 +520,8 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->sse_retry = NGX_CONF_UNSET_MSEC;
     cmcf->poll_timeout = NGX_CONF_UNSET_MSEC;
     cmcf->edit_window = NGX_CONF_UNSET_MSEC;
+    cmcf->cors_origins = NGX_CONF_UNSET_PTR;
+    cmcf->cors_credentials = NGX_CONF_UNSET;
 
     return cmcf;
 }
@@ -560,6 +581,8 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(cmcf->sse_retry, 2000);
     ngx_conf_init_msec_value(cmcf->poll_timeout, 30000);
     ngx_conf_init_msec_value(cmcf->edit_window, 0);
+    ngx_conf_init_ptr_value(cmcf->cors_origins, cmcf->origins);
+    ngx_conf_init_value(cmcf->cors_credentials, 0);
 
     /* idle proxies and NATs cut a silent connection after about 60 s */
     if (cmcf->sse_heartbeat < 1000 || cmcf->sse_heartbeat > 30000) {

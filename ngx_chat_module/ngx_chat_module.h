@@ -200,6 +200,9 @@ typedef struct {
 
     ngx_msec_t                 edit_window;      /* 0: any time */
 
+    ngx_array_t               *cors_origins;     /* of ngx_str_t */
+    ngx_flag_t                 cors_credentials;
+
     ngx_flag_t                 enabled;          /* any "chat" location */
 } ngx_chat_main_conf_t;
 

@@ -27,12 +27,22 @@
 
 #define NGX_CHAT_OPS_MAX_EMOJI      32
 
+/* members added at once, and in a conversation */
+#define NGX_CHAT_OPS_MAX_ADD        100
+#define NGX_CHAT_OPS_MAX_MEMBERS    1000
 
+
+static ngx_chat_op_t *ngx_chat_op_conversation(const char *name,
+    int64_t id, json_t *args, ngx_str_t *user, ngx_uint_t service,
+    size_t extra, const char **code, const char **msg);
+static ngx_chat_op_t *ngx_chat_op_build(const char *name, json_t *o,
+    ngx_str_t *user, ngx_uint_t service, size_t extra, const char **code);
 static void ngx_chat_op_stage_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_op_event_done(ngx_chat_query_t *e, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_op_finish(ngx_chat_op_t *op);
+static ngx_uint_t ngx_chat_op_pictographic(uint32_t c);
 
 
 /*
@@ -41,30 +51,32 @@ static void ngx_chat_op_finish(ngx_chat_op_t *op);
  * memory.  extra bytes follow the op for the owner (op->req_id).
  */
 ngx_chat_op_t *
-ngx_chat_op_create(const char *name, int64_t message_id, json_t *args,
+ngx_chat_op_create(const char *name, int64_t id, json_t *args,
     ngx_str_t *user, ngx_uint_t service, size_t extra, const char **code,
     const char **msg)
 {
-    u_char          *p;
-    char            *a;
-    json_t          *o;
-    int64_t          key;
-    ngx_str_t        body, emoji;
-    ngx_chat_op_t   *op;
-    ngx_chat_buf_t   sql;
-    u_char           num[128];
+    json_t     *o;
+    ngx_str_t   body, emoji;
 
     *code = "bad_request";
     *msg = NULL;
 
-    if (message_id == 0
-        && ngx_chat_json_id(args, "message_id", &message_id, 1) != NGX_OK)
+    if (ngx_strcmp(name, "add_members") == 0
+        || ngx_strcmp(name, "remove_member") == 0
+        || ngx_strcmp(name, "update_conversation") == 0)
+    {
+        return ngx_chat_op_conversation(name, id, args, user, service,
+                                        extra, code, msg);
+    }
+
+    if (id == 0
+        && ngx_chat_json_id(args, "message_id", &id, 1) != NGX_OK)
     {
         *msg = "\"message_id\" must be a message id";
         return NULL;
     }
 
-    o = json_pack("{sI}", "message_id", (json_int_t) message_id);
+    o = json_pack("{sI}", "message_id", (json_int_t) id);
     if (o == NULL) {
         *code = NULL;
         return NULL;
@@ -116,12 +128,189 @@ ngx_chat_op_create(const char *name, int64_t message_id, json_t *args,
         return NULL;
     }
 
+    return ngx_chat_op_build(name, o, user, service, extra, code);
+
+failed:
+
+    json_decref(o);
+    *code = NULL;
+
+    return NULL;
+}
+
+
+/*
+ * Members and settings of a conversation: add_members {members},
+ * remove_member (args: {"user"}), update_conversation {title, context,
+ * history}.
+ */
+static ngx_chat_op_t *
+ngx_chat_op_conversation(const char *name, int64_t id, json_t *args,
+    ngx_str_t *user, ngx_uint_t service, size_t extra, const char **code,
+    const char **msg)
+{
+    char        *ctx;
+    size_t       i;
+    json_t      *o, *v, *m;
+    ngx_str_t    s;
+    ngx_uint_t   n;
+
+    o = json_pack("{sI}", "conversation_id", (json_int_t) id);
+    if (o == NULL) {
+        *code = NULL;
+        return NULL;
+    }
+
+    if (ngx_strcmp(name, "add_members") == 0) {
+        v = json_object_get(args, "members");
+
+        if (!json_is_array(v) || json_array_size(v) == 0
+            || json_array_size(v) > NGX_CHAT_OPS_MAX_ADD)
+        {
+            json_decref(o);
+            *msg = "\"members\" must be an array of 1 to 100 user ids";
+            return NULL;
+        }
+
+        json_array_foreach(v, i, m) {
+            if (!json_is_string(m)
+                || ngx_chat_valid_user_id((u_char *) json_string_value(m),
+                                          json_string_length(m)) != NGX_OK)
+            {
+                json_decref(o);
+                *msg = "\"members\" must be an array of 1 to 100 user ids";
+                return NULL;
+            }
+        }
+
+        if (json_object_set(o, "members", v)
+            || json_object_set_new(o, "max",
+                                   json_integer(NGX_CHAT_OPS_MAX_MEMBERS)))
+        {
+            goto failed;
+        }
+
+    } else if (ngx_strcmp(name, "remove_member") == 0) {
+        if (ngx_chat_json_str(args, "user", &s, 256, 1) != NGX_OK
+            || ngx_chat_valid_user_id(s.data, s.len) != NGX_OK)
+        {
+            json_decref(o);
+            *msg = "not a user id";
+            return NULL;
+        }
+
+        if (json_object_set_new(o, "user",
+                                json_stringn((char *) s.data, s.len)))
+        {
+            goto failed;
+        }
+
+    } else {
+        n = 0;
+        v = json_object_get(args, "title");
+
+        if (v) {
+            if (!(json_is_null(v)
+                  || (json_is_string(v) && json_string_length(v) <= 200)))
+            {
+                json_decref(o);
+                *msg = "\"title\" must be a string of at most 200 bytes "
+                       "or null";
+                return NULL;
+            }
+
+            if (json_object_set(o, "title", v)) {
+                goto failed;
+            }
+
+            n++;
+        }
+
+        v = json_object_get(args, "context");
+
+        if (v) {
+            if (!(json_is_null(v) || json_is_object(v))) {
+                json_decref(o);
+                *msg = "\"context\" must be an object or null";
+                return NULL;
+            }
+
+            ctx = json_dumps(v, JSON_COMPACT);
+            n = ctx ? ngx_strlen(ctx) : 0;
+            free(ctx);
+
+            if (n > 4096) {
+                json_decref(o);
+                *code = "too_large";
+                *msg = "\"context\" is too large";
+                return NULL;
+            }
+
+            if (json_object_set(o, "context", v)) {
+                goto failed;
+            }
+
+            n = 1;
+        }
+
+        v = json_object_get(args, "history");
+
+        if (v) {
+            if (!json_is_string(v)
+                || (ngx_strcmp(json_string_value(v), "all") != 0
+                    && ngx_strcmp(json_string_value(v), "since_join") != 0))
+            {
+                json_decref(o);
+                *msg = "\"history\" must be \"all\" or \"since_join\"";
+                return NULL;
+            }
+
+            if (json_object_set(o, "history", v)) {
+                goto failed;
+            }
+
+            n++;
+        }
+
+        if (json_object_size(o) == 1) {
+            json_decref(o);
+            *msg = "nothing to change: \"title\", \"context\" or "
+                   "\"history\"";
+            return NULL;
+        }
+    }
+
+    return ngx_chat_op_build(name, o, user, service, extra, code);
+
+failed:
+
+    json_decref(o);
+    *code = NULL;
+
+    return NULL;
+}
+
+
+/* step 1's SQL from the checked arguments (o is consumed) */
+
+static ngx_chat_op_t *
+ngx_chat_op_build(const char *name, json_t *o, ngx_str_t *user,
+    ngx_uint_t service, size_t extra, const char **code)
+{
+    u_char          *p;
+    char            *a;
+    int64_t          key;
+    ngx_chat_op_t   *op;
+    ngx_chat_buf_t   sql;
+    u_char           num[128];
+
+    *code = NULL;
+
     a = json_dumps(o, JSON_COMPACT);
     json_decref(o);
-    o = NULL;
 
     if (a == NULL) {
-        goto failed;
+        return NULL;
     }
 
     /* BEGIN; EXECUTE chat_op_stage(...) as literals: one round trip */
@@ -142,7 +331,7 @@ ngx_chat_op_create(const char *name, int64_t message_id, json_t *args,
     {
         free(a);
         ngx_chat_buf_free(&sql);
-        goto failed;
+        return NULL;
     }
 
     free(a);
@@ -151,7 +340,7 @@ ngx_chat_op_create(const char *name, int64_t message_id, json_t *args,
                     ngx_chat_worker.log);
     if (op == NULL) {
         ngx_chat_buf_free(&sql);
-        goto failed;
+        return NULL;
     }
 
     op->req_id = (u_char *) &op[1];
@@ -166,19 +355,7 @@ ngx_chat_op_create(const char *name, int64_t message_id, json_t *args,
     op->query.txn = 1;
     op->query.handler = ngx_chat_op_stage_done;
 
-    *code = NULL;
-
     return op;
-
-failed:
-
-    if (o) {
-        json_decref(o);
-    }
-
-    *code = NULL;
-
-    return NULL;
 }
 
 
@@ -269,10 +446,10 @@ ngx_chat_op_event_done(ngx_chat_query_t *e, PGresult *res, ngx_int_t rc)
                                       PQgetlength(stage, 0, 5));
         ngx_chat_bus_release(op->resv, op->key);
 
-        /* the ring shows the message as it is now, as the store does */
-        ngx_chat_bus_rewrite_message(conv, op->lo,
-                                     (u_char *) PQgetvalue(stage, 0, 5),
-                                     PQgetlength(stage, 0, 5));
+        /* no older text of the message stays in the ring */
+        ngx_chat_bus_forget_message(conv, op->lo,
+                                    (u_char *) PQgetvalue(stage, 0, 5),
+                                    PQgetlength(stage, 0, 5));
         ngx_chat_bus_notify();
 
         op->rc = NGX_OK;
@@ -320,7 +497,7 @@ ngx_chat_op_valid_emoji(u_char *p, size_t len)
 {
     u_char      *end;
     uint32_t     c;
-    ngx_uint_t   n, keycap, capped, base;
+    ngx_uint_t   n, keycap, capped, base, joined, flags;
 
     if (len == 0 || len > NGX_CHAT_OPS_MAX_EMOJI) {
         return NGX_ERROR;
@@ -331,6 +508,8 @@ ngx_chat_op_valid_emoji(u_char *p, size_t len)
     keycap = 0;
     capped = 0;
     base = 0;
+    joined = 0;
+    flags = 0;
 
     while (p < end) {
         if (*p < 0x80) {
@@ -348,12 +527,22 @@ ngx_chat_op_valid_emoji(u_char *p, size_t len)
             return NGX_ERROR;
         }
 
-        if (c == 0xfe0f || c == 0xfe0e || c == 0x200d
+        if (c == 0x200d) {
+            /* a joiner joins two emoji */
+            if (!base || joined || keycap) {
+                return NGX_ERROR;
+            }
+
+            joined = 1;
+            continue;
+        }
+
+        if (c == 0xfe0f || c == 0xfe0e
             || (c >= 0x1f3fb && c <= 0x1f3ff)
             || (c >= 0xe0020 && c <= 0xe007f))
         {
-            /* modifiers: never first */
-            if (!base) {
+            /* modifiers: after a base */
+            if (!base || joined) {
                 return NGX_ERROR;
             }
 
@@ -369,8 +558,29 @@ ngx_chat_op_valid_emoji(u_char *p, size_t len)
             continue;
         }
 
+        if (c >= 0x1f1e6 && c <= 0x1f1ff) {
+            /* a flag: two regional indicators */
+            if (flags == 1 && !joined) {
+                flags = 2;
+                continue;
+            }
+
+            if ((base && !joined) || flags) {
+                return NGX_ERROR;
+            }
+
+            flags = 1;
+            base = 1;
+            joined = 0;
+            continue;
+        }
+
+        if (base && !joined) {
+            /* two emoji side by side are text */
+            return NGX_ERROR;
+        }
+
         if (keycap) {
-            /* a keycap's base is alone */
             return NGX_ERROR;
         }
 
@@ -384,25 +594,40 @@ ngx_chat_op_valid_emoji(u_char *p, size_t len)
             continue;
         }
 
-        if (c == 0xa9 || c == 0xae
-            || (c >= 0x203c && c <= 0x3299)
-            || (c >= 0x1f000 && c <= 0x1faff))
-        {
+        if (ngx_chat_op_pictographic(c)) {
             base = 1;
+            joined = 0;
             continue;
         }
 
         return NGX_ERROR;
     }
 
-    if (!base) {
-        return NGX_ERROR;
-    }
-
-    /* "1" is a digit, "1\ufe0f\u20e3" a keycap */
-    if (keycap && !capped) {
+    if (!base || joined || (keycap && !capped) || flags == 1) {
         return NGX_ERROR;
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * The blocks where Unicode's emoji are (Extended_Pictographic, by block):
+ * the supplementary symbol planes, and the few symbol blocks of the BMP
+ * that hold emoji -- not letters, kana, punctuation or spaces.
+ */
+static ngx_uint_t
+ngx_chat_op_pictographic(uint32_t c)
+{
+    return c == 0xa9 || c == 0xae || c == 0x203c || c == 0x2049
+           || c == 0x2122 || c == 0x2139
+           || (c >= 0x2194 && c <= 0x21aa)
+           || (c >= 0x231a && c <= 0x23ff)
+           || c == 0x24c2
+           || (c >= 0x25aa && c <= 0x27bf)
+           || (c >= 0x2934 && c <= 0x2935)
+           || (c >= 0x2b05 && c <= 0x2b55)
+           || c == 0x3030 || c == 0x303d || c == 0x3297 || c == 0x3299
+           || (c >= 0x1f000 && c <= 0x1f1e5)
+           || (c >= 0x1f200 && c <= 0x1faff);
 }

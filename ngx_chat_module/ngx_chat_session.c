@@ -752,8 +752,9 @@ ngx_chat_session_join(ngx_chat_session_t *s)
 static void
 ngx_chat_session_join_done(ngx_chat_join_t *j)
 {
-    u_char              *p, *end, *last;
+    u_char              *p, *end, *last, *at, *dash;
     int64_t              conv;
+    uint64_t             from, until;
     ngx_int_t            rc;
     ngx_chat_session_t  *s;
 
@@ -771,6 +772,8 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
         return;
     }
 
+    /* "id", "id@from" or "id@from-until", as of the events */
+
     p = j->conversations.data;
     end = p + j->conversations.len;
 
@@ -780,8 +783,21 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
             last = end;
         }
 
-        if (ngx_chat_parse_id(p, last - p, &conv) == NGX_OK
-            && ngx_chat_bus_subscribe(s, conv) != NGX_OK)
+        at = ngx_strlchr(p, last, '@');
+        from = 0;
+        until = 0;
+
+        if (at) {
+            dash = ngx_strlchr(at + 1, last, '-');
+            from = (uint64_t) ngx_atoof(at + 1, (dash ? dash : last) - at - 1);
+
+            if (dash) {
+                until = (uint64_t) ngx_atoof(dash + 1, last - dash - 1);
+            }
+        }
+
+        if (ngx_chat_parse_id(p, (at ? at : last) - p, &conv) == NGX_OK
+            && ngx_chat_bus_subscribe_span(s, conv, from, until) != NGX_OK)
         {
             ngx_chat_session_close(s, NGX_CHAT_CLOSE_INTERNAL, "internal");
             return;
@@ -1378,6 +1394,13 @@ ngx_chat_session_op(ngx_chat_session_t *s, const char *name, json_t *root,
         ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
                              "too many requests waiting for the store",
                              NGX_CHAT_SESSION_SEND_WAIT);
+        return;
+    }
+
+    /* no position to give its event: nothing is written */
+    if (!ngx_chat_bus_can_reserve()) {
+        ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
+                             "the store is busy", 200);
         return;
     }
 

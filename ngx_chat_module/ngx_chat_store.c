@@ -63,6 +63,7 @@ typedef struct {
     ngx_uint_t                 n;
     ngx_chat_buf_t             json;
     u_char                     max[NGX_INT_T_LEN + 1];
+    u_char                     since[NGX_INT64_LEN + 1];
 } ngx_chat_join_batch_t;
 
 
@@ -169,10 +170,23 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
 
     /* one row per user, in order; one snapshot for all of them */
     /* contacts: conversations of at most $2 members, for presence */
+    /*
+     * Each user's memberships as "id", "id@from" (added at gseq from) and,
+     * for the ones that ended where the ring still holds events,
+     * "id@from-until" (sql/006_members.sql).
+     */
     { "chat_memberships",
-      "SELECT coalesce((SELECT string_agg(m.conversation_id::text, ',' "
-      "ORDER BY m.conversation_id) "
-      "FROM chat_members m WHERE m.user_id = u.u), ''), "
+      "SELECT coalesce((SELECT string_agg(x.t, ',' ORDER BY x.c) FROM ("
+      "SELECT m.conversation_id AS c, m.conversation_id::text "
+      "|| CASE WHEN m.joined_gseq > 0 THEN '@' || m.joined_gseq "
+      "ELSE '' END AS t "
+      "FROM chat_members m WHERE m.user_id = u.u "
+      "UNION ALL SELECT p.conversation_id, p.conversation_id::text "
+      "|| '@' || p.joined_gseq || '-' || p.left_gseq "
+      "FROM chat_member_spans p WHERE p.user_id = u.u "
+      "AND p.left_gseq > $3::bigint AND NOT EXISTS (SELECT 1 "
+      "FROM chat_members n WHERE n.conversation_id = p.conversation_id "
+      "AND n.user_id = p.user_id)) x), ''), "
       "(SELECT coalesce(max(gseq), 0) FROM chat_events), "
       "coalesce((SELECT string_agg(m.conversation_id::text, ',' "
       "ORDER BY m.conversation_id) "
@@ -180,7 +194,7 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "FROM chat_conversations c WHERE c.id = m.conversation_id LIMIT 1) c "
       "WHERE m.user_id = u.u AND c.member_count <= $2::int), '') "
       "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
-      "AS u (u, ord) ORDER BY u.ord", 2 },
+      "AS u (u, ord) ORDER BY u.ord", 3 },
 
     /*
      * A page of a user's events after a cursor, a merge over the user's
@@ -194,13 +208,21 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
      * the cut: a page with n < $3 and all n rows saw everything.
      */
     { "chat_catchup",
-      "WITH f AS (SELECT m.conversation_id AS c, y.gseq AS g "
-      "FROM chat_members m CROSS JOIN LATERAL ("
+      "WITH s AS (SELECT m.conversation_id AS c, "
+      "greatest($2::bigint, m.joined_gseq - 1) AS lo, $5::bigint AS hi "
+      "FROM chat_members m WHERE m.user_id = $1 "
+      "UNION ALL SELECT p.conversation_id, "
+      "greatest($2::bigint, p.joined_gseq - 1), "
+      "least($5::bigint, p.left_gseq) "
+      "FROM chat_member_spans p WHERE p.user_id = $1 "
+      "AND p.left_gseq > $2::bigint), "
+      "f AS (SELECT s.c, s.lo, s.hi, y.gseq AS g "
+      "FROM s CROSS JOIN LATERAL ("
       "SELECT e.gseq FROM chat_events e "
-      "WHERE e.conversation_id = m.conversation_id "
-      "AND e.gseq > $2::bigint AND e.gseq <= $5::bigint "
+      "WHERE e.conversation_id = s.c "
+      "AND e.gseq > s.lo AND e.gseq <= s.hi "
       "ORDER BY e.gseq LIMIT 1) y "
-      "WHERE m.user_id = $1 ORDER BY y.gseq LIMIT $3::int), "
+      "ORDER BY y.gseq LIMIT $3::int), "
       "b AS (SELECT CASE WHEN count(*) < $3::int THEN NULL "
       "ELSE max(g) END AS b FROM f) "
       "SELECT t.gseq, t.conversation_id, t.payload, t.n FROM ("
@@ -212,7 +234,7 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "FROM (SELECT x.gseq, count(*) OVER () AS n FROM ("
       "SELECT y.gseq FROM f CROSS JOIN b CROSS JOIN LATERAL ("
       "SELECT e.gseq FROM chat_events e WHERE e.conversation_id = f.c "
-      "AND e.gseq > $2::bigint AND e.gseq <= $5::bigint "
+      "AND e.gseq > f.lo AND e.gseq <= f.hi "
       "AND (b.b IS NULL OR e.gseq <= b.b) "
       "ORDER BY e.gseq LIMIT $3::int) y "
       "ORDER BY y.gseq LIMIT $3::int) x) p "
@@ -1756,7 +1778,7 @@ ngx_chat_store_join_flush(ngx_event_t *ev)
 
     if (b != NULL) {
         b->query.stmt = NGX_CHAT_STMT_MEMBERSHIPS;
-        b->query.nparams = 2;
+        b->query.nparams = 3;
         b->query.build = ngx_chat_store_join_build;
         b->query.handler = ngx_chat_store_join_done;
         b->query.data = b;
@@ -1836,6 +1858,10 @@ ngx_chat_store_join_build(ngx_chat_query_t *q)
     *ngx_sprintf(b->max, "%ui", ngx_chat_worker.cmcf->presence_max_members)
         = '\0';
     q->params[1] = (const char *) b->max;
+
+    /* spans that ended before what the ring holds are the store's */
+    *ngx_sprintf(b->since, "%uL", ngx_chat_bus_ring_start()) = '\0';
+    q->params[2] = (const char *) b->since;
 
     return NGX_OK;
 }

@@ -209,7 +209,8 @@ is_((b or {}).get("next", "missing"), None, "next null: nothing older")
 m = (b.get("messages") or [{}])[-1] if isinstance(b, dict) else {}
 is_(sorted(m.keys()), sorted(["id", "conversation_id", "seq", "sender", "created_at",
                               "client_msg_id", "body", "format", "reply_to", "attachments",
-                              "edited_at", "deleted"]), "message object fields")
+                              "edited_at", "deleted", "reactions"]),
+    "message object fields (history adds the reader's view of reactions)")
 ok(isinstance(m.get("id"), str) and m.get("conversation_id") == gid and m.get("seq") == 1
    and m.get("sender") == "bob" and m.get("body") == "history 1"
    and m.get("client_msg_id") == "h-1" and m.get("format") == "text"
