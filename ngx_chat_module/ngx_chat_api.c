@@ -1515,7 +1515,9 @@ ngx_chat_api_history(ngx_http_request_t *r)
                                    "sequence numbers, \"limit\" 1 to 200", 0);
     }
 
-    q = ngx_chat_query_alloc(NGX_CHAT_STMT_HISTORY,
+    /* a message's replies (messages/{id}/replies) page the same way */
+    q = ngx_chat_query_alloc(ctx->message ? NGX_CHAT_STMT_REPLIES
+                                          : NGX_CHAT_STMT_HISTORY,
                              ctx->id.user.len + 1 + 4 * (NGX_INT64_LEN + 1));
     if (q == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -1530,7 +1532,8 @@ ngx_chat_api_history(ngx_http_request_t *r)
     q->params[1] = (ctx->id.role == NGX_CHAT_ROLE_SERVICE) ? "t" : "f";
 
     q->params[2] = (char *) p;
-    p = ngx_sprintf(p, "%L", ctx->conversation);
+    p = ngx_sprintf(p, "%L",
+                    ctx->message ? ctx->message : ctx->conversation);
     *p++ = '\0';
 
     if (rcb == NGX_OK) {
@@ -1566,6 +1569,7 @@ ngx_chat_api_history(ngx_http_request_t *r)
 static void
 ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
+    ngx_chat_api_ctx_t  *ctx;
     ngx_http_request_t  *r;
 
     r = ngx_chat_api_query_owner(q);
@@ -1583,9 +1587,12 @@ ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     }
 
     if (PQgetisnull(res, 0, 0)) {
+        ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
         ngx_http_finalize_request(r,
             ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
-                                "no such conversation", 0));
+                                ctx->message ? "no such message"
+                                             : "no such conversation", 0));
         return;
     }
 
@@ -2273,6 +2280,14 @@ ngx_chat_api_message(ngx_http_request_t *r, u_char *p, u_char *end)
     }
 
     p = slash + 1;
+
+    if (end - p == 7 && ngx_strncmp(p, "replies", 7) == 0) {
+        if (r->method != NGX_HTTP_GET) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_history(r);
+    }
 
     if (end - p == 9 && ngx_strncmp(p, "reactions", 9) == 0) {
         if (r->method == NGX_HTTP_POST) {

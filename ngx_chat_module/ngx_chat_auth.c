@@ -1479,6 +1479,18 @@ ngx_chat_cors(ngx_http_request_t *r)
 
     cmcf = ngx_http_get_module_main_conf(r, ngx_chat_module);
 
+    if (cmcf->cors_origins == NULL || cmcf->cors_origins->nelts == 0
+        || r->internal)
+    {
+        /* (an internal redirect has them from the first pass) */
+        return NGX_OK;
+    }
+
+    /* caches keep one answer per origin, and one for none */
+    if (ngx_chat_cors_header(r, "Vary", "Origin", 6) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     origin = NULL;
     acrm = NULL;
     n = 0;
@@ -1519,13 +1531,7 @@ ngx_chat_cors(ngx_http_request_t *r)
         return NGX_OK;
     }
 
-    /* caches keep one answer per origin */
-    if (ngx_chat_cors_header(r, "Vary", "Origin", 6) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    if (n == 1 && cmcf->cors_origins && cmcf->cors_origins->nelts
-        && ngx_chat_origin_match(cmcf->cors_origins, origin))
+    if (n == 1 && ngx_chat_origin_match(cmcf->cors_origins, origin))
     {
         if (ngx_chat_cors_header(r, "Access-Control-Allow-Origin",
                                  (char *) origin->data, origin->len)

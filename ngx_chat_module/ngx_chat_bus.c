@@ -2335,7 +2335,11 @@ ngx_chat_bus_membership(ngx_chat_event_t *ev, ngx_uint_t subscribe)
                 next = ngx_queue_next(q);
                 s = ngx_queue_data(q, ngx_chat_session_t, user_queue);
 
-                if (subscribe) {
+                if (s->state == NGX_CHAT_SESSION_JOINING) {
+                    /* its memberships may be older than this: redo */
+                    s->join_stale = 1;
+
+                } else if (subscribe) {
                     (void) ngx_chat_bus_subscribe_span(s, ev->conversation,
                                                        ev->gseq, 0);
 
@@ -2381,7 +2385,10 @@ ngx_chat_bus_replay(ngx_chat_session_t *s)
         return NGX_OK;
     }
 
-    if (upto - s->cursor > sh->nslots / 2) {
+    if (upto - s->cursor > sh->nslots / 2
+        || s->cursor < s->store_below)
+    {
+        /* far behind, or spans of membership the ring cannot tell apart */
         return NGX_DECLINED;
     }
 
@@ -2715,6 +2722,11 @@ ngx_chat_bus_subscribe_span(ngx_chat_session_t *s, int64_t conv,
         sub = s->subs[index];
 
         if (sub->until && until == 0) {
+            /* the ring filters by one span: the old one is the store's */
+            if (sub->until > s->cursor) {
+                s->store_below = ngx_max(s->store_below, sub->until);
+            }
+
             sub->from = from;
             sub->until = 0;
         }

@@ -411,6 +411,7 @@ static ngx_str_t  ngx_chat_zone_name = ngx_string("ngx_chat_module");
 static ngx_int_t
 ngx_chat_handler(ngx_http_request_t *r)
 {
+    ngx_int_t                  rc;
     ngx_str_t                  path;
     ngx_http_core_loc_conf_t  *clcf;
 
@@ -422,8 +423,14 @@ ngx_chat_handler(ngx_http_request_t *r)
     }
 
     /* a preflight is answered here, before any authentication */
-    if (ngx_chat_cors(r) == NGX_DONE) {
+    rc = ngx_chat_cors(r);
+
+    if (rc == NGX_DONE) {
         return ngx_chat_cors_preflight(r);
+    }
+
+    if (rc == NGX_ERROR) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     path.data = r->uri.data + clcf->name.len;
@@ -532,6 +539,9 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
 {
     ngx_chat_main_conf_t *cmcf = conf;
 
+    ngx_str_t             *o;
+    ngx_uint_t             i;
+
     ngx_conf_init_uint_value(cmcf->db_pool_size, 4);
     ngx_conf_init_uint_value(cmcf->db_queue_size, 4096);
     ngx_conf_init_uint_value(cmcf->db_batch_size, 256);
@@ -583,6 +593,19 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(cmcf->edit_window, 0);
     ngx_conf_init_ptr_value(cmcf->cors_origins, cmcf->origins);
     ngx_conf_init_value(cmcf->cors_credentials, 0);
+
+    if (cmcf->cors_credentials && cmcf->cors_origins) {
+        o = cmcf->cors_origins->elts;
+
+        for (i = 0; i < cmcf->cors_origins->nelts; i++) {
+            if (o[i].len == 1 && o[i].data[0] == '*') {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "chat_cors_credentials on needs a list "
+                                   "of origins, not \"*\"");
+                return NGX_CONF_ERROR;
+            }
+        }
+    }
 
     /* idle proxies and NATs cut a silent connection after about 60 s */
     if (cmcf->sse_heartbeat < 1000 || cmcf->sse_heartbeat > 30000) {

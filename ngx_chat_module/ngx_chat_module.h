@@ -59,7 +59,7 @@
 #include <openssl/evp.h>
 
 
-#define NGX_CHAT_SCHEMA_VERSION        5
+#define NGX_CHAT_SCHEMA_VERSION        6
 
 
 /* a node of a tree keyed by unique integers (conversation ids), or NULL */

@@ -752,9 +752,9 @@ ngx_chat_session_join(ngx_chat_session_t *s)
 static void
 ngx_chat_session_join_done(ngx_chat_join_t *j)
 {
-    u_char              *p, *end, *last, *at, *dash;
+    u_char              *p, *end, *last, *at, *dash, *caret;
     int64_t              conv;
-    uint64_t             from, until;
+    uint64_t             from, until, left;
     ngx_int_t            rc;
     ngx_chat_session_t  *s;
 
@@ -772,7 +772,26 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
         return;
     }
 
-    /* "id", "id@from" or "id@from-until", as of the events */
+    if (s->join_stale && s->rejoins < 3) {
+        /*
+         * A member.added or member.removed of this user was dispatched
+         * while the memberships were read: they may not show it.
+         */
+        s->join_stale = 0;
+        s->rejoins++;
+
+        ngx_chat_bus_unregister(s);
+        s->state = NGX_CHAT_SESSION_NEW;
+
+        ngx_chat_session_join(s);
+        return;
+    }
+
+    /*
+     * "id", "id@from" or "id@from-until", as of the events; "^left" after
+     * a membership: an earlier one ended at left (the store tells them
+     * apart)
+     */
 
     p = j->conversations.data;
     end = p + j->conversations.len;
@@ -781,6 +800,14 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
         last = ngx_strlchr(p, end, ',');
         if (last == NULL) {
             last = end;
+        }
+
+        caret = ngx_strlchr(p, last, '^');
+
+        if (caret) {
+            left = (uint64_t) ngx_atoof(caret + 1, last - caret - 1);
+            s->store_below = ngx_max(s->store_below, left);
+            last = caret;
         }
 
         at = ngx_strlchr(p, last, '@');
@@ -803,7 +830,8 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
             return;
         }
 
-        p = last + 1;
+        p = ngx_strlchr(last, end, ',');
+        p = p ? p + 1 : end;
     }
 
     if (s->resets != ngx_chat_bus_resets()) {

@@ -68,6 +68,9 @@ struct ngx_chat_session_s {
     ngx_uint_t                 ack_head;
     ngx_uint_t                 nacks;
     ngx_uint_t                 nalloc_acks;
+    uint64_t                   store_below;      /* catch-up from the store
+                                                    until past it */
+    ngx_uint_t                 rejoins;          /* joins redone */
 
     unsigned                   authenticated:1;
     unsigned                   hello_done:1;
@@ -83,6 +86,8 @@ struct ngx_chat_session_s {
     unsigned                   unauth:1;         /* counted as such */
     unsigned                   present:1;        /* a device in the zone */
     unsigned                   acking:1;         /* the client sends acks */
+    unsigned                   join_stale:1;     /* membership changed while
+                                                    joining */
 };
 
 

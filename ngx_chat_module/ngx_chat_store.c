@@ -173,13 +173,17 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
     /*
      * Each user's memberships as "id", "id@from" (added at gseq from) and,
      * for the ones that ended where the ring still holds events,
-     * "id@from-until" (sql/006_members.sql).
+     * "id@from-until" (sql/006_members.sql); "^left" after a current one
+     * whose earlier span ended there.
      */
     { "chat_memberships",
       "SELECT coalesce((SELECT string_agg(x.t, ',' ORDER BY x.c) FROM ("
       "SELECT m.conversation_id AS c, m.conversation_id::text "
       "|| CASE WHEN m.joined_gseq > 0 THEN '@' || m.joined_gseq "
-      "ELSE '' END AS t "
+      "ELSE '' END || coalesce('^' || (SELECT max(o.left_gseq) "
+      "FROM chat_member_spans o WHERE o.user_id = u.u "
+      "AND o.left_gseq > $3::bigint "
+      "AND o.conversation_id = m.conversation_id), '') AS t "
       "FROM chat_members m WHERE m.user_id = u.u "
       "UNION ALL SELECT p.conversation_id, p.conversation_id::text "
       "|| '@' || p.joined_gseq || '-' || p.left_gseq "
@@ -338,6 +342,10 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "$6::jsonb)", 6 },
     { "chat_op_event",
       "SELECT chat_op_event($1::bigint, $2::bigint)", 2 },
+
+    { "chat_replies",
+      "SELECT chat_replies($1, $2::boolean, $3::bigint, $4::bigint, "
+      "$5::bigint, $6::int)", 6 },
 
     { NULL, NULL, 0 }
 };

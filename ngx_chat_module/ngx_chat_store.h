@@ -39,6 +39,7 @@
 #define NGX_CHAT_STMT_MUTE           23
 #define NGX_CHAT_STMT_OP_STAGE       24
 #define NGX_CHAT_STMT_OP_EVENT       25
+#define NGX_CHAT_STMT_REPLIES        26
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 

@@ -126,6 +126,102 @@ END;
 $$;
 
 
+-- Threads: a message's replies (reply_to, validated to be of the same
+-- conversation by the send), counted when read -- never a write on the
+-- send path.
+CREATE INDEX chat_messages_replies ON chat_messages (reply_to, seq)
+    WHERE reply_to IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION chat_message_json_for(m chat_messages,
+                                                 p_viewer text)
+RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT left(chat_message_json(m), -1) || ',"reactions":'
+        || chat_reactions_json(m.id, p_viewer)
+        || ',"reply_count":' || coalesce(t.n, 0)
+        || ',"last_reply":' || coalesce(t.last, 'null') || '}'
+    FROM (SELECT (SELECT count(*) FROM chat_messages r
+                  WHERE r.reply_to = m.id AND NOT r.deleted) AS n,
+                 (SELECT '{"id":"' || r.id || '","sender":'
+                         || to_json(r.sender)::text || ',"created_at":"'
+                         || chat_ts(r.created_at) || '"}'
+                  FROM chat_messages r
+                  WHERE r.reply_to = m.id AND NOT r.deleted
+                  ORDER BY r.seq DESC LIMIT 1) AS last) t
+$$;
+
+
+-- GET /messages/{id}/replies: as chat_history, over one message's replies
+CREATE FUNCTION chat_replies(p_user text, p_service boolean, p_msg bigint,
+                             p_before bigint, p_after bigint, p_limit int)
+RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_conv  bigint;
+    v_rows  text;
+    v_n     int;
+    v_edge  bigint;
+    v_from  bigint := 0;
+BEGIN
+    SELECT m.conversation_id INTO v_conv FROM chat_messages m
+    WHERE m.id = p_msg;
+
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+
+    IF NOT p_service THEN
+        SELECT CASE WHEN c.history = 'since_join' THEN mb.joined_seq
+                    ELSE 0 END
+        INTO v_from
+        FROM chat_members mb JOIN chat_conversations c ON c.id = v_conv
+        WHERE mb.conversation_id = v_conv AND mb.user_id = p_user;
+
+        IF NOT FOUND THEN
+            RETURN 'forbidden';
+        END IF;
+    END IF;
+
+    IF p_after IS NOT NULL THEN
+        SELECT string_agg(chat_message_json_for(m, p_user), ','
+                          ORDER BY m.seq),
+               count(*), max(m.seq)
+        INTO v_rows, v_n, v_edge
+        FROM (SELECT * FROM chat_messages m
+              WHERE m.reply_to = p_msg AND m.seq > greatest(p_after, v_from)
+                AND (p_before IS NULL OR m.seq < p_before)
+              ORDER BY m.seq LIMIT p_limit) m;
+    ELSE
+        SELECT string_agg(chat_message_json_for(m, p_user), ','
+                          ORDER BY m.seq DESC),
+               count(*), min(m.seq)
+        INTO v_rows, v_n, v_edge
+        FROM (SELECT * FROM chat_messages m
+              WHERE m.reply_to = p_msg AND m.seq > v_from
+                AND (p_before IS NULL OR m.seq < p_before)
+              ORDER BY m.seq DESC LIMIT p_limit) m;
+    END IF;
+
+    RETURN '{"messages":[' || coalesce(v_rows, '') || '],"next":'
+           || CASE WHEN v_n = p_limit THEN v_edge::text ELSE 'null' END
+           || '}';
+END;
+$$;
+
+
+-- The membership check of an operation holds the member row (KEY SHARE)
+-- to the end: a removal waits for the operation, or the operation for the
+-- removal, and their events come in that order -- an edit or a reaction
+-- of a removed member never lands after its member.removed.
+CREATE OR REPLACE FUNCTION chat_is_member(p_conv bigint, p_user text)
+RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT EXISTS (SELECT 1 FROM chat_members mb
+                   WHERE mb.conversation_id = p_conv AND mb.user_id = p_user
+                   FOR KEY SHARE)
+$$;
+
+
 -- add_members / remove_member.  Who may: a service token, the
 -- conversation's creator; a member may remove itself (leave).
 CREATE FUNCTION chat_op_members(p_user text, p_service boolean, a jsonb,

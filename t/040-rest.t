@@ -209,8 +209,8 @@ is_((b or {}).get("next", "missing"), None, "next null: nothing older")
 m = (b.get("messages") or [{}])[-1] if isinstance(b, dict) else {}
 is_(sorted(m.keys()), sorted(["id", "conversation_id", "seq", "sender", "created_at",
                               "client_msg_id", "body", "format", "reply_to", "attachments",
-                              "edited_at", "deleted", "reactions"]),
-    "message object fields (history adds the reader's view of reactions)")
+                              "edited_at", "deleted", "reactions", "reply_count", "last_reply"]),
+    "message object fields (history adds the reader's view of reactions, and the thread)")
 ok(isinstance(m.get("id"), str) and m.get("conversation_id") == gid and m.get("seq") == 1
    and m.get("sender") == "bob" and m.get("body") == "history 1"
    and m.get("client_msg_id") == "h-1" and m.get("format") == "text"
@@ -344,7 +344,7 @@ for path in ("/chat/api/nope", "/chat/api/conversations/%s/nope" % gid, "/chat/a
     st, h, b = api("GET", path, token=TA)
     is_json_error(st, h, b, 404, "GET %s" % path, "not_found")
 for method, path in (("PUT", "/chat/api/conversations"), ("DELETE", "/chat/api/me"),
-                     ("GET", "/chat/api/tickets"), ("PATCH", "/chat/api/conversations/%s" % gid),
+                     ("GET", "/chat/api/tickets"), ("PUT", "/chat/api/conversations/%s" % gid),
                      ("DELETE", "/chat/api/conversations/%s/messages" % gid)):
     st, h, b = api(method, path, token=TA)
     is_json_error(st, h, b, 405, "%s %s" % (method, path))

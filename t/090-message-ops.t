@@ -18,6 +18,9 @@
 #     (event) / 200 again (none); WebSocket react/unreact; counts and "me"
 #     on history's message objects; emoji validation; a non-member, a
 #     service token, a deleted message; at most 20 per user per message.
+#  4. threads: a parent's reply_count and last_reply in history (deleted
+#     replies not counted); GET /messages/{id}/replies pages like history;
+#     a non-member 403, an unknown message 404.
 import asyncio
 import os
 import sys
@@ -232,6 +235,39 @@ async def part3(w, a):
     is_((st, b["error"]["code"]), (409, "conflict"), "reacting to a deleted message: 409")
 
 
+async def part4(w, a):
+    r = await a.request("send", conversation_id=G, client_msg_id="t0", body="a question")
+    parent = r["result"]["message"]
+    replies = []
+    for i, who in enumerate([a, w.carol, a]):
+        r = await who.request("send", conversation_id=G, client_msg_id="t%d" % (i + 1),
+                              body="answer %d" % i, reply_to=parent["id"])
+        replies.append(r["result"]["message"])
+    await a.request("delete", message_id=replies[2]["id"])
+    st, _, h = rest("GET", "/conversations/%s/messages?limit=10" % G, "bob")
+    pm = [m for m in h["messages"] if m["id"] == parent["id"]][0]
+    is_((pm["reply_count"], pm["last_reply"]["id"], pm["last_reply"]["sender"]),
+        (2, replies[1]["id"], "carol"), "history: the parent's reply_count and last reply (a deleted one not counted)")
+    is_([m["reply_count"] for m in h["messages"] if m["id"] == replies[0]["id"]], [0], "a reply without replies: 0")
+    st, _, b = rest("GET", "/messages/%s/replies" % parent["id"], "bob")
+    is_((st, [m["id"] for m in b["messages"]], b["next"]),
+        (200, [x["id"] for x in reversed(replies)], None), "GET /messages/{id}/replies: newest first, the tombstone too")
+    st, _, b = rest("GET", "/messages/%s/replies?limit=1" % parent["id"], "bob")
+    is_((len(b["messages"]), b["next"]), (1, replies[2]["seq"]), "limit=1: one, next its seq")
+    st, _, b = rest("GET", "/messages/%s/replies?before_seq=%d" % (parent["id"], b["next"]), "bob")
+    is_([m["id"] for m in b["messages"]], [replies[1]["id"], replies[0]["id"]], "before_seq: the older ones")
+    st, _, b = rest("GET", "/messages/%s/replies?after_seq=0" % parent["id"], "bob")
+    is_([m["id"] for m in b["messages"]], [x["id"] for x in replies], "after_seq=0: oldest first")
+    st, _, b = rest("GET", "/messages/%s/replies" % parent["id"], "dave")
+    is_(st, 403, "replies: a non-member 403")
+    st, _, b = rest("GET", "/messages/999999/replies", "bob")
+    is_((st, b["error"]["message"]), (404, "no such message"), "replies of an unknown message: 404")
+    st, _, b = rest("GET", "/messages/%s/replies?limit=0" % parent["id"], "bob")
+    is_(st, 400, "replies: limit=0 400")
+    r = await a.request("send", conversation_id=O, client_msg_id="t-x", body="x", reply_to=parent["id"])
+    ok(r and not r["ok"], "a reply_to in another conversation is refused")
+
+
 async def main():
     w = await Watch().open()
     a = await ws_connect_on("alice")
@@ -241,6 +277,8 @@ async def main():
     note("part 2 done at %.1f s" % (time.monotonic() - T0))
     await part3(w, a)
     note("part 3 done at %.1f s" % (time.monotonic() - T0))
+    await part4(w, a)
+    note("part 4 done at %.1f s" % (time.monotonic() - T0))
 
 asyncio.run(main())
 done()

@@ -19,6 +19,9 @@
 #     its member.removed, then member.added and what follows -- never the
 #     messages of the time in between.
 #  5. A member leaves by itself; another member cannot remove it.
+#  6. Removed and added again within what the ring holds: a resume from
+#     before gets the removal, the re-adding and what follows, never the
+#     messages between.
 import asyncio
 import os
 import sys
@@ -221,6 +224,33 @@ async def main():
     st, _, b = rest("DELETE", "/conversations/%s/members/carol" % G, "carol")
     is_((st, "carol" in b["conversation"]["members"]), (200, False), "carol leaves by herself")
     ok(await until(lambda: kinds(carol[0].messages, "member.removed"), 5), "and gets her member.removed")
+    # ---- 6: removed and added again, resumed from the ring
+    H = rest("POST", "/conversations", "alice", json={"kind": "group", "members": ["bob"], "title": "h"})[2]["conversation"]["id"]
+    await asyncio.sleep(0.3)
+    c0 = await ws_connect_on("bob", P[1])
+    r = await a.request("send", conversation_id=H, client_msg_id="h-1", body="h1")
+    await until(lambda: seqs(c0.messages, H) == [1], 5)
+    cur0 = [m for m in c0.messages if m.get("cursor")][-1]["cursor"]
+    await c0.close()
+    rest("DELETE", "/conversations/%s/members/bob" % H, "alice")
+    for i in range(2):
+        await a.request("send", conversation_id=H, client_msg_id="h-gap-%d" % i, body="gap")
+    rest("POST", "/conversations/%s/members" % H, "alice", json={"members": ["bob"]})
+    for i in range(2):
+        await a.request("send", conversation_id=H, client_msg_id="h-back-%d" % i, body="back")
+    for kind in ("ws", "sse"):
+        if kind == "ws":
+            c = await ws_connect_on("bob", P[0], cursor=cur0)
+            await until(lambda: seqs(c.messages, H)[-1:] == [5], 10)
+        else:
+            c = await sse_connect("bob", cursor=cur0)
+            await c.wait(lambda x: seqs(x.messages, H)[-1:] == [5], 10)
+        is_((seqs(c.messages, H), len(kinds(c.messages, "member.removed", H)),
+             len(kinds(c.messages, "member.added", H))), ([4, 5], 1, 1),
+            "%s resume from the ring across a removal and a re-adding: the removal, the adding, "
+            "the 2 after, never the 2 between" % kind)
+        await c.close()
+
     for c in carol + [bob, bob2, a]:
         await c.close()
     await carol_sse.close()
