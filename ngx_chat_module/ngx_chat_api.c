@@ -117,6 +117,7 @@ static ngx_int_t ngx_chat_api_message(ngx_http_request_t *r, u_char *p,
 static ngx_int_t ngx_chat_api_edit(ngx_http_request_t *r, json_t *body);
 static ngx_int_t ngx_chat_api_react(ngx_http_request_t *r, json_t *body);
 static ngx_int_t ngx_chat_api_unreact(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_api_search(ngx_http_request_t *r);
 static ngx_int_t ngx_chat_api_update(ngx_http_request_t *r, json_t *body);
 static ngx_int_t ngx_chat_api_add_members(ngx_http_request_t *r,
     json_t *body);
@@ -319,6 +320,14 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
         }
 
         goto not_found;
+    }
+
+    if (seg.len == 6 && ngx_strncmp(p, "search", 6) == 0 && slash == NULL) {
+        if (r->method != NGX_HTTP_GET) {
+            goto not_allowed;
+        }
+
+        return ngx_chat_api_search(r);
     }
 
     if (seg.len == 8 && ngx_strncmp(p, "messages", 8) == 0 && slash) {
@@ -2502,4 +2511,143 @@ ngx_chat_api_op_done(ngx_chat_op_t *op)
     }
 
     ngx_http_finalize_request(r, rc);
+}
+
+
+/*
+ * GET search?q=&conversation_id=&limit=&cursor=&mode=newest|rank
+ * (sql/007_search.sql): what the caller may read, the query's words all
+ * required, the last one a prefix.
+ */
+
+static ngx_int_t
+ngx_chat_api_search(ngx_http_request_t *r)
+{
+    u_char                *p, *src, *dst, *end;
+    int64_t                conv, cursor, limit;
+    uint32_t               c;
+    ngx_int_t              rc, rcc, rcu;
+    ngx_str_t              arg, mode;
+    ngx_chat_query_t      *q;
+    ngx_chat_api_ctx_t    *ctx;
+    ngx_chat_main_conf_t  *cmcf;
+    u_char                 text[512];
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    cmcf = ngx_chat_worker.cmcf;
+
+    if (ngx_http_arg(r, (u_char *) "q", 1, &arg) != NGX_OK
+        || arg.len == 0 || arg.len > sizeof(text))
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"q\" must be 1 to 256 characters", 0);
+    }
+
+    /* a copy: the query string's "+" is a space, then %XX in place */
+
+    ngx_memcpy(text, arg.data, arg.len);
+
+    for (p = text; p < text + arg.len; p++) {
+        if (*p == '+') {
+            *p = ' ';
+        }
+    }
+
+    src = text;
+    dst = text;
+    ngx_unescape_uri(&dst, &src, arg.len, 0);
+    end = dst;
+
+    for (p = text; p < end; /* void */) {
+        if (*p < 0x80) {
+            if (*p++ == '\0') {
+                goto bad_text;
+            }
+
+            continue;
+        }
+
+        c = ngx_utf8_decode(&p, end - p);
+
+        if (c > 0x10ffff) {
+            goto bad_text;
+        }
+    }
+
+    limit = 20;
+    mode.len = 0;
+
+    rcc = ngx_chat_api_arg_num(r, "conversation_id", 15, &conv, 1,
+                               NGX_MAX_OFF_T_VALUE);
+    rcu = ngx_chat_api_arg_num(r, "cursor", 6, &cursor, 0,
+                               NGX_MAX_OFF_T_VALUE);
+
+    if (rcc == NGX_ERROR || rcu == NGX_ERROR
+        || ngx_chat_api_arg_num(r, "limit", 5, &limit, 1, 50) == NGX_ERROR
+        || (ngx_http_arg(r, (u_char *) "mode", 4, &mode) == NGX_OK
+            && !(mode.len == 6 && ngx_strncmp(mode.data, "newest", 6) == 0)
+            && !(mode.len == 4 && ngx_strncmp(mode.data, "rank", 4) == 0)))
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"conversation_id\" must be an id, "
+                                   "\"cursor\" a cursor of this search, "
+                                   "\"limit\" 1 to 50, \"mode\" newest or "
+                                   "rank", 0);
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_SEARCH,
+                             ctx->id.user.len + 1 + cmcf->search_language.len
+                             + 1 + (end - text) + 1 + 3 * (NGX_INT64_LEN + 1));
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->params[1] = (ctx->id.role == NGX_CHAT_ROLE_SERVICE) ? "t" : "f";
+
+    q->params[2] = (char *) p;
+    p = ngx_cpymem(p, cmcf->search_language.data, cmcf->search_language.len);
+    *p++ = '\0';
+
+    q->params[3] = (char *) p;
+    p = ngx_cpymem(p, text, end - text);
+    *p++ = '\0';
+
+    if (rcc == NGX_OK) {
+        q->params[4] = (char *) p;
+        p = ngx_sprintf(p, "%L", conv);
+        *p++ = '\0';
+    }
+
+    if (rcu == NGX_OK) {
+        q->params[5] = (char *) p;
+        p = ngx_sprintf(p, "%L", cursor);
+        *p++ = '\0';
+    }
+
+    q->params[6] = (char *) p;
+    p = ngx_sprintf(p, "%L", limit);
+    *p++ = '\0';
+
+    q->params[7] = (mode.len == 4) ? "t" : "f";
+
+    q->handler = ngx_chat_api_text_done;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+
+bad_text:
+
+    return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                               "\"q\" must be UTF-8 text", 0);
 }

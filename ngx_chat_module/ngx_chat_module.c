@@ -251,6 +251,13 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_main_conf_t, poll_timeout),
       NULL },
 
+    { ngx_string("chat_search_language"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, search_language),
+      NULL },
+
     { ngx_string("chat_cors_origins"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
       ngx_conf_set_str_array_slot,
@@ -591,6 +598,22 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(cmcf->sse_retry, 2000);
     ngx_conf_init_msec_value(cmcf->poll_timeout, 30000);
     ngx_conf_init_msec_value(cmcf->edit_window, 0);
+    if (cmcf->search_language.data == NULL) {
+        ngx_str_set(&cmcf->search_language, "simple");
+    }
+
+    for (i = 0; i < cmcf->search_language.len; i++) {
+        if (!((cmcf->search_language.data[i] >= 'a'
+               && cmcf->search_language.data[i] <= 'z')
+              || cmcf->search_language.data[i] == '_'))
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "chat_search_language must name a text "
+                               "search configuration, like \"simple\"");
+            return NGX_CONF_ERROR;
+        }
+    }
+
     ngx_conf_init_ptr_value(cmcf->cors_origins, cmcf->origins);
     ngx_conf_init_value(cmcf->cors_credentials, 0);
 

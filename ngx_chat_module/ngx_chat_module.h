@@ -59,7 +59,7 @@
 #include <openssl/evp.h>
 
 
-#define NGX_CHAT_SCHEMA_VERSION        6
+#define NGX_CHAT_SCHEMA_VERSION        7
 
 
 /* a node of a tree keyed by unique integers (conversation ids), or NULL */
@@ -199,6 +199,8 @@ typedef struct {
     ngx_msec_t                 poll_timeout;     /* the longest hold */
 
     ngx_msec_t                 edit_window;      /* 0: any time */
+
+    ngx_str_t                  search_language;  /* a text search config */
 
     ngx_array_t               *cors_origins;     /* of ngx_str_t */
     ngx_flag_t                 cors_credentials;

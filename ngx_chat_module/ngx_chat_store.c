@@ -343,9 +343,14 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
     { "chat_op_event",
       "SELECT chat_op_event($1::bigint, $2::bigint)", 2 },
 
+    /* in the order of the NGX_CHAT_STMT_* numbers */
     { "chat_replies",
       "SELECT chat_replies($1, $2::boolean, $3::bigint, $4::bigint, "
       "$5::bigint, $6::int)", 6 },
+
+    { "chat_search",
+      "SELECT chat_search($1, $2::boolean, $3::regconfig, $4, $5::bigint, "
+      "$6::bigint, $7::int, $8::boolean)", 8 },
 
     { NULL, NULL, 0 }
 };

@@ -40,6 +40,7 @@
 #define NGX_CHAT_STMT_OP_STAGE       24
 #define NGX_CHAT_STMT_OP_EVENT       25
 #define NGX_CHAT_STMT_REPLIES        26
+#define NGX_CHAT_STMT_SEARCH         27
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 

@@ -99,7 +99,17 @@ BEGIN
     END IF;
 
     IF p_after IS NOT NULL THEN
-        SELECT string_agg(chat_message_json_for(m, p_user), ','
+        SELECT string_agg(left(chat_message_json(m), -1)
+                   || ',"reactions":' || chat_reactions_json(m.id, p_user)
+                   || ',"reply_count":' || (SELECT count(*)
+                          FROM chat_messages r
+                          WHERE r.reply_to = m.id AND NOT r.deleted)
+                   || ',"last_reply":' || coalesce((SELECT '{"id":"' || r.id
+                          || '","sender":' || to_json(r.sender)::text
+                          || ',"created_at":"' || chat_ts(r.created_at) || '"}'
+                          FROM chat_messages r
+                          WHERE r.reply_to = m.id AND NOT r.deleted
+                          ORDER BY r.seq DESC LIMIT 1), 'null') || '}', ','
                           ORDER BY m.seq),
                count(*), max(m.seq)
         INTO v_rows, v_n, v_edge
@@ -109,7 +119,17 @@ BEGIN
                 AND (p_before IS NULL OR m.seq < p_before)
               ORDER BY m.seq LIMIT p_limit) m;
     ELSE
-        SELECT string_agg(chat_message_json_for(m, p_user), ','
+        SELECT string_agg(left(chat_message_json(m), -1)
+                   || ',"reactions":' || chat_reactions_json(m.id, p_user)
+                   || ',"reply_count":' || (SELECT count(*)
+                          FROM chat_messages r
+                          WHERE r.reply_to = m.id AND NOT r.deleted)
+                   || ',"last_reply":' || coalesce((SELECT '{"id":"' || r.id
+                          || '","sender":' || to_json(r.sender)::text
+                          || ',"created_at":"' || chat_ts(r.created_at) || '"}'
+                          FROM chat_messages r
+                          WHERE r.reply_to = m.id AND NOT r.deleted
+                          ORDER BY r.seq DESC LIMIT 1), 'null') || '}', ','
                           ORDER BY m.seq DESC),
                count(*), min(m.seq)
         INTO v_rows, v_n, v_edge
@@ -128,7 +148,9 @@ $$;
 
 -- Threads: a message's replies (reply_to, validated to be of the same
 -- conversation by the send), counted when read -- never a write on the
--- send path.
+-- send path.  History and replies write the reader's message object
+-- inline: behind a function (chat_message_json_for(), kept for other
+-- callers) its subqueries cost about 0.2 ms per message, inline 0.01.
 CREATE INDEX chat_messages_replies ON chat_messages (reply_to, seq)
     WHERE reply_to IS NOT NULL;
 
@@ -183,7 +205,17 @@ BEGIN
     END IF;
 
     IF p_after IS NOT NULL THEN
-        SELECT string_agg(chat_message_json_for(m, p_user), ','
+        SELECT string_agg(left(chat_message_json(m), -1)
+                   || ',"reactions":' || chat_reactions_json(m.id, p_user)
+                   || ',"reply_count":' || (SELECT count(*)
+                          FROM chat_messages r
+                          WHERE r.reply_to = m.id AND NOT r.deleted)
+                   || ',"last_reply":' || coalesce((SELECT '{"id":"' || r.id
+                          || '","sender":' || to_json(r.sender)::text
+                          || ',"created_at":"' || chat_ts(r.created_at) || '"}'
+                          FROM chat_messages r
+                          WHERE r.reply_to = m.id AND NOT r.deleted
+                          ORDER BY r.seq DESC LIMIT 1), 'null') || '}', ','
                           ORDER BY m.seq),
                count(*), max(m.seq)
         INTO v_rows, v_n, v_edge
@@ -192,7 +224,17 @@ BEGIN
                 AND (p_before IS NULL OR m.seq < p_before)
               ORDER BY m.seq LIMIT p_limit) m;
     ELSE
-        SELECT string_agg(chat_message_json_for(m, p_user), ','
+        SELECT string_agg(left(chat_message_json(m), -1)
+                   || ',"reactions":' || chat_reactions_json(m.id, p_user)
+                   || ',"reply_count":' || (SELECT count(*)
+                          FROM chat_messages r
+                          WHERE r.reply_to = m.id AND NOT r.deleted)
+                   || ',"last_reply":' || coalesce((SELECT '{"id":"' || r.id
+                          || '","sender":' || to_json(r.sender)::text
+                          || ',"created_at":"' || chat_ts(r.created_at) || '"}'
+                          FROM chat_messages r
+                          WHERE r.reply_to = m.id AND NOT r.deleted
+                          ORDER BY r.seq DESC LIMIT 1), 'null') || '}', ','
                           ORDER BY m.seq DESC),
                count(*), min(m.seq)
         INTO v_rows, v_n, v_edge

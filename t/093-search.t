@@ -1,0 +1,115 @@
+#!/usr/bin/python3
+# Search (GET /chat/api/search, PROTOCOL 10; schema 7):
+#  1. finds messages of the caller's conversations by their words, all of
+#     them required, the last one as a prefix; newest first with a keyset
+#     cursor (pages walk every hit once); ranked mode; highlighted
+#     snippets; a conversation filter.
+#  2. never shows what the caller may not read: another conversation's
+#     messages, a conversation it was removed from (after the removal:
+#     nothing of it), before it joined a since_join conversation, deleted
+#     messages; an edited message is found by its new text only.
+#  3. errors: no q, too long, not UTF-8, a bad limit / mode / cursor, a
+#     conversation filter of a non-member (403) or an unknown one (404);
+#     a service token searches a conversation it is not in.
+#  4. the plan uses the index (EXPLAIN of the statement with the module's
+#     arguments).
+import asyncio
+import os
+import sys
+import urllib.parse
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from chattest import *  # noqa: E402,F403
+
+pg = PgCluster()
+G = db_create_conv("alice", ["alice", "bob"], "search group")
+O = db_create_conv("carol", ["carol", "dave"], "not bob's")
+ng = Nginx(pg, workers=2)
+SVC = token("platform", role="service")
+
+
+def search(user=None, tok=None, **args):
+    st, _, b = api("GET", "/chat/api/search?" + urllib.parse.urlencode(args), token=tok or token(user))
+    return st, b
+
+
+def bodies(b):
+    return [r["message"]["body"] for r in b["results"]]
+
+
+async def main():
+    a = await ws_connect_on("alice")
+    c = await ws_connect_on("carol")
+    texts = ["the invoice for the logo design", "logo sketches attached",
+             "deadline moved to friday", "final logo files", "thanks for the invoice"]
+    ids = []
+    for i, t in enumerate(texts):
+        r = await a.request("send", conversation_id=G, client_msg_id="s%d" % i, body=t)
+        ids.append(r["result"]["message"]["id"])
+    await c.request("send", conversation_id=O, client_msg_id="o1", body="a secret logo for dave")
+
+    # 1
+    st, b = search("bob", q="logo")
+    is_((st, bodies(b)), (200, ["final logo files", "logo sketches attached", "the invoice for the logo design"]),
+        "a word: bob's hits, newest first, not carol's conversation")
+    st, b = search("bob", q="logo fin")
+    is_(bodies(b), ["final logo files"], "every word required, the last one a prefix")
+    st, b = search("bob", q="inv")
+    is_(bodies(b), ["thanks for the invoice", "the invoice for the logo design"], "a prefix alone")
+    ok(all("<mark>" in r["snippet"] for r in b["results"]), "snippets highlight the hits (%s)" % b["results"][0]["snippet"])
+    st, b1 = search("bob", q="logo", limit=2)
+    st, b2 = search("bob", q="logo", limit=2, cursor=b1["next"])
+    is_((len(b1["results"]), bodies(b1) + bodies(b2), b2["next"]),
+        (2, ["final logo files", "logo sketches attached", "the invoice for the logo design"], None),
+        "limit=2 and the cursor walk every hit once")
+    st, b = search("bob", q="logo invoice", mode="rank")
+    ok(st == 200 and bodies(b) == ["the invoice for the logo design"] and "rank" in b["results"][0],
+       "mode=rank: ranked hits with their rank")
+    st, b = search("bob", q="logo", conversation_id=G)
+    is_(len(b["results"]), 3, "a conversation filter")
+
+    # 2
+    await a.request("edit", message_id=ids[3], body="final artwork files")
+    st, b = search("bob", q="logo")
+    ok("final logo files" not in str(b) and len(b["results"]) == 2, "an edited message: not by its old text")
+    st, b = search("bob", q="artwork")
+    is_(bodies(b), ["final artwork files"], "by its new text")
+    await a.request("delete", message_id=ids[1])
+    st, b = search("bob", q="sketches")
+    is_(b["results"], [], "a deleted message: never")
+    rest = api("POST", "/chat/api/conversations/%s/members" % G, token=token("alice"), json={"members": ["erin"]})
+    api("PATCH", "/chat/api/conversations/%s" % G, token=token("alice"), json={"history": "since_join"})
+    await a.request("send", conversation_id=G, client_msg_id="s-late", body="logo round two")
+    st, b = search("erin", q="logo")
+    is_(bodies(b), ["logo round two"], "since_join: a member added later finds only what came after")
+    api("PATCH", "/chat/api/conversations/%s" % G, token=token("alice"), json={"history": "all"})
+    st, b = search("erin", q="logo")
+    is_(bodies(b), ["logo round two", "the invoice for the logo design"], "history all: everything")
+    api("DELETE", "/chat/api/conversations/%s/members/bob" % G, token=token("alice"))
+    st, b = search("bob", q="logo")
+    is_(b["results"], [], "removed: nothing of the conversation")
+
+    # 3
+    for args, want in [({}, 400), ({"q": ""}, 400), ({"q": "x" * 600}, 400), ({"q": "logo", "limit": 0}, 400),
+                       ({"q": "logo", "limit": 51}, 400), ({"q": "logo", "mode": "best"}, 400),
+                       ({"q": "logo", "cursor": "x"}, 400), ({"q": "logo", "conversation_id": O}, 403),
+                       ({"q": "logo", "conversation_id": 99999}, 404)]:
+        st, b = search("erin", **args)
+        is_(st, want, "%r: %d" % (args, want))
+    st, _, b = api("GET", "/chat/api/search?q=%FF%FE", token=token("erin"))
+    is_(st, 400, "q not UTF-8: 400")
+    st, b = search("erin", q="!!! ???")
+    is_((st, b["results"]), (200, []), "no words: no results")
+    st, b = search(tok=SVC, q="secret", conversation_id=O)
+    is_(bodies(b), ["a secret logo for dave"], "a service token searches a conversation it is not in")
+
+    # 4
+    plan = "\n".join(r[0] for r in pg.query(
+        "EXPLAIN SELECT m.id FROM chat_messages m WHERE to_tsvector('simple', m.body) "
+        "@@ chat_search_query('simple', 'logo') AND NOT m.deleted"))
+    ok("chat_messages_search" in plan, "the plan uses the index:\n" + plan)
+    await a.close()
+    await c.close()
+
+asyncio.run(main())
+done()
