@@ -74,12 +74,12 @@ q("""INSERT INTO chat_conversations (kind, title, direct_key, created_by, last_a
      SELECT CASE WHEN i <= %s THEN 'group' ELSE 'direct' END,
             CASE WHEN i <= %s THEN 'group ' || i END,
             CASE WHEN i > %s THEN 'd' || i END,
-            'u' || (1 + (i * 7919) %% %s),
+            'u' || (1 + (i::bigint * 7919) %% %s),
             now() - interval '30 days', now() - interval '30 days'
      FROM generate_series(1, %s) i""", HUGE + GROUPS, HUGE + GROUPS, HUGE + GROUPS, U, C)
 # huge groups: 2,000 members each; groups: 3-12; directs: 2
 q("""INSERT INTO chat_members (conversation_id, user_id)
-     SELECT DISTINCT c, 'u' || (1 + ((c * 104729 + k * 7919) %% %s))
+     SELECT DISTINCT c, 'u' || (1 + ((c::bigint * 104729 + k * 7919) %% %s))
      FROM generate_series(1, %s) c,
           LATERAL generate_series(0, CASE WHEN c <= %s THEN 1999
                                           WHEN c <= %s THEN 2 + c %% 10 ELSE 1 END) k
@@ -97,7 +97,7 @@ for lo in range(1, C + 1, max(1, C // 20)):
     hi = min(C, lo + max(1, C // 20) - 1)
     q("""INSERT INTO chat_messages (conversation_id, seq, sender, client_msg_id, body, created_at)
          SELECT c, s,
-                'u' || (1 + ((c * 104729 + (s %% 3) * 7919) %% %s)),
+                'u' || (1 + ((c::bigint * 104729 + (s %% 3) * 7919) %% %s)),
                 'b' || c || '-' || s,
                 (SELECT string_agg((%s::text[])[1 + floor(power(random(), 2.5) * %s)::int], ' ')
                  FROM generate_series(1, 6 + (c + s) %% 15) w WHERE s > 0)

@@ -1578,12 +1578,24 @@ ngx_chat_api_history(ngx_http_request_t *r)
 static void
 ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
+    char                *state;
     ngx_chat_api_ctx_t  *ctx;
     ngx_http_request_t  *r;
 
     r = ngx_chat_api_query_owner(q);
 
     if (r == NULL) {
+        return;
+    }
+
+    if (rc == NGX_ERROR && res
+        && (state = PQresultErrorField(res, PG_DIAG_SQLSTATE)) != NULL
+        && state[0] == '2' && state[1] == '2')
+    {
+        /* a data exception: what the client asked cannot be read */
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                "the request's values are not valid", 0));
         return;
     }
 
@@ -2525,22 +2537,22 @@ ngx_chat_api_search(ngx_http_request_t *r)
 {
     u_char                *p, *src, *dst, *end;
     int64_t                conv, cursor, limit;
-    uint32_t               c;
     ngx_int_t              rc, rcc, rcu;
     ngx_str_t              arg, mode;
     ngx_chat_query_t      *q;
     ngx_chat_api_ctx_t    *ctx;
     ngx_chat_main_conf_t  *cmcf;
-    u_char                 text[512];
+    u_char                 text[3 * 256];
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
     cmcf = ngx_chat_worker.cmcf;
 
+    /* 256 bytes of text, each byte perhaps percent-encoded */
+
     if (ngx_http_arg(r, (u_char *) "q", 1, &arg) != NGX_OK
         || arg.len == 0 || arg.len > sizeof(text))
     {
-        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
-                                   "\"q\" must be 1 to 256 characters", 0);
+        goto bad_text;
     }
 
     /* a copy: the query string's "+" is a space, then %XX in place */
@@ -2558,20 +2570,9 @@ ngx_chat_api_search(ngx_http_request_t *r)
     ngx_unescape_uri(&dst, &src, arg.len, 0);
     end = dst;
 
-    for (p = text; p < end; /* void */) {
-        if (*p < 0x80) {
-            if (*p++ == '\0') {
-                goto bad_text;
-            }
-
-            continue;
-        }
-
-        c = ngx_utf8_decode(&p, end - p);
-
-        if (c > 0x10ffff) {
-            goto bad_text;
-        }
+    if (end - text > 256 || ngx_chat_utf8_valid(text, end - text) != NGX_OK)
+    {
+        goto bad_text;
     }
 
     limit = 20;
@@ -2649,5 +2650,6 @@ ngx_chat_api_search(ngx_http_request_t *r)
 bad_text:
 
     return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
-                               "\"q\" must be UTF-8 text", 0);
+                               "\"q\" must be 1 to 256 bytes of UTF-8 text",
+                               0);
 }

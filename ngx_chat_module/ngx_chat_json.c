@@ -285,3 +285,63 @@ ngx_chat_buf_add_error(ngx_chat_buf_t *b, const char *code, const char *msg,
 
     return ngx_chat_buf_add_lit(b, "}");
 }
+
+
+/*
+ * Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing past
+ * U+10FFFF, every continuation byte 10xxxxxx -- what PostgreSQL accepts.
+ * NUL is refused too: a C string cannot carry it.
+ */
+ngx_int_t
+ngx_chat_utf8_valid(u_char *p, size_t len)
+{
+    u_char      c, lo, hi;
+    u_char     *end;
+    ngx_uint_t  n;
+
+    end = p + len;
+
+    while (p < end) {
+        c = *p++;
+
+        if (c < 0x80) {
+            if (c == 0) {
+                return NGX_ERROR;
+            }
+
+            continue;
+        }
+
+        lo = 0x80;
+        hi = 0xbf;
+
+        if (c >= 0xc2 && c <= 0xdf) {
+            n = 1;
+
+        } else if (c >= 0xe0 && c <= 0xef) {
+            n = 2;
+            lo = (c == 0xe0) ? 0xa0 : 0x80;
+            hi = (c == 0xed) ? 0x9f : 0xbf;
+
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            n = 3;
+            lo = (c == 0xf0) ? 0x90 : 0x80;
+            hi = (c == 0xf4) ? 0x8f : 0xbf;
+
+        } else {
+            return NGX_ERROR;
+        }
+
+        if ((size_t) (end - p) < n || *p < lo || *p > hi) {
+            return NGX_ERROR;
+        }
+
+        for (p++, n--; n; n--, p++) {
+            if (*p < 0x80 || *p > 0xbf) {
+                return NGX_ERROR;
+            }
+        }
+    }
+
+    return NGX_OK;
+}

@@ -43,6 +43,7 @@ ngx_int_t ngx_chat_json_int(json_t *o, const char *key, int64_t *v,
     ngx_uint_t required);
 ngx_int_t ngx_chat_parse_id(u_char *p, size_t n, int64_t *v);
 ngx_int_t ngx_chat_valid_user_id(u_char *p, size_t n);
+ngx_int_t ngx_chat_utf8_valid(u_char *p, size_t len);
 
 
 #endif /* _NGX_CHAT_JSON_H_INCLUDED_ */

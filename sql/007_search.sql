@@ -13,21 +13,52 @@ CREATE INDEX chat_messages_search ON chat_messages
     USING gin (to_tsvector('simple', body)) WHERE NOT deleted;
 
 
--- The words of what the user typed, every one required, the last one as
--- a prefix (it may still be being typed); NULL when there is no word.
+-- What the user typed, split into words by the same parser that indexes
+-- bodies (an address, a version number, a date stays one word as it is
+-- in the index); every word required, the last one as a prefix when it
+-- has two characters or more (it may still be being typed; one letter
+-- would match half the store).  No input raises: the words go through
+-- plainto_tsquery, the last one quoted with nothing that can end the
+-- quote.  NULL when there is no word.
 CREATE FUNCTION chat_search_query(p_lang regconfig, p_q text)
 RETURNS tsquery
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN count(*) = 0 THEN NULL
-                ELSE to_tsquery(p_lang, string_agg(
-                         quote_literal(w.word)
-                         || CASE WHEN w.last THEN ':*' ELSE '' END,
-                         ' & ' ORDER BY w.ord))
-           END
-    FROM (SELECT x.word, x.ord, x.ord = max(x.ord) OVER () AS last
-          FROM (SELECT m[1] AS word, row_number() OVER () AS ord
-                FROM regexp_matches(left(p_q, 256), '[[:alnum:]_]+', 'g') m
-                LIMIT 16) x) w
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_words  text[];
+    v_n      int;
+    v_last   text;
+    v_q      tsquery;
+    v_p      tsquery;
+BEGIN
+    SELECT array_agg(t.token ORDER BY t.ord) INTO v_words
+    FROM (SELECT p.token, row_number() OVER () AS ord
+          FROM ts_parse('default', left(p_q, 256)) p
+          WHERE p.tokid <> 12
+          LIMIT 16) t;
+
+    v_n := coalesce(cardinality(v_words), 0);
+
+    IF v_n = 0 THEN
+        RETURN NULL;
+    END IF;
+
+    IF v_n > 1 THEN
+        v_q := plainto_tsquery(p_lang,
+                               array_to_string(v_words[1:v_n - 1], ' '));
+    END IF;
+
+    v_last := translate(v_words[v_n], E'\\''', '');
+
+    IF char_length(v_last) >= 2 THEN
+        v_p := to_tsquery(p_lang, '''' || v_last || ''':*');
+    ELSE
+        v_p := plainto_tsquery(p_lang, v_last);
+    END IF;
+
+    RETURN CASE WHEN v_q IS NULL OR numnode(v_q) = 0 THEN v_p
+                WHEN numnode(v_p) = 0 THEN v_q
+                ELSE v_q && v_p END;
+END;
 $$;
 
 
@@ -75,6 +106,7 @@ BEGIN
         JOIN chat_conversations cv ON cv.id = mb.conversation_id
         WHERE mb.user_id = p_user
           AND (p_conv IS NULL OR mb.conversation_id = p_conv)
+          AND NOT (p_service AND p_conv IS NOT NULL)
         UNION ALL
         SELECT p_conv, 0 WHERE p_service AND p_conv IS NOT NULL
     ), hits AS (
@@ -86,22 +118,31 @@ BEGIN
         WHERE to_tsvector(p_lang, m.body) @@ v_q AND NOT m.deleted
           AND (p_ranked OR p_cursor IS NULL OR m.id < p_cursor)
     ), page AS (
-        SELECT h.*, row_number() OVER (ORDER BY
-                   CASE WHEN p_ranked THEN h.rank END DESC NULLS LAST,
-                   h.id DESC) AS rn
+        SELECT h.*
         FROM hits h
         ORDER BY CASE WHEN p_ranked THEN h.rank END DESC NULLS LAST, h.id DESC
         OFFSET CASE WHEN p_ranked THEN coalesce(p_cursor, 0) ELSE 0 END
         LIMIT p_limit
     )
+    -- the snippet is text made HTML: the body is escaped, and only the
+    -- highlight (marked by two private-use characters the body cannot
+    -- keep) becomes <mark>
     SELECT string_agg('{"message":' || chat_message_json(m)
-                      || ',"snippet":' || to_json(ts_headline(p_lang, m.body, v_q,
-                             'StartSel=<mark>, StopSel=</mark>, MaxWords=24, '
-                             || 'MinWords=8, MaxFragments=2'))::text
+                      || ',"snippet":' || to_json(replace(replace(replace(
+                             replace(replace(replace(ts_headline(p_lang,
+                                 translate(m.body, U&'\E000\E001', ''), v_q,
+                                 'StartSel=' || U&'\E000' || ', StopSel='
+                                 || U&'\E001' || ', MaxWords=24, MinWords=8, '
+                                 || 'MaxFragments=2'),
+                             '&', '&amp;'), '<', '&lt;'), '>', '&gt;'),
+                             '"', '&quot;'),
+                             U&'\E000', '<mark>'), U&'\E001', '</mark>'))::text
                       || CASE WHEN p_ranked
                               THEN ',"rank":' || round(p.rank::numeric, 6)
                               ELSE '' END
-                      || '}', ',' ORDER BY p.rn),
+                      || '}', ','
+                      ORDER BY CASE WHEN p_ranked THEN p.rank END
+                               DESC NULLS LAST, p.id DESC),
            count(*),
            CASE WHEN p_ranked THEN (coalesce(p_cursor, 0) + count(*))::text
                 ELSE min(p.id)::text END

@@ -13,6 +13,11 @@
 #     a service token searches a conversation it is not in.
 #  4. the plan uses the index (EXPLAIN of the statement with the module's
 #     arguments).
+#  5. snippets are escaped text with only <mark> as markup (a body with
+#     HTML cannot inject it); the query splits into words like the index
+#     (an address is one word); one letter is not a prefix; q that is not
+#     UTF-8, or over 256 bytes, is 400, odd punctuation is not an error; a
+#     service token that is also a member sees each hit once.
 import asyncio
 import os
 import sys
@@ -102,6 +107,34 @@ async def main():
     is_((st, b["results"]), (200, []), "no words: no results")
     st, b = search(tok=SVC, q="secret", conversation_id=O)
     is_(bodies(b), ["a secret logo for dave"], "a service token searches a conversation it is not in")
+
+    # 5: snippets are HTML-escaped text; the query splits like the index
+    await a.request("send", conversation_id=G, client_msg_id="x-1",
+                    body='<img src=x onerror=alert(1) alt=hello> "quoted" & more hello')
+    st, b = search("alice", q="hello")
+    snip = b["results"][0]["snippet"]
+    bare = snip.replace("<mark>", "").replace("</mark>", "")
+    ok("<" not in bare and ">" not in bare and "<mark>hello</mark>" in snip and "&amp;" in snip,
+       "a snippet escapes the body, only the highlight is markup: %s" % snip)
+    await a.request("send", conversation_id=G, client_msg_id="x-2", body="write to bob@example.com today")
+    st, b = search("alice", q="bob@example.com")
+    is_(bodies(b), ["write to bob@example.com today"], "an address is one word, as in the index")
+    st, b = search("alice", q="o")
+    ok(st == 200 and not any("logo" in x for x in bodies(b)), "one letter is a word, not a prefix")
+    for q in ("%ED%A0%80", "%C3%C3", "%F8%90%80%80", "%00"):
+        st, _, b = api("GET", "/chat/api/search?q=" + q, token=token("alice"))
+        is_(st, 400, "q=%s (not UTF-8 text): 400" % q)
+    st, _, b = api("GET", "/chat/api/search?q=" + "%D0%B6" * 129, token=token("alice"))
+    is_(st, 400, "258 bytes of UTF-8: 400")
+    st, _, b = api("GET", "/chat/api/search?q=" + "%D0%B6" * 128, token=token("alice"))
+    is_(st, 200, "256 bytes of UTF-8 (128 letters, 768 encoded): 200")
+    for q in ("'", "\\", "a:b", "'x':*", "!()&|"):
+        st, b = search("alice", q=q)
+        is_(st, 200, "q=%r: 200" % q)
+    api("POST", "/chat/api/conversations/%s/members" % G, token=SVC, json={"members": ["platform"]})
+    st, b = search(tok=SVC, q="hello", conversation_id=G)
+    ids_ = [r["message"]["id"] for r in b["results"]]
+    is_(len(ids_), len(set(ids_)), "a service token that is also a member: each hit once")
 
     # 4
     plan = "\n".join(r[0] for r in pg.query(
