@@ -1,16 +1,22 @@
 -- ngx_chat_module schema, version 7: full-text search over messages.
 --
--- One expression index over the body, for the text search configuration
--- chat_search_language names ('simple' by default: no stemming, right for
--- a platform whose users write in many languages).  Another configuration
--- works the same but needs its own index, made once by the operator:
+-- A stored tsvector of the body for the text search configuration
+-- 'simple' (no stemming, right for a platform whose users write in many
+-- languages), GIN-indexed: the index finds rare words, and a frequent
+-- word is checked row by row at no more than a comparison (chat_search).
+-- chat_search_language may name another configuration; it is computed
+-- from the body then, and needs its own index, made once by the operator:
 --   CREATE INDEX CONCURRENTLY chat_messages_search_english ON chat_messages
 --       USING gin (to_tsvector('english', body)) WHERE NOT deleted;
--- Deleted messages are not in it (their body is empty anyway); an edited
--- message is found by its new text only (the index follows the row).
+-- Deleted messages are not in the index (their body is empty anyway); an
+-- edited message is found by its new text only (the column follows the
+-- row).  Adding the column rewrites chat_messages once.
+
+ALTER TABLE chat_messages ADD COLUMN search tsvector
+    GENERATED ALWAYS AS (to_tsvector('simple'::regconfig, body)) STORED;
 
 CREATE INDEX chat_messages_search ON chat_messages
-    USING gin (to_tsvector('simple', body)) WHERE NOT deleted;
+    USING gin (search) WHERE NOT deleted;
 
 
 -- What the user typed, split into words by the same parser that indexes
@@ -68,16 +74,34 @@ $$;
 -- cursor is the last message id) or ranked (the cursor is an offset);
 -- highlighted snippets only for the page returned.  NULL: no such
 -- conversation; 'forbidden': not a member of it.
+--
+-- Newest first looks at each conversation's newest messages first (the
+-- (conversation_id, seq) index, the stored tsvector as a cheap filter),
+-- a window per conversation out of a budget of 20,000 rows (the setting
+-- chat.search_window, for tests): a frequent
+-- word fills the page there.  The page is exact when its last hit is
+-- newer than every message a full window left unseen; otherwise (a rare
+-- word), and for ranked search, the GIN index finds every hit.
 CREATE FUNCTION chat_search(p_user text, p_service boolean, p_lang regconfig,
                             p_q text, p_conv bigint, p_cursor bigint,
                             p_limit int, p_ranked boolean)
 RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_q     tsquery := chat_search_query(p_lang, p_q);
-    v_rows  text;
-    v_n     int;
-    v_next  text;
+    v_q       tsquery := chat_search_query(p_lang, p_q);
+    v_simple  boolean := p_lang = 'simple'::regconfig;
+    v_convs   bigint[];
+    v_floors  bigint[];
+    v_win     int;
+    v_budget  int := coalesce(nullif(current_setting('chat.search_window',
+                                                     true), '')::int, 20000);
+    v_ids     bigint[];
+    v_ranks   real[];
+    v_bound   bigint;
+    v_got     int;
+    v_rows    text;
+    v_n       int;
+    v_next    text;
 BEGIN
     IF p_conv IS NOT NULL THEN
         IF NOT EXISTS (SELECT 1 FROM chat_conversations c WHERE c.id = p_conv)
@@ -97,33 +121,86 @@ BEGIN
         RETURN '{"results":[],"next":null}';
     END IF;
 
-    WITH mine AS (
-        -- where the caller may read, and from which seq
-        SELECT mb.conversation_id AS c,
-               CASE WHEN cv.history = 'since_join' THEN mb.joined_seq
-                    ELSE 0 END AS floor
+    -- where the caller may read, and from which seq
+    IF p_service AND p_conv IS NOT NULL THEN
+        v_convs := ARRAY[p_conv];
+        v_floors := ARRAY[0::bigint];
+
+    ELSE
+        SELECT array_agg(mb.conversation_id ORDER BY mb.conversation_id),
+               array_agg(CASE WHEN cv.history = 'since_join'
+                              THEN mb.joined_seq ELSE 0 END
+                         ORDER BY mb.conversation_id)
+        INTO v_convs, v_floors
         FROM chat_members mb
         JOIN chat_conversations cv ON cv.id = mb.conversation_id
         WHERE mb.user_id = p_user
-          AND (p_conv IS NULL OR mb.conversation_id = p_conv)
-          AND NOT (p_service AND p_conv IS NOT NULL)
-        UNION ALL
-        SELECT p_conv, 0 WHERE p_service AND p_conv IS NOT NULL
-    ), hits AS (
-        SELECT m.id, m.conversation_id, m.seq,
-               CASE WHEN p_ranked
-                    THEN ts_rank(to_tsvector(p_lang, m.body), v_q) END AS rank
-        FROM chat_messages m
-        JOIN mine ON mine.c = m.conversation_id AND m.seq > mine.floor
-        WHERE to_tsvector(p_lang, m.body) @@ v_q AND NOT m.deleted
-          AND (p_ranked OR p_cursor IS NULL OR m.id < p_cursor)
-    ), page AS (
-        SELECT h.*
-        FROM hits h
-        ORDER BY CASE WHEN p_ranked THEN h.rank END DESC NULLS LAST, h.id DESC
-        OFFSET CASE WHEN p_ranked THEN coalesce(p_cursor, 0) ELSE 0 END
-        LIMIT p_limit
-    )
+          AND (p_conv IS NULL OR mb.conversation_id = p_conv);
+    END IF;
+
+    IF v_convs IS NULL THEN
+        RETURN '{"results":[],"next":null}';
+    END IF;
+
+    IF NOT p_ranked AND v_simple AND cardinality(v_convs) <= 2000 THEN
+        v_win := greatest(p_limit, v_budget / cardinality(v_convs));
+
+        WITH win AS (
+            SELECT u.c, y.id, y.hit
+            FROM unnest(v_convs, v_floors) AS u (c, f)
+            CROSS JOIN LATERAL (
+                SELECT m.id, (NOT m.deleted AND m.search @@ v_q) AS hit
+                FROM chat_messages m
+                WHERE m.conversation_id = u.c AND m.seq > u.f
+                  AND (p_cursor IS NULL OR m.id < p_cursor)
+                ORDER BY m.seq DESC
+                LIMIT v_win) y
+        )
+        SELECT (SELECT array_agg(t.id ORDER BY t.id DESC)
+                FROM (SELECT w.id FROM win w WHERE w.hit
+                      ORDER BY w.id DESC LIMIT p_limit) t),
+               (SELECT max(p.lowest)
+                FROM (SELECT min(w.id) AS lowest, count(*) AS n
+                      FROM win w GROUP BY w.c) p
+                WHERE p.n = v_win)
+        INTO v_ids, v_bound;
+
+        v_got := coalesce(cardinality(v_ids), 0);
+
+        IF v_got = p_limit AND (v_bound IS NULL OR v_ids[p_limit] > v_bound)
+           OR v_got < p_limit AND v_bound IS NULL
+        THEN
+            v_ids := coalesce(v_ids, '{}');
+
+        ELSE
+            v_ids := NULL;
+        END IF;
+    END IF;
+
+    IF v_ids IS NULL THEN
+        -- the index: every hit of the caller's conversations
+        SELECT array_agg(x.id ORDER BY x.rank DESC NULLS LAST, x.id DESC),
+               array_agg(x.rank ORDER BY x.rank DESC NULLS LAST, x.id DESC)
+        INTO v_ids, v_ranks
+        FROM (SELECT y.id, y.rank
+              FROM (SELECT m.id,
+                           CASE WHEN p_ranked THEN ts_rank(
+                               CASE WHEN v_simple THEN m.search
+                                    ELSE to_tsvector(p_lang, m.body) END,
+                               v_q) END AS rank
+                    FROM chat_messages m
+                    JOIN unnest(v_convs, v_floors) AS u (c, f)
+                      ON m.conversation_id = u.c AND m.seq > u.f
+                    WHERE (CASE WHEN v_simple THEN m.search
+                                ELSE to_tsvector(p_lang, m.body) END) @@ v_q
+                      AND NOT m.deleted
+                      AND (p_ranked OR p_cursor IS NULL OR m.id < p_cursor)
+                   ) y
+              ORDER BY y.rank DESC NULLS LAST, y.id DESC
+              OFFSET CASE WHEN p_ranked THEN coalesce(p_cursor, 0) ELSE 0 END
+              LIMIT p_limit) x;
+    END IF;
+
     -- the snippet is text made HTML: the body is escaped, and only the
     -- highlight (marked by two private-use characters the body cannot
     -- keep) becomes <mark>
@@ -138,16 +215,15 @@ BEGIN
                              '"', '&quot;'),
                              U&'\E000', '<mark>'), U&'\E001', '</mark>'))::text
                       || CASE WHEN p_ranked
-                              THEN ',"rank":' || round(p.rank::numeric, 6)
+                              THEN ',"rank":' || round(o.rank::numeric, 6)
                               ELSE '' END
-                      || '}', ','
-                      ORDER BY CASE WHEN p_ranked THEN p.rank END
-                               DESC NULLS LAST, p.id DESC),
+                      || '}', ',' ORDER BY o.ord),
            count(*),
            CASE WHEN p_ranked THEN (coalesce(p_cursor, 0) + count(*))::text
-                ELSE min(p.id)::text END
+                ELSE min(o.id)::text END
     INTO v_rows, v_n, v_next
-    FROM page p JOIN chat_messages m ON m.id = p.id;
+    FROM unnest(v_ids, v_ranks) WITH ORDINALITY AS o (id, rank, ord)
+    JOIN chat_messages m ON m.id = o.id;
 
     RETURN '{"results":[' || coalesce(v_rows, '') || '],"next":'
            || CASE WHEN v_n = p_limit THEN '"' || v_next || '"'
@@ -162,6 +238,53 @@ $$;
 ALTER FUNCTION chat_search(text, boolean, regconfig, text, bigint, bigint,
                            int, boolean)
     SET plan_cache_mode = force_custom_plan;
+
+
+-- The conversation list as version 4's, with a 'since_join' member's
+-- last_message taken from after it joined (a message from before is not
+-- its to read).
+CREATE OR REPLACE FUNCTION chat_list_conversations(p_user text, p_before_ts bigint,
+                                        p_before_id bigint, p_limit int)
+RETURNS text
+LANGUAGE sql STABLE AS $$
+    WITH page AS (
+        SELECT c.id, c.last_activity, c.last_seq, mb.read_seq,
+               CASE WHEN c.history = 'since_join' THEN mb.joined_seq
+                    ELSE 0 END AS floor
+        FROM chat_members mb
+        JOIN chat_conversations c ON c.id = mb.conversation_id
+        WHERE mb.user_id = p_user
+          AND (p_before_id IS NULL
+               OR (c.last_activity, c.id)
+                  < (to_timestamp(p_before_ts / 1000000.0), p_before_id))
+        ORDER BY c.last_activity DESC, c.id DESC
+        LIMIT p_limit
+    ), rows AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.last_activity DESC,
+                                       p.id DESC) AS rn
+        FROM page p
+    )
+    SELECT json_build_object(
+        'conversations', coalesce((
+            SELECT json_agg(
+                (chat_conversation_json(r.id)::jsonb
+                 || jsonb_build_object(
+                     'last_message',
+                     (SELECT chat_message_json(m)::jsonb
+                      FROM chat_messages m
+                      WHERE m.conversation_id = r.id AND m.seq > r.floor
+                      ORDER BY m.seq DESC LIMIT 1),
+                     'unread_count',
+                     chat_unread(r.id, r.last_seq, r.read_seq)))
+                ORDER BY r.rn)
+            FROM rows r), '[]'::json),
+        'next', (SELECT CASE WHEN count(*) = p_limit THEN
+                     (SELECT (extract(epoch FROM r.last_activity)
+                              * 1000000)::bigint || ':' || r.id
+                      FROM rows r ORDER BY r.rn DESC LIMIT 1)
+                 END
+                 FROM rows))::text
+$$;
 
 
 INSERT INTO chat_schema_version (version) VALUES (7);

@@ -60,6 +60,10 @@ async def send(c, n, prefix):
     return out
 
 
+def removed(msgs, user, conv=G):
+    return [e for e in kinds(msgs, "member.removed", conv) if user in e["members"]]
+
+
 def db_seqs(after=0):
     return [r[0] for r in pg.query("SELECT seq FROM chat_messages WHERE conversation_id = %s AND seq > %s "
                                    "ORDER BY seq", G, after)]
@@ -123,6 +127,12 @@ async def main():
     is_([m["seq"] for m in h["messages"]], early + s1, "a service token reads all of it")
     st, _, h = rest("GET", "/conversations/%s/messages?after_seq=0" % G, "bob")
     is_([m["seq"] for m in h["messages"]], early + s1, "bob, a member from the start, reads all of it")
+    rest("POST", "/conversations/%s/members" % G, "alice", json={"members": ["frank"]})
+    st, _, lst = rest("GET", "/conversations", "frank")
+    mine = [c for c in lst["conversations"] if c["id"] == G]
+    is_(mine and mine[0]["last_message"], None,
+        "since_join: a member added after the last message has no last_message in its list")
+    rest("DELETE", "/conversations/%s/members/frank" % G, "alice")
     rest("PATCH", "/conversations/%s" % G, "alice", json={"history": "all"})
     st, _, h = rest("GET", "/conversations/%s/messages?after_seq=0" % G, "carol")
     is_([m["seq"] for m in h["messages"]], early + s1, "history \"all\": carol reads everything")
@@ -146,7 +156,8 @@ async def main():
     is_((st, "bob" in b["conversation"]["members"]), (200, False), "the creator removes bob: 200")
     last_before = db_seqs()[-1]
     bobs = [bob, bob2, bob_sse]
-    ok(await until(lambda: all(len(kinds(c.messages, "member.removed")) == 1 for c in bobs), 5),
+    ok(await until(lambda: all(len([e for e in kinds(c.messages, "member.removed")
+                                    if e["members"] == ["bob"]]) == 1 for c in bobs), 5),
        "member.removed reaches bob's WebSockets on both workers and his SSE stream")
     st, _, pb = await held.result(10)
     ok(st == 200 and kinds(pb["events"], "member.removed"), "and his held poll")
@@ -166,19 +177,19 @@ async def main():
         """bob's events of G resumed from cur by kind, until his member.removed."""
         if kind == "ws":
             c = await ws_connect_on("bob", P[1], cursor=cur)
-            await until(lambda: kinds(c.messages, "member.removed"), 10)
+            await until(lambda: removed(c.messages, "bob"), 10)
             await asyncio.sleep(0.3)
             got = c.messages
             await c.close()
         elif kind == "sse":
             c = await sse_connect("bob", cursor=cur)
-            await c.wait(lambda x: kinds(x.messages, "member.removed"), 10)
+            await c.wait(lambda x: removed(x.messages, "bob"), 10)
             await asyncio.sleep(0.3)
             got = c.messages
             await c.close()
         else:
             got, n = [], 0
-            while n < 50 and not (kinds(got, "member.removed") and got and not b["events"]):
+            while n < 50 and not (removed(got, "bob") and got and not b["events"]):
                 st, _, b = await poll("bob", cursor=cur, timeout_ms=300)
                 got += b["events"]
                 cur = b["cursor"]
@@ -187,14 +198,14 @@ async def main():
 
     for kind in ("ws", "sse", "poll"):
         got = await resumed(kind, before, last_before)
-        ok(kinds(got, "member.removed") and seqs(got) == s1,
+        ok(removed(got, "bob") and seqs(got) == s1,
            "%s resume from before the removal (the ring): up to member.removed, nothing after (%s)"
            % (kind, seqs(got)[-3:]))
     # past the ring: 700 more events, so that the resume reads the store
     more = await send(a, 700, "flood")
     for kind in ("ws", "sse", "poll"):
         got = await resumed(kind, before, last_before)
-        ok(kinds(got, "member.removed") and seqs(got) == s1,
+        ok(removed(got, "bob") and seqs(got) == s1,
            "%s resume from before the removal (the store): up to member.removed, nothing after (%s)"
            % (kind, seqs(got)[-3:]))
     note("part 3 done at %.1f s" % (time.monotonic() - T0))
@@ -213,7 +224,7 @@ async def main():
             c = await sse_connect("bob", cursor=before)
             await c.wait(lambda x: seqs(x.messages)[-1:] == back[-1:], 15)
         s = seqs(c.messages)
-        ok(not set(s) & set(gap) and s[-3:] == back and kinds(c.messages, "member.removed")
+        ok(not set(s) & set(gap) and s[-3:] == back and removed(c.messages, "bob")
            and kinds(c.messages, "member.added"),
            "%s resume across both spans: the removal, the re-adding, never the %d messages between"
            % (kind, len(gap)))

@@ -18,6 +18,9 @@
 #     (an address is one word); one letter is not a prefix; q that is not
 #     UTF-8, or over 256 bytes, is 400, odd punctuation is not an error; a
 #     service token that is also a member sees each hit once.
+#  6. newest first looks at each conversation's newest messages first; when
+#     the page is not in that window the index answers: the same hits,
+#     paging one by one works either way.
 import asyncio
 import os
 import sys
@@ -136,10 +139,38 @@ async def main():
     ids_ = [r["message"]["id"] for r in b["results"]]
     is_(len(ids_), len(set(ids_)), "a service token that is also a member: each hit once")
 
+    # 6: a window too small for the page: the index answers, and the
+    # same hits come back
+    big = rest_conv = api("POST", "/chat/api/conversations", token=token("gina"),
+                          json={"kind": "group", "members": ["hal"], "title": "long"})[2]["conversation"]["id"]
+    g = await ws_connect_on("gina")
+    for i in range(60):
+        await g.request("send", conversation_id=big, client_msg_id="w%d" % i,
+                        body=("needle %d" % i) if i in (3, 7, 50) else ("hay %d" % i))
+    st, b_all = search("hal", q="needle")
+    is_([x["message"]["body"] for x in b_all["results"]], ["needle 50", "needle 7", "needle 3"],
+        "the window: every hit, newest first")
+    pg.query("ALTER FUNCTION chat_search(text, boolean, regconfig, text, bigint, bigint, int, boolean) "
+             "SET chat.search_window = '20'")
+    st, b_small = search("hal", q="needle")
+    is_(bodies(b_small), bodies(b_all), "a window of 20 rows (the page not found in it): the index, the same hits")
+    st, b1 = search("hal", q="needle", limit=1)
+    st, b2 = search("hal", q="needle", limit=1, cursor=b1["next"])
+    st, b3 = search("hal", q="needle", limit=1, cursor=b2["next"])
+    is_(bodies(b1) + bodies(b2) + bodies(b3), ["needle 50", "needle 7", "needle 3"],
+        "paging one by one through both ways")
+    st, bh = search("hal", q="hay", limit=5)
+    is_(bodies(bh), ["hay 59", "hay 58", "hay 57", "hay 56", "hay 55"], "a frequent word: from the window")
+    pg.query("ALTER FUNCTION chat_search(text, boolean, regconfig, text, bigint, bigint, int, boolean) "
+             "RESET chat.search_window")
+    await g.close()
+
     # 4
-    plan = "\n".join(r[0] for r in pg.query(
-        "EXPLAIN SELECT m.id FROM chat_messages m WHERE to_tsvector('simple', m.body) "
-        "@@ chat_search_query('simple', 'logo') AND NOT m.deleted"))
+    cur = pg.conn().cursor()
+    cur.execute("SET enable_seqscan = off")    # a few rows: the index must be usable
+    cur.execute("EXPLAIN SELECT m.id FROM chat_messages m WHERE m.search "
+                "@@ chat_search_query('simple', 'logo') AND NOT m.deleted")
+    plan = "\n".join(r[0] for r in cur.fetchall())
     ok("chat_messages_search" in plan, "the plan uses the index:\n" + plan)
     await a.close()
     await c.close()
