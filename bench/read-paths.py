@@ -118,8 +118,7 @@ q("""UPDATE chat_messages m SET reply_to = p.id
 q("UPDATE chat_members mb SET read_seq = c.last_seq - 5, delivered_seq = c.last_seq "
   "FROM chat_conversations c WHERE c.id = mb.conversation_id")
 log("messages in %.0f s; building indexes" % (time.monotonic() - t0))
-q("CREATE INDEX chat_messages_search ON chat_messages "
-  "USING gin (to_tsvector('simple', body)) WHERE NOT deleted")
+q("CREATE INDEX chat_messages_search ON chat_messages USING gin (search) WHERE NOT deleted")
 q("CREATE INDEX chat_messages_replies ON chat_messages (reply_to, seq) WHERE reply_to IS NOT NULL")
 q("CREATE INDEX chat_messages_deleted ON chat_messages (conversation_id, seq) WHERE deleted")
 q("VACUUM ANALYZE")
