@@ -40,6 +40,7 @@ async def pinger(nginx, stop, rtts):
     """Another user pings on both workers while busy joins and resumes."""
     pids = nginx.worker_pids()
     cs = [await ws_connect_on("pinger", want_pid=p, nginx=nginx) for p in pids]
+    stop["ready"] = True
     i = 0
     while stop["on"]:
         for c in cs:
@@ -58,7 +59,8 @@ async def case(nginx, label, k):
     stop = {"on": True}
     rtts = []
     task = asyncio.ensure_future(pinger(nginx, stop, rtts))
-    await asyncio.sleep(0.3)
+    # the pings must run the whole time: wait until they do
+    await until(lambda: stop.get("ready") and len(rtts) >= 4, timeout=30)
 
     t = time.monotonic()
     c = await ws_connect_on("busy", nginx=nginx, timeout=30)
