@@ -81,7 +81,8 @@ $$;
 -- chat.search_window, for tests): a frequent
 -- word fills the page there.  The page is exact when its last hit is
 -- newer than every message a full window left unseen; otherwise (a rare
--- word), and for ranked search, the GIN index finds every hit.
+-- word), and for ranked search, the GIN index finds every hit.  A word
+-- the statistics show is rare goes to the index at once.
 CREATE FUNCTION chat_search(p_user text, p_service boolean, p_lang regconfig,
                             p_q text, p_conv bigint, p_cursor bigint,
                             p_limit int, p_ranked boolean)
@@ -99,6 +100,7 @@ DECLARE
     v_ranks   real[];
     v_bound   bigint;
     v_got     int;
+    v_frequent boolean := false;
     v_rows    text;
     v_n       int;
     v_next    text;
@@ -142,7 +144,34 @@ BEGIN
         RETURN '{"results":[],"next":null}';
     END IF;
 
-    IF NOT p_ranked AND v_simple AND cardinality(v_convs) <= 2000 THEN
+    -- A word rarer than every one of the column's most common elements
+    -- (the statistics ANALYZE keeps) is for the index at once: reading
+    -- the conversations' newest rows first would find too little.  No
+    -- statistics yet: the newest rows first.
+    IF NOT p_ranked AND v_simple THEN
+        SELECT NOT EXISTS (SELECT 1 FROM pg_stats st
+                           WHERE st.schemaname = current_schema()
+                             AND st.tablename = 'chat_messages'
+                             AND st.attname = 'search'
+                             AND st.most_common_elems IS NOT NULL)
+               OR EXISTS (
+                   SELECT 1
+                   FROM pg_stats st,
+                        unnest(st.most_common_elems::text::text[]) e,
+                        regexp_matches(v_q::text, '''((?:[^'']|'''')+)''(:\*)?',
+                                       'g') w
+                   WHERE st.schemaname = current_schema()
+                     AND st.tablename = 'chat_messages'
+                     AND st.attname = 'search'
+                     AND (e = replace(w[1], '''''', '''')
+                          OR (w[2] IS NOT NULL
+                              AND starts_with(e, replace(w[1], '''''', '''')))))
+        INTO v_frequent;
+    END IF;
+
+    IF NOT p_ranked AND v_simple AND v_frequent
+       AND cardinality(v_convs) <= 2000
+    THEN
         v_win := greatest(p_limit, v_budget / cardinality(v_convs));
 
         WITH win AS (
@@ -178,25 +207,29 @@ BEGIN
     END IF;
 
     IF v_ids IS NULL THEN
-        -- the index: every hit of the caller's conversations
+        -- the index: every hit, then the caller's conversations (a plan
+        -- that walked the conversations with the match as a filter would
+        -- read them whole for a rare word)
+        WITH hits AS MATERIALIZED (
+            SELECT m.id, m.conversation_id AS c, m.seq,
+                   CASE WHEN p_ranked THEN ts_rank(
+                       CASE WHEN v_simple THEN m.search
+                            ELSE to_tsvector(p_lang, m.body) END,
+                       v_q) END AS rank
+            FROM chat_messages m
+            WHERE (CASE WHEN v_simple THEN m.search
+                        ELSE to_tsvector(p_lang, m.body) END) @@ v_q
+              AND NOT m.deleted
+              AND (p_ranked OR p_cursor IS NULL OR m.id < p_cursor)
+        )
         SELECT array_agg(x.id ORDER BY x.rank DESC NULLS LAST, x.id DESC),
                array_agg(x.rank ORDER BY x.rank DESC NULLS LAST, x.id DESC)
         INTO v_ids, v_ranks
-        FROM (SELECT y.id, y.rank
-              FROM (SELECT m.id,
-                           CASE WHEN p_ranked THEN ts_rank(
-                               CASE WHEN v_simple THEN m.search
-                                    ELSE to_tsvector(p_lang, m.body) END,
-                               v_q) END AS rank
-                    FROM chat_messages m
-                    JOIN unnest(v_convs, v_floors) AS u (c, f)
-                      ON m.conversation_id = u.c AND m.seq > u.f
-                    WHERE (CASE WHEN v_simple THEN m.search
-                                ELSE to_tsvector(p_lang, m.body) END) @@ v_q
-                      AND NOT m.deleted
-                      AND (p_ranked OR p_cursor IS NULL OR m.id < p_cursor)
-                   ) y
-              ORDER BY y.rank DESC NULLS LAST, y.id DESC
+        FROM (SELECT h.id, h.rank
+              FROM hits h
+              JOIN unnest(v_convs, v_floors) AS u (c, f)
+                ON h.c = u.c AND h.seq > u.f
+              ORDER BY h.rank DESC NULLS LAST, h.id DESC
               OFFSET CASE WHEN p_ranked THEN coalesce(p_cursor, 0) ELSE 0 END
               LIMIT p_limit) x;
     END IF;
