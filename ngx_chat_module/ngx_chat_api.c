@@ -127,6 +127,8 @@ static ngx_int_t ngx_chat_api_op(ngx_http_request_t *r, const char *name,
     json_t *args);
 static ngx_int_t ngx_chat_api_op_now(ngx_http_request_t *r,
     const char *name, json_t *args);
+static ngx_int_t ngx_chat_api_op_arg(ngx_http_request_t *r, const char *name,
+    const char *key, u_char *data, size_t len, const char *bad);
 static void ngx_chat_api_op_done(ngx_chat_op_t *op);
 static ngx_int_t ngx_chat_api_arg_num(ngx_http_request_t *r, char *name,
     size_t len, int64_t *v, int64_t min, int64_t max);
@@ -2354,8 +2356,6 @@ static ngx_int_t
 ngx_chat_api_unreact(ngx_http_request_t *r)
 {
     u_char     *dst, *src;
-    json_t     *args, *v;
-    ngx_int_t   rc;
     ngx_str_t   arg;
     u_char      emoji[128];
 
@@ -2370,27 +2370,8 @@ ngx_chat_api_unreact(ngx_http_request_t *r)
     dst = emoji;
     ngx_unescape_uri(&dst, &src, arg.len, 0);
 
-    /* jansson refuses text that is not UTF-8 */
-    v = json_stringn((char *) emoji, dst - emoji);
-    if (v == NULL) {
-        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
-                                   "?emoji= must be one emoji", 0);
-    }
-
-    args = json_object();
-
-    if (args == NULL || json_object_set_new(args, "emoji", v) != 0) {
-        if (args) {
-            json_decref(args);
-        }
-
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    rc = ngx_chat_api_op_now(r, "unreact", args);
-    json_decref(args);
-
-    return rc;
+    return ngx_chat_api_op_arg(r, "unreact", "emoji", emoji, dst - emoji,
+                               "?emoji= must be one emoji");
 }
 
 
@@ -2451,26 +2432,41 @@ ngx_chat_api_add_members(ngx_http_request_t *r, json_t *body)
 static ngx_int_t
 ngx_chat_api_remove_member(ngx_http_request_t *r, u_char *p, u_char *end)
 {
+    return ngx_chat_api_op_arg(r, "remove_member", "user", p, end - p,
+                               "not a user id");
+}
+
+
+/* an operation whose one argument comes in the URL, not in a body */
+
+static ngx_int_t
+ngx_chat_api_op_arg(ngx_http_request_t *r, const char *name,
+    const char *key, u_char *data, size_t len, const char *bad)
+{
     json_t     *args, *v;
     ngx_int_t   rc;
 
-    v = json_stringn((char *) p, end - p);
+    /* jansson refuses text that is not UTF-8 */
+    v = json_stringn((char *) data, len);
     if (v == NULL) {
         return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
-                                   "not a user id", 0);
+                                   bad, 0);
     }
 
     args = json_object();
 
-    if (args == NULL || json_object_set_new(args, "user", v) != 0) {
-        if (args) {
-            json_decref(args);
-        }
-
+    if (args == NULL) {
+        json_decref(v);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    rc = ngx_chat_api_op_now(r, "remove_member", args);
+    /* (the value is released with a failed set) */
+    if (json_object_set_new(args, key, v) != 0) {
+        json_decref(args);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_chat_api_op_now(r, name, args);
     json_decref(args);
 
     return rc;
