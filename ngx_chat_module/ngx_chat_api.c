@@ -17,6 +17,7 @@
 #include "ngx_chat_json.h"
 #include "ngx_chat_live.h"
 #include "ngx_chat_receipts.h"
+#include "ngx_chat_limit.h"
 
 
 #define NGX_CHAT_MAX_MEMBERS   1000
@@ -36,6 +37,7 @@ typedef struct {
     ngx_chat_send_t           *send;             /* in the store */
     unsigned                   cleanup:1;        /* registered */
     int64_t                    seq;              /* read */
+    int64_t                    report;           /* reports/{id} */
     unsigned                   typing_start:1;
     unsigned                   read:1;
 } ngx_chat_api_ctx_t;
@@ -132,6 +134,25 @@ static ngx_int_t ngx_chat_api_op_arg(ngx_http_request_t *r, const char *name,
 static void ngx_chat_api_op_done(ngx_chat_op_t *op);
 static ngx_int_t ngx_chat_api_arg_num(ngx_http_request_t *r, char *name,
     size_t len, int64_t *v, int64_t min, int64_t max);
+static ngx_int_t ngx_chat_api_blocks(ngx_http_request_t *r, u_char *p,
+    u_char *end);
+static ngx_int_t ngx_chat_api_block(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_reports(ngx_http_request_t *r, u_char *p,
+    u_char *end);
+static ngx_int_t ngx_chat_api_report(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_resolve(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_erase(ngx_http_request_t *r, u_char *p,
+    u_char *end);
+static ngx_int_t ngx_chat_api_user_arg(ngx_http_request_t *r,
+    const char *fn, u_char *p, u_char *end);
+static ngx_int_t ngx_chat_api_call(ngx_http_request_t *r, const char *fn,
+    json_t *args);
+static ngx_int_t ngx_chat_api_limited(ngx_http_request_t *r,
+    ngx_uint_t kind);
+static void ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static ngx_int_t ngx_chat_api_call_now(ngx_http_request_t *r,
+    const char *fn, json_t *args);
 
 
 static ngx_http_request_body_filter_pt  ngx_chat_api_next_body_filter;
@@ -241,6 +262,7 @@ ngx_int_t
 ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
 {
     u_char              *p, *end, *slash;
+    ngx_int_t            rc;
     ngx_str_t            seg;
     const char          *code, *msg;
     ngx_chat_api_ctx_t  *ctx;
@@ -257,6 +279,14 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
                                    code ? code : "unauthorized",
                                    code ? msg : "a bearer token is required",
                                    0);
+    }
+
+    if (ctx->id.role != NGX_CHAT_ROLE_SERVICE) {
+        rc = ngx_chat_api_limited(r, NGX_CHAT_RATE_REST);
+
+        if (rc != NGX_DECLINED) {
+            return rc;
+        }
     }
 
     p = path->data;
@@ -322,6 +352,18 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
         }
 
         goto not_found;
+    }
+
+    if (seg.len == 6 && ngx_strncmp(p, "blocks", 6) == 0) {
+        return ngx_chat_api_blocks(r, slash, end);
+    }
+
+    if (seg.len == 7 && ngx_strncmp(p, "reports", 7) == 0) {
+        return ngx_chat_api_reports(r, slash, end);
+    }
+
+    if (seg.len == 5 && ngx_strncmp(p, "users", 5) == 0 && slash) {
+        return ngx_chat_api_erase(r, slash + 1, end);
     }
 
     if (seg.len == 6 && ngx_strncmp(p, "search", 6) == 0 && slash == NULL) {
@@ -1174,11 +1216,21 @@ ngx_chat_api_create_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     if (PQgetvalue(res, 0, 0)[0] != 't') {
         r = ngx_chat_api_query_owner(q);
 
-        if (r) {
-            ngx_chat_api_create_reply(r, NGX_HTTP_OK, PQgetvalue(res, 0, 2),
-                                      PQgetlength(res, 0, 2));
+        if (r == NULL) {
+            return;
         }
 
+        if (PQgetisnull(res, 0, 1)) {
+            /* a direct conversation with a user who blocks the creator */
+            ngx_http_finalize_request(r,
+                ngx_chat_http_error(r, NGX_HTTP_FORBIDDEN, "blocked",
+                                    "the other member does not take "
+                                    "messages from this user", 0));
+            return;
+        }
+
+        ngx_chat_api_create_reply(r, NGX_HTTP_OK, PQgetvalue(res, 0, 2),
+                                  PQgetlength(res, 0, 2));
         return;
     }
 
@@ -1635,12 +1687,44 @@ ngx_chat_api_text_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 static ngx_int_t
 ngx_chat_api_post_message(ngx_http_request_t *r, json_t *body)
 {
+    json_t              *format;
     ngx_int_t            rc;
+    ngx_uint_t           service;
     const char          *code, *msg;
     ngx_chat_send_t     *snd;
     ngx_chat_api_ctx_t  *ctx;
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    /*
+     * A service token posts system messages ("Contract started") under
+     * its own subject, which need not be a member (chat_send_stage()).
+     */
+
+    service = (ctx->id.role == NGX_CHAT_ROLE_SERVICE);
+
+    if (!service) {
+        rc = ngx_chat_api_limited(r, NGX_CHAT_RATE_SEND);
+
+        if (rc != NGX_DECLINED) {
+            return rc;
+        }
+    }
+
+    if (service) {
+        format = json_object_get(body, "format");
+
+        if (format
+            && !(json_is_string(format)
+                 && ngx_strcmp(json_string_value(format), "system") == 0))
+        {
+            return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST,
+                                       "bad_request", "a service token "
+                                       "posts \"format\": \"system\"", 0);
+        }
+
+        json_object_del(body, "format");
+    }
 
     snd = ngx_chat_store_send_from_json(body, &ctx->id.user,
                                         ctx->conversation, 0, &code, &msg);
@@ -1652,6 +1736,10 @@ ngx_chat_api_post_message(ngx_http_request_t *r, json_t *body)
                                       ? NGX_HTTP_INTERNAL_SERVER_ERROR
                                       : NGX_HTTP_BAD_REQUEST),
                                    code, msg, 0);
+    }
+
+    if (service) {
+        ngx_str_set(&snd->format, "system");
     }
 
     if (ngx_chat_api_hold(r) != NGX_OK) {
@@ -1714,7 +1802,10 @@ ngx_chat_api_post_done(ngx_chat_send_t *snd)
         if (ngx_strcmp(snd->error, "unavailable") == 0) {
             status = NGX_HTTP_SERVICE_UNAVAILABLE;
 
-        } else if (ngx_strcmp(snd->error, "forbidden") == 0) {
+        } else if (ngx_strcmp(snd->error, "forbidden") == 0
+                   || ngx_strcmp(snd->error, "archived") == 0
+                   || ngx_strcmp(snd->error, "blocked") == 0)
+        {
             status = NGX_HTTP_FORBIDDEN;
 
         } else if (ngx_strcmp(snd->error, "not_found") == 0) {
@@ -1757,6 +1848,7 @@ ngx_chat_api_post_done(ngx_chat_send_t *snd)
 static ngx_int_t
 ngx_chat_api_typing(ngx_http_request_t *r, json_t *body)
 {
+    ngx_int_t            rc;
     ngx_str_t            state;
     ngx_chat_api_ctx_t  *ctx;
 
@@ -1772,6 +1864,14 @@ ngx_chat_api_typing(ngx_http_request_t *r, json_t *body)
     }
 
     ctx->typing_start = (state.len == 5);
+
+    if (ctx->typing_start) {
+        rc = ngx_chat_api_limited(r, NGX_CHAT_RATE_TYPING);
+
+        if (rc != NGX_DECLINED) {
+            return rc;
+        }
+    }
 
     return ngx_chat_api_member(r);
 }
@@ -2648,4 +2748,446 @@ bad_text:
     return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
                                "\"q\" must be 1 to 256 bytes of UTF-8 text",
                                0);
+}
+
+
+/*
+ * Blocks: GET and POST {"user"} on blocks, DELETE blocks/{user}; each
+ * answers the caller's list.  slash: the "/" after "blocks", or NULL.
+ */
+
+static ngx_int_t
+ngx_chat_api_blocks(ngx_http_request_t *r, u_char *slash, u_char *end)
+{
+    if (slash) {
+        if (r->method != NGX_HTTP_DELETE) {
+            return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED,
+                                       "bad_request", "method not allowed",
+                                       0);
+        }
+
+        return ngx_chat_api_user_arg(r, "unblock", slash + 1, end);
+    }
+
+    if (r->method == NGX_HTTP_GET) {
+        return ngx_chat_api_call_now(r, "blocks", NULL);
+    }
+
+    if (r->method == NGX_HTTP_POST) {
+        return ngx_chat_api_read_body(r, ngx_chat_api_block);
+    }
+
+    return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED, "bad_request",
+                               "method not allowed", 0);
+}
+
+
+static ngx_int_t
+ngx_chat_api_block(ngx_http_request_t *r, json_t *body)
+{
+    json_t              *args;
+    ngx_int_t            rc;
+    ngx_str_t            user;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ngx_chat_json_str(body, "user", &user, NGX_CHAT_MAX_ID_LEN, 1)
+        != NGX_OK
+        || ngx_chat_valid_user_id(user.data, user.len) != NGX_OK)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"user\" must be a user id", 0);
+    }
+
+    if (user.len == ctx->id.user.len
+        && ngx_strncmp(user.data, ctx->id.user.data, user.len) == 0)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "a user does not block itself", 0);
+    }
+
+    args = json_pack("{ss#}", "user", user.data, user.len);
+    if (args == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_chat_api_call(r, "block", args);
+    json_decref(args);
+
+    return rc;
+}
+
+
+/*
+ * Reports: POST {message_id, reason, note} by a member; GET (service:
+ * ?status=&after=&limit=) and PATCH reports/{id} {status, resolution}.
+ */
+
+static ngx_int_t
+ngx_chat_api_reports(ngx_http_request_t *r, u_char *slash, u_char *end)
+{
+    int64_t              after, limit;
+    json_t              *args;
+    ngx_int_t            rc;
+    ngx_str_t            status;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (slash == NULL && r->method == NGX_HTTP_POST) {
+        return ngx_chat_api_read_body(r, ngx_chat_api_report);
+    }
+
+    if (ctx->id.role != NGX_CHAT_ROLE_SERVICE) {
+        return ngx_chat_http_error(r, NGX_HTTP_FORBIDDEN, "forbidden",
+                                   "reports are read by a service token", 0);
+    }
+
+    if (slash) {
+        if (ngx_chat_parse_id(slash + 1, end - slash - 1, &ctx->report)
+            != NGX_OK)
+        {
+            return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                       "no such report", 0);
+        }
+
+        if (r->method != NGX_HTTP_PATCH) {
+            return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED,
+                                       "bad_request", "method not allowed",
+                                       0);
+        }
+
+        return ngx_chat_api_read_body(r, ngx_chat_api_resolve);
+    }
+
+    if (r->method != NGX_HTTP_GET) {
+        return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED, "bad_request",
+                                   "method not allowed", 0);
+    }
+
+    after = 0;
+    limit = 50;
+
+    if (ngx_chat_api_arg_num(r, "limit", 5, &limit, 1, 100) == NGX_ERROR
+        || ngx_chat_api_arg_num(r, "after", 5, &after, 0,
+                                NGX_MAX_OFF_T_VALUE) == NGX_ERROR)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"limit\" must be 1 to 100, \"after\" "
+                                   "a report id", 0);
+    }
+
+    args = json_pack("{sIsI}", "limit", (json_int_t) limit,
+                     "after", (json_int_t) after);
+    if (args == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (ngx_http_arg(r, (u_char *) "status", 6, &status) == NGX_OK) {
+        if (!((status.len == 4 && ngx_strncmp(status.data, "open", 4) == 0)
+              || (status.len == 8
+                  && ngx_strncmp(status.data, "resolved", 8) == 0)
+              || (status.len == 9
+                  && ngx_strncmp(status.data, "dismissed", 9) == 0)))
+        {
+            json_decref(args);
+            return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST,
+                                       "bad_request", "\"status\" must be "
+                                       "open, resolved or dismissed", 0);
+        }
+
+        if (json_object_set_new(args, "status",
+                                json_stringn((char *) status.data,
+                                             status.len)))
+        {
+            json_decref(args);
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
+
+    rc = ngx_chat_api_call_now(r, "reports", args);
+    json_decref(args);
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_chat_api_report(ngx_http_request_t *r, json_t *body)
+{
+    int64_t    id;
+    json_t    *args;
+    ngx_int_t  rc;
+    ngx_str_t  reason, note;
+
+    if (ngx_chat_json_id(body, "message_id", &id, 1) != NGX_OK) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"message_id\" must be a message id", 0);
+    }
+
+    if (ngx_chat_json_str(body, "reason", &reason, 16, 1) != NGX_OK
+        || !((reason.len == 4 && ngx_strncmp(reason.data, "spam", 4) == 0)
+             || (reason.len == 10
+                 && ngx_strncmp(reason.data, "harassment", 10) == 0)
+             || (reason.len == 4 && ngx_strncmp(reason.data, "scam", 4) == 0)
+             || (reason.len == 13
+                 && ngx_strncmp(reason.data, "inappropriate", 13) == 0)
+             || (reason.len == 5
+                 && ngx_strncmp(reason.data, "other", 5) == 0)))
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"reason\" must be spam, harassment, "
+                                   "scam, inappropriate or other", 0);
+    }
+
+    if (ngx_chat_json_str(body, "note", &note, 2000, 0) == NGX_ERROR) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"note\" must be a string of at most "
+                                   "2000 bytes", 0);
+    }
+
+    /* only what was checked goes to the store */
+    args = json_pack("{sIss#ss#}", "message_id", (json_int_t) id,
+                     "reason", reason.data, reason.len,
+                     "note", note.len ? (char *) note.data : "", note.len);
+    if (args == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_chat_api_call(r, "report", args);
+    json_decref(args);
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_chat_api_resolve(ngx_http_request_t *r, json_t *body)
+{
+    json_t              *args, *v;
+    ngx_int_t            rc;
+    ngx_str_t            status, resolution;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ngx_chat_json_str(body, "status", &status, 16, 1) != NGX_OK
+        || !((status.len == 4 && ngx_strncmp(status.data, "open", 4) == 0)
+             || (status.len == 8
+                 && ngx_strncmp(status.data, "resolved", 8) == 0)
+             || (status.len == 9
+                 && ngx_strncmp(status.data, "dismissed", 9) == 0)))
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"status\" must be open, resolved or "
+                                   "dismissed", 0);
+    }
+
+    rc = ngx_chat_json_str(body, "resolution", &resolution, 2000, 0);
+
+    if (rc == NGX_ERROR) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "\"resolution\" must be a string of at "
+                                   "most 2000 bytes", 0);
+    }
+
+    args = json_pack("{sIss#}", "report_id", (json_int_t) ctx->report,
+                     "status", status.data, status.len);
+    if (args == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (rc == NGX_OK) {
+        v = json_stringn((char *) resolution.data, resolution.len);
+
+        if (v == NULL || json_object_set_new(args, "resolution", v)) {
+            json_decref(args);
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
+
+    rc = ngx_chat_api_call(r, "resolve", args);
+    json_decref(args);
+
+    return rc;
+}
+
+
+/* DELETE users/{user}: the platform erases an account (a service token) */
+
+static ngx_int_t
+ngx_chat_api_erase(ngx_http_request_t *r, u_char *p, u_char *end)
+{
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ctx->id.role != NGX_CHAT_ROLE_SERVICE) {
+        return ngx_chat_http_error(r, NGX_HTTP_FORBIDDEN, "forbidden",
+                                   "a user is erased by a service token", 0);
+    }
+
+    if (r->method != NGX_HTTP_DELETE) {
+        return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED, "bad_request",
+                                   "method not allowed", 0);
+    }
+
+    return ngx_chat_api_user_arg(r, "erase", p, end);
+}
+
+
+/* a call whose one argument is the user id at the end of the path */
+
+static ngx_int_t
+ngx_chat_api_user_arg(ngx_http_request_t *r, const char *fn, u_char *p,
+    u_char *end)
+{
+    json_t     *args;
+    ngx_int_t   rc;
+
+    if (ngx_chat_valid_user_id(p, end - p) != NGX_OK) {
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "not a user id", 0);
+    }
+
+    args = json_pack("{ss#}", "user", p, (size_t) (end - p));
+    if (args == NULL) {
+        /* jansson refuses text that is not UTF-8 */
+        return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                   "not a user id", 0);
+    }
+
+    rc = ngx_chat_api_call_now(r, fn, args);
+    json_decref(args);
+
+    return rc;
+}
+
+
+/* a call from the content handler, not from a body handler */
+
+static ngx_int_t
+ngx_chat_api_call_now(ngx_http_request_t *r, const char *fn, json_t *args)
+{
+    ngx_int_t  rc;
+
+    rc = ngx_chat_api_call(r, fn, args);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+}
+
+
+/*
+ * A request that makes no event: chat_call() (sql/008_safety.sql) checks
+ * the rest and answers the HTTP status and the body.  args may be NULL.
+ */
+
+static ngx_int_t
+ngx_chat_api_call(ngx_http_request_t *r, const char *fn, json_t *args)
+{
+    char                *json;
+    u_char              *p;
+    size_t               len;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    json = args ? json_dumps(args, JSON_COMPACT) : NULL;
+
+    if (args && json == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    len = json ? ngx_strlen(json) : 2;
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_CALL,
+                             ngx_strlen(fn) + 1 + ctx->id.user.len + 1
+                             + len + 1);
+    if (q == NULL) {
+        free(json);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, fn, ngx_strlen(fn));
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->params[2] = (ctx->id.role == NGX_CHAT_ROLE_SERVICE) ? "t" : "f";
+
+    q->params[3] = (char *) p;
+    p = ngx_cpymem(p, json ? json : "{}", len);
+    *p = '\0';
+
+    free(json);
+
+    q->handler = ngx_chat_api_call_done;
+
+    return ngx_chat_api_query(r, q);
+}
+
+
+static void
+ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    ngx_int_t            status;
+    ngx_http_request_t  *r;
+
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        return;
+    }
+
+    if (rc != NGX_OK || PQntuples(res) != 1) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    status = ngx_atoi((u_char *) PQgetvalue(res, 0, 0),
+                      PQgetlength(res, 0, 0));
+
+    if (status < 200 || status > 599) {
+        status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_finalize_request(r,
+        ngx_chat_api_send(r, status, (u_char *) PQgetvalue(res, 0, 1),
+                          PQgetlength(res, 0, 1)));
+}
+
+
+/*
+ * chat_rate_limit for this request: NGX_DECLINED when it may go on, else
+ * the 429 is sent and its rc returned.
+ */
+
+static ngx_int_t
+ngx_chat_api_limited(ngx_http_request_t *r, ngx_uint_t kind)
+{
+    ngx_msec_t           retry_after;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ngx_chat_rate_request(r, kind, &ctx->id, &retry_after) == NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    return ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS, "rate_limited",
+                               "too many requests, slow down", retry_after);
 }

@@ -33,6 +33,7 @@
 #include "ngx_chat_db.h"
 #include "ngx_chat_store.h"
 #include "ngx_chat_bus.h"
+#include "ngx_chat_limit.h"
 #include "ngx_chat_transport.h"
 #include "ngx_chat_session.h"
 #include "ngx_chat_json.h"
@@ -332,6 +333,7 @@ ngx_chat_bus_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     }
 
     ngx_chat_tickets_init_zone(&sh->tickets);
+    ngx_chat_rate_init_zone(&sh->rate);
 
     shpool->data = sh;
     shpool->log_nomem = 0;

@@ -138,3 +138,392 @@ ngx_chat_limit_unauth_add(ngx_int_t n)
 {
     ngx_chat_limit_unauth += n;
 }
+
+
+/*
+ * Rate limits.  A bucket per (kind, user) and per (kind, address) in the
+ * shared zone, so that every worker counts against one: a client spread
+ * over workers (or reconnecting to another) gets no more.  The bucket is
+ * limit_req's: "excess" is how far ahead of the rate the key is, in
+ * thousandths of a request; a request that would take it past the burst
+ * is refused and changes nothing.  Buckets are kept in LRU order and the
+ * least recent ones are dropped when there are too many or the zone is
+ * full: a dropped bucket only forgets a key that was quiet.
+ */
+
+typedef struct {
+    ngx_str_node_t             sn;               /* kind, per, key bytes */
+    ngx_queue_t                lru;
+    ngx_msec_t                 last;
+    ngx_int_t                  excess;           /* x 1000 */
+    ngx_uint_t                 refused;          /* since the last taken */
+} ngx_chat_rate_node_t;
+
+
+static const char  *ngx_chat_rate_kinds[] = {
+    "send", "typing", "connect", "rest"
+};
+
+
+static ngx_int_t ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per,
+    ngx_str_t *key, ngx_log_t *log, ngx_msec_t *retry_after);
+static void ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n);
+
+
+void
+ngx_chat_rate_init_zone(ngx_chat_rate_sh_t *rs)
+{
+    ngx_rbtree_init(&rs->rbtree, &rs->sentinel, ngx_str_rbtree_insert_value);
+    ngx_queue_init(&rs->lru);
+    rs->count = 0;
+}
+
+
+/* the key of a client address: its bytes; empty for a unix socket */
+
+void
+ngx_chat_rate_addr(ngx_connection_t *c, u_char *buf, size_t *len)
+{
+    ngx_str_t  key;
+
+    if (ngx_chat_limit_key(c, &key) != NGX_OK) {
+        *len = 0;
+        return;
+    }
+
+    ngx_memcpy(buf, key.data, key.len);
+    *len = key.len;
+}
+
+
+/*
+ * NGX_OK: taken from the user's bucket and the address's (either may be
+ * NULL or empty: not counted); NGX_BUSY: refused, *retry_after says when
+ * the next may come.
+ */
+ngx_int_t
+ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
+    ngx_log_t *log, ngx_msec_t *retry_after)
+{
+    ngx_int_t              rc;
+    ngx_slab_pool_t       *shpool;
+    ngx_chat_rate_conf_t  *rc_user, *rc_addr;
+
+    rc_user = &ngx_chat_worker.cmcf->rates[kind][NGX_CHAT_RATE_USER];
+    rc_addr = &ngx_chat_worker.cmcf->rates[kind][NGX_CHAT_RATE_ADDRESS];
+
+    if ((rc_user->rate == 0 || user == NULL || user->len == 0)
+        && (rc_addr->rate == 0 || addr == NULL || addr->len == 0))
+    {
+        return NGX_OK;
+    }
+
+    shpool = ngx_chat_worker.shpool;
+    rc = NGX_OK;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (rc_addr->rate && addr && addr->len) {
+        rc = ngx_chat_rate_take(kind, NGX_CHAT_RATE_ADDRESS, addr, log,
+                                retry_after);
+    }
+
+    if (rc == NGX_OK && rc_user->rate && user && user->len) {
+        rc = ngx_chat_rate_take(kind, NGX_CHAT_RATE_USER, user, log,
+                                retry_after);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
+    ngx_log_t *log, ngx_msec_t *retry_after)
+{
+    u_char                *p;
+    uint32_t               hash;
+    ngx_str_t              k;
+    ngx_int_t              excess, burst, rate;
+    ngx_msec_int_t         ms;
+    ngx_chat_rate_sh_t    *rs;
+    ngx_chat_rate_node_t  *n;
+    u_char                 buf[2 + NGX_CHAT_MAX_ID_LEN];
+    u_char                 text[NGX_INET6_ADDRSTRLEN];
+
+    rs = &ngx_chat_worker.sh->rate;
+    rate = ngx_chat_worker.cmcf->rates[kind][per].rate;
+    burst = ngx_chat_worker.cmcf->rates[kind][per].burst;
+
+    buf[0] = (u_char) kind;
+    buf[1] = (u_char) per;
+    p = ngx_cpymem(buf + 2, key->data,
+                   ngx_min(key->len, NGX_CHAT_MAX_ID_LEN));
+
+    k.data = buf;
+    k.len = p - buf;
+    hash = ngx_crc32_short(k.data, k.len);
+
+    n = (ngx_chat_rate_node_t *) ngx_str_rbtree_lookup(&rs->rbtree, &k, hash);
+
+    if (n == NULL) {
+        ngx_chat_rate_expire(rs, 2);
+
+        n = ngx_slab_alloc_locked(ngx_chat_worker.shpool,
+                                  sizeof(ngx_chat_rate_node_t) + k.len);
+        if (n == NULL) {
+            ngx_chat_rate_expire(rs, 0);
+
+            n = ngx_slab_alloc_locked(ngx_chat_worker.shpool,
+                                      sizeof(ngx_chat_rate_node_t) + k.len);
+            if (n == NULL) {
+                /* a full zone must not stop the chat: not counted */
+                return NGX_OK;
+            }
+        }
+
+        ngx_chat_str_node_init(&n->sn, (u_char *) &n[1], &k);
+        n->sn.node.key = hash;
+        n->last = ngx_current_msec;
+        n->excess = 0;
+        n->refused = 0;
+
+        ngx_rbtree_insert(&rs->rbtree, &n->sn.node);
+        ngx_queue_insert_head(&rs->lru, &n->lru);
+        rs->count++;
+
+        return NGX_OK;
+    }
+
+    ms = (ngx_msec_int_t) (ngx_current_msec - n->last);
+
+    if (ms < 0) {
+        ms = 0;
+    }
+
+    excess = n->excess - rate * ms / 1000 + 1000;
+
+    if (excess < 0) {
+        excess = 0;
+    }
+
+    ngx_queue_remove(&n->lru);
+    ngx_queue_insert_head(&rs->lru, &n->lru);
+
+    if (excess > burst) {
+        n->refused++;
+        *retry_after = (ngx_msec_t) ((excess - burst) * 1000 / rate) + 1;
+
+        /* the first refusal of a run, then every hundredth */
+
+        if (n->refused == 1 || n->refused % 100 == 0) {
+            if (per == NGX_CHAT_RATE_USER) {
+                k.data = key->data;
+                k.len = key->len;
+
+            } else {
+                k.data = text;
+                k.len = ngx_inet_ntop(key->len == 4 ? AF_INET : AF_INET6,
+                                      key->data, text, sizeof(text));
+            }
+
+            ngx_log_error(NGX_LOG_WARN, log, 0,
+                          "chat: rate limit \"%s\" per %s exceeded by "
+                          "\"%V\", %ui refused in a row",
+                          ngx_chat_rate_kinds[kind],
+                          per == NGX_CHAT_RATE_USER ? "user" : "address",
+                          &k, n->refused);
+        }
+
+        return NGX_BUSY;
+    }
+
+    n->excess = excess;
+    n->last = ngx_current_msec;
+    n->refused = 0;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Drops least recent buckets: those that have drained (at most n of
+ * them), all beyond chat_rate_limit's share of the zone, and with n == 0
+ * one whatever its state (the zone is full).
+ */
+
+static void
+ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n)
+{
+    ngx_uint_t             i, max, rate;
+    ngx_queue_t           *q;
+    ngx_msec_int_t         ms;
+    ngx_chat_rate_node_t  *node;
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_chat_worker.cmcf;
+    max = cmcf->rate_entries;
+
+    for (i = 0; !ngx_queue_empty(&rs->lru); i++) {
+        q = ngx_queue_last(&rs->lru);
+        node = ngx_queue_data(q, ngx_chat_rate_node_t, lru);
+
+        if (rs->count < max && !(n == 0 && i == 0)) {
+            if (i >= n) {
+                return;
+            }
+
+            /* is it drained?  (its key starts with its kind and per) */
+            rate = cmcf->rates[node->sn.str.data[0]][node->sn.str.data[1]]
+                   .rate;
+            ms = (ngx_msec_int_t) (ngx_current_msec - node->last);
+
+            if (rate && node->excess - (ngx_int_t) rate * ms / 1000 > 0) {
+                return;
+            }
+        }
+
+        ngx_queue_remove(q);
+        ngx_rbtree_delete(&rs->rbtree, &node->sn.node);
+        ngx_slab_free_locked(ngx_chat_worker.shpool, node);
+        rs->count--;
+    }
+}
+
+
+/* chat_rate_limit send|typing|connect|rest user|address rate=N[r/s|r/m]
+ * [burst=N] */
+
+char *
+ngx_chat_rate_conf(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_main_conf_t *cmcf = conf;
+
+    ngx_int_t              rate, scale, burst;
+    ngx_str_t             *value, s;
+    ngx_uint_t             i, kind, per;
+    ngx_chat_rate_conf_t  *rc;
+
+    value = cf->args->elts;
+
+    for (kind = 0; kind < NGX_CHAT_RATE_KINDS; kind++) {
+        if (ngx_strcmp(value[1].data, ngx_chat_rate_kinds[kind]) == 0) {
+            break;
+        }
+    }
+
+    if (kind == NGX_CHAT_RATE_KINDS) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "chat_rate_limit: "
+                           "\"%V\" is not send, typing, connect or rest",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_strcmp(value[2].data, "user") == 0) {
+        per = NGX_CHAT_RATE_USER;
+
+    } else if (ngx_strcmp(value[2].data, "address") == 0) {
+        per = NGX_CHAT_RATE_ADDRESS;
+
+    } else {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "chat_rate_limit: "
+                           "\"%V\" is not user or address", &value[2]);
+        return NGX_CONF_ERROR;
+    }
+
+    rc = &cmcf->rates[kind][per];
+
+    if (rc->rate) {
+        return "is duplicate";
+    }
+
+    rate = 0;
+    burst = 0;
+
+    for (i = 3; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "rate=", 5) == 0) {
+            s.data = value[i].data + 5;
+            s.len = value[i].len - 5;
+            scale = 1;
+
+            if (s.len > 4
+                && ngx_strncmp(s.data + s.len - 3, "r/s", 3) == 0)
+            {
+                s.len -= 3;
+
+            } else if (s.len > 4
+                       && ngx_strncmp(s.data + s.len - 3, "r/m", 3) == 0)
+            {
+                s.len -= 3;
+                scale = 60;
+            }
+
+            rate = ngx_atoi(s.data, s.len);
+
+            if (rate <= 0 || rate > 1000000) {
+                goto invalid;
+            }
+
+            rate = rate * 1000 / scale;
+
+            if (rate == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "burst=", 6) == 0) {
+            burst = ngx_atoi(value[i].data + 6, value[i].len - 6);
+
+            if (burst < 0 || burst > 1000000) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (rate == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_rate_limit: \"rate=\" is required");
+        return NGX_CONF_ERROR;
+    }
+
+    rc->rate = rate;
+    rc->burst = burst * 1000;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "chat_rate_limit: invalid parameter \"%V\"",
+                       &value[i]);
+    return NGX_CONF_ERROR;
+}
+
+
+/* a request's check, for the user when known (id may be NULL) */
+
+ngx_int_t
+ngx_chat_rate_request(ngx_http_request_t *r, ngx_uint_t kind,
+    ngx_chat_identity_t *id, ngx_msec_t *retry_after)
+{
+    size_t     len;
+    ngx_str_t  addr;
+    u_char     buf[NGX_CHAT_RATE_ADDR_LEN];
+
+    ngx_chat_rate_addr(r->connection, buf, &len);
+
+    addr.data = buf;
+    addr.len = len;
+
+    return ngx_chat_rate_check(kind, id ? &id->user : NULL, &addr,
+                               r->connection->log, retry_after);
+}

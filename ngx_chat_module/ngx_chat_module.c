@@ -14,6 +14,7 @@
 #include "ngx_chat_ws.h"
 #include "ngx_chat_stream.h"
 #include "ngx_chat_api.h"
+#include "ngx_chat_limit.h"
 
 
 static ngx_int_t ngx_chat_handler(ngx_http_request_t *r);
@@ -298,6 +299,13 @@ static ngx_command_t  ngx_chat_commands[] = {
       ngx_conf_set_num_slot,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_chat_main_conf_t, max_connections_per_address),
+      NULL },
+
+    { ngx_string("chat_rate_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE3|NGX_CONF_TAKE4,
+      ngx_chat_rate_conf,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
       NULL },
 
     { ngx_string("chat_max_unauthenticated"),
@@ -672,6 +680,9 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
                            "chat_max_message_size");
         return NGX_CONF_ERROR;
     }
+
+    /* rate buckets take at most a sixteenth of the zone */
+    cmcf->rate_entries = ngx_max(cmcf->shm_size / 16 / 256, 256);
 
     if (cmcf->shm_size < 8 * ngx_pagesize + 64 * 1024
         + cmcf->bus_slots * sizeof(ngx_chat_slot_t)

@@ -44,7 +44,8 @@
  *   ngx_chat_notify.[ch]   the notification outbox's sweep
  *   ngx_chat_json.[ch]     JSON helpers, growable buffers
  *   ngx_chat_limit.[ch]    per-worker caps: connections per address,
- *                          unauthenticated sessions
+ *                          unauthenticated sessions; rate limits (token
+ *                          buckets in the zone)
  */
 
 
@@ -59,7 +60,7 @@
 #include <openssl/evp.h>
 
 
-#define NGX_CHAT_SCHEMA_VERSION        7
+#define NGX_CHAT_SCHEMA_VERSION        8
 
 
 /* a node of a tree keyed by unique integers (conversation ids), or NULL */
@@ -139,6 +140,33 @@ typedef struct ngx_chat_query_s      ngx_chat_query_t;
 typedef struct ngx_chat_live_sh_s    ngx_chat_live_sh_t;
 
 
+/*
+ * Rate limits (chat_rate_limit): one token bucket per (kind, user) and
+ * per (kind, client address) in the zone, shared by all workers; the
+ * slab mutex is the only lock (ngx_chat_limit.c).
+ */
+#define NGX_CHAT_RATE_SEND      0
+#define NGX_CHAT_RATE_TYPING    1
+#define NGX_CHAT_RATE_CONNECT   2
+#define NGX_CHAT_RATE_REST      3
+#define NGX_CHAT_RATE_KINDS     4
+
+#define NGX_CHAT_RATE_USER      0
+#define NGX_CHAT_RATE_ADDRESS   1
+
+typedef struct {
+    ngx_uint_t                 rate;             /* per 1000 s; 0: off */
+    ngx_uint_t                 burst;            /* x 1000 */
+} ngx_chat_rate_conf_t;
+
+typedef struct {
+    ngx_rbtree_t               rbtree;
+    ngx_rbtree_node_t          sentinel;
+    ngx_queue_t                lru;              /* least recent last */
+    ngx_uint_t                 count;
+} ngx_chat_rate_sh_t;
+
+
 /* one "chat_jwt_key": the file is read at configuration time */
 typedef struct {
     ngx_str_t                  file;
@@ -204,6 +232,8 @@ typedef struct {
 
     ngx_array_t               *cors_origins;     /* of ngx_str_t */
     ngx_flag_t                 cors_credentials;
+    ngx_chat_rate_conf_t       rates[NGX_CHAT_RATE_KINDS][2];
+    ngx_uint_t                 rate_entries;     /* buckets in the zone */
 
     ngx_flag_t                 enabled;          /* any "chat" location */
 } ngx_chat_main_conf_t;
@@ -238,6 +268,7 @@ typedef struct {
     ngx_rbtree_t               users;            /* users with tickets */
     ngx_rbtree_node_t          users_sentinel;
 } ngx_chat_tickets_sh_t;
+
 
 
 /* one cached durable event in the bus ring */
@@ -289,6 +320,7 @@ typedef struct {
     ngx_uint_t                 nslots;
     ngx_chat_slot_t           *slots;
     ngx_chat_tickets_sh_t      tickets;
+    ngx_chat_rate_sh_t         rate;             /* ngx_chat_limit.c */
     ngx_chat_live_sh_t        *live;             /* ngx_chat_live.c */
 } ngx_chat_shctx_t;
 

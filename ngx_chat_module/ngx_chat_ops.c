@@ -142,7 +142,7 @@ failed:
 /*
  * Members and settings of a conversation: add_members {members},
  * remove_member (args: {"user"}), update_conversation {title, context,
- * history}.
+ * history, archived}.
  */
 static ngx_chat_op_t *
 ngx_chat_op_conversation(const char *name, int64_t id, json_t *args,
@@ -272,10 +272,25 @@ ngx_chat_op_conversation(const char *name, int64_t id, json_t *args,
             n++;
         }
 
+        /* a service token's only (chat_op_stage() says so to a user) */
+        v = json_object_get(args, "archived");
+
+        if (v) {
+            if (!json_is_boolean(v)) {
+                json_decref(o);
+                *msg = "\"archived\" must be true or false";
+                return NULL;
+            }
+
+            if (json_object_set(o, "archived", v)) {
+                goto failed;
+            }
+        }
+
         if (json_object_size(o) == 1) {
             json_decref(o);
-            *msg = "nothing to change: \"title\", \"context\" or "
-                   "\"history\"";
+            *msg = "nothing to change: \"title\", \"context\", "
+                   "\"history\" or \"archived\"";
             return NULL;
         }
     }

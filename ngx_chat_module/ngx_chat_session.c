@@ -44,6 +44,9 @@
 /* sends of one session waiting for the store */
 #define NGX_CHAT_SESSION_SENDS     64
 
+/* rate limit refusals in a row that close a WebSocket (4029) */
+#define NGX_CHAT_SESSION_REFUSED   32
+
 /* a client that sends faster than the store answers is told to wait */
 #define NGX_CHAT_SESSION_SEND_WAIT 100
 
@@ -77,6 +80,8 @@ static void ngx_chat_session_op(ngx_chat_session_t *s, const char *name,
     json_t *root, ngx_chat_req_id_t *rid);
 static void ngx_chat_session_op_done(ngx_chat_op_t *op);
 static void ngx_chat_session_send_done(ngx_chat_send_t *snd);
+static ngx_int_t ngx_chat_session_limited(ngx_chat_session_t *s,
+    ngx_uint_t kind, ngx_chat_req_id_t *rid);
 static void ngx_chat_session_typing(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid);
 static void ngx_chat_session_presence(ngx_chat_session_t *s, json_t *root,
@@ -128,8 +133,9 @@ static ngx_queue_t     ngx_chat_catchup_waiting;
 
 
 ngx_chat_session_t *
-ngx_chat_session_create(ngx_chat_transport_t *t, void *tctx, ngx_log_t *log,
-    ngx_chat_identity_t *id, ngx_str_t *cursor)
+ngx_chat_session_create(ngx_chat_transport_t *t, void *tctx,
+    ngx_connection_t *c, ngx_log_t *log, ngx_chat_identity_t *id,
+    ngx_str_t *cursor)
 {
     ngx_chat_session_t  *s;
 
@@ -145,6 +151,8 @@ ngx_chat_session_create(ngx_chat_transport_t *t, void *tctx, ngx_log_t *log,
     s->transport = t;
     s->tctx = tctx;
     s->log = log;
+
+    ngx_chat_rate_addr(c, s->addr, &s->addr_len);
     s->id = ++ngx_chat_session_seq;
     s->state = NGX_CHAT_SESSION_NEW;
 
@@ -408,6 +416,49 @@ done:
 }
 
 
+/*
+ * chat_rate_limit for a request of the session: NGX_OK, or the refusal
+ * is answered; a client that goes on sending into refusals is closed
+ * with 4029 (a well-behaved one waits for retry_after_ms).
+ */
+
+static ngx_int_t
+ngx_chat_session_limited(ngx_chat_session_t *s, ngx_uint_t kind,
+    ngx_chat_req_id_t *rid)
+{
+    ngx_str_t   addr;
+    ngx_msec_t  retry_after;
+
+    if (s->role == NGX_CHAT_ROLE_SERVICE) {
+        return NGX_OK;
+    }
+
+    addr.data = s->addr;
+    addr.len = s->addr_len;
+
+    if (ngx_chat_rate_check(kind, &s->user, &addr, s->log, &retry_after)
+        == NGX_OK)
+    {
+        s->refused = 0;
+        return NGX_OK;
+    }
+
+    ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
+                         "too many requests, slow down", retry_after);
+
+    if (++s->refused >= NGX_CHAT_SESSION_REFUSED) {
+        ngx_log_error(NGX_LOG_WARN, s->log, 0,
+                      "chat: closing a connection of \"%V\" that went on "
+                      "past %ui rate limit refusals", &s->user, s->refused);
+
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_RATE_LIMITED,
+                               "rate_limited");
+    }
+
+    return NGX_DECLINED;
+}
+
+
 static ngx_int_t
 ngx_chat_session_req_id(json_t *root, ngx_chat_req_id_t *rid)
 {
@@ -462,6 +513,8 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
     ngx_str_t   token, cursor, device;
     ngx_int_t   rc;
     uint64_t    start;
+    ngx_uint_t  first;
+    ngx_msec_t  retry_after;
 
     if (s->hello_id) {
         ngx_chat_reply_error(s, rid->data, rid->len, "bad_request",
@@ -497,9 +550,25 @@ ngx_chat_session_hello(ngx_chat_session_t *s, json_t *root,
         return;
     }
 
+    first = !s->authenticated;
+
     if (rc == NGX_OK
         && ngx_chat_session_verify(s, &token, rid, 1) != NGX_OK)
     {
+        return;
+    }
+
+    /* the upgrade counted the address; the user is known only now */
+
+    if (first && s->role != NGX_CHAT_ROLE_SERVICE
+        && ngx_chat_rate_check(NGX_CHAT_RATE_CONNECT, &s->user, NULL, s->log,
+                               &retry_after)
+           != NGX_OK)
+    {
+        ngx_chat_reply_error(s, rid->data, rid->len, "rate_limited",
+                             "too many connection attempts", retry_after);
+        ngx_chat_session_close(s, NGX_CHAT_CLOSE_RATE_LIMITED,
+                               "rate_limited");
         return;
     }
 
@@ -1318,6 +1387,10 @@ ngx_chat_session_send(ngx_chat_session_t *s, json_t *root,
     const char       *code, *msg;
     ngx_chat_send_t  *snd;
 
+    if (ngx_chat_session_limited(s, NGX_CHAT_RATE_SEND, rid) != NGX_OK) {
+        return;
+    }
+
     snd = ngx_chat_store_send_from_json(root, &s->user, 0, rid->len, &code,
                                         &msg);
     if (snd == NULL) {
@@ -1429,6 +1502,10 @@ ngx_chat_session_op(ngx_chat_session_t *s, const char *name, json_t *root,
     if (!ngx_chat_bus_can_reserve()) {
         ngx_chat_reply_error(s, rid->data, rid->len, "unavailable",
                              "the store is busy", 200);
+        return;
+    }
+
+    if (ngx_chat_session_limited(s, NGX_CHAT_RATE_SEND, rid) != NGX_OK) {
         return;
     }
 
@@ -1809,6 +1886,12 @@ ngx_chat_session_typing(ngx_chat_session_t *s, json_t *root,
     }
 
     start = (state.len == 5);
+
+    if (start
+        && ngx_chat_session_limited(s, NGX_CHAT_RATE_TYPING, rid) != NGX_OK)
+    {
+        return;
+    }
 
     for (i = 0; i < s->ntyping; i++) {
         if (s->typing[i] == conv) {

@@ -31,6 +31,10 @@ struct ngx_chat_session_s {
     ngx_uint_t                 role;
     time_t                     exp;
 
+    u_char                     addr[16];         /* rate limit key */
+    size_t                     addr_len;
+    ngx_uint_t                 refused;          /* rate limited in a row */
+
     uint64_t                   id;
     uint64_t                   cursor;           /* last gseq delivered */
     uint64_t                   catchup_upto;     /* worker position */

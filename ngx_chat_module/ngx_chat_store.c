@@ -352,6 +352,11 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "SELECT chat_search($1, $2::boolean, $3::regconfig, $4, $5::bigint, "
       "$6::bigint, $7::int, $8::boolean)", 8 },
 
+    /* blocks, reports, erasing a user (sql/008_safety.sql) */
+    { "chat_call",
+      "SELECT o_http, o_body FROM chat_call($1, $2, $3::boolean, $4::jsonb)",
+      4 },
+
     { NULL, NULL, 0 }
 };
 
@@ -979,6 +984,16 @@ ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             } else if (ngx_strcmp(status, "not_found") == 0) {
                 ngx_chat_store_fail(snd, "not_found",
                                     "no such conversation", 0);
+
+            } else if (ngx_strcmp(status, "archived") == 0) {
+                ngx_chat_store_fail(snd, "archived",
+                                    "the conversation is archived "
+                                    "(read-only)", 0);
+
+            } else if (ngx_strcmp(status, "blocked") == 0) {
+                ngx_chat_store_fail(snd, "blocked",
+                                    "the other member does not take "
+                                    "messages from this user", 0);
 
             } else if (ngx_strcmp(status, "conflict") == 0) {
                 ngx_chat_store_fail(snd, "conflict",

@@ -41,6 +41,7 @@
 #define NGX_CHAT_STMT_OP_EVENT       25
 #define NGX_CHAT_STMT_REPLIES        26
 #define NGX_CHAT_STMT_SEARCH         27
+#define NGX_CHAT_STMT_CALL           28
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 

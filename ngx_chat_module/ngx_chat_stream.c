@@ -77,6 +77,7 @@ typedef struct {
     ngx_event_t                post;            /* flush, answer, finish */
     ngx_event_t                timer;           /* heartbeat; poll deadline */
     ngx_msec_t                 paused_at;
+    ngx_msec_t                 retry_after;      /* rate limited */
 
     /* long-poll */
     ngx_uint_t                 nevents;
@@ -99,6 +100,8 @@ static ngx_int_t ngx_chat_stream_timeout_arg(ngx_http_request_t *r,
 static ngx_int_t ngx_chat_stream_header(ngx_http_request_t *r, char *name,
     char *value);
 static ngx_int_t ngx_chat_stream_sse_start(ngx_chat_stream_ctx_t *ctx);
+static ngx_int_t ngx_chat_stream_limited(ngx_chat_stream_ctx_t *ctx,
+    ngx_chat_identity_t *id);
 static ngx_int_t ngx_chat_stream_reserve(ngx_chat_stream_ctx_t *ctx,
     size_t size);
 static ngx_int_t ngx_chat_stream_add(ngx_chat_stream_ctx_t *ctx,
@@ -279,6 +282,12 @@ ngx_chat_stream_handler(ngx_http_request_t *r, ngx_uint_t kind)
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
+        if (ngx_chat_stream_limited(ctx, id) != NGX_OK) {
+            return ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                       "rate_limited", "too many connection "
+                                       "attempts", ctx->retry_after);
+        }
+
         rc = ngx_chat_limit_addr_acquire(c, &ctx->limit);
 
         if (rc == NGX_BUSY) {
@@ -321,6 +330,12 @@ ngx_chat_stream_handler(ngx_http_request_t *r, ngx_uint_t kind)
     }
 
     if (kind == NGX_CHAT_STREAM_SSE) {
+        if (ngx_chat_stream_limited(ctx, id) != NGX_OK) {
+            ngx_chat_stream_sse_error(ctx, NGX_CHAT_CLOSE_RATE_LIMITED,
+                                      "too many connection attempts");
+            return NGX_DONE;
+        }
+
         rc = ngx_chat_limit_addr_acquire(c, &ctx->limit);
 
         if (rc == NGX_BUSY) {
@@ -342,7 +357,7 @@ ngx_chat_stream_handler(ngx_http_request_t *r, ngx_uint_t kind)
     ctx->session = ngx_chat_session_create(kind == NGX_CHAT_STREAM_SSE
                                            ? &ngx_chat_sse_transport
                                            : &ngx_chat_poll_transport,
-                                           ctx, c->log, id, &cursor);
+                                           ctx, c, c->log, id, &cursor);
 
     if (ctx->session == NULL) {
         ctx->close_code = NGX_CHAT_CLOSE_INTERNAL;
@@ -475,6 +490,20 @@ ngx_chat_stream_header(ngx_http_request_t *r, char *name, char *value)
  * The headers and a "retry:" go out at once: a proxy or a browser that
  * sees nothing may give up, and the client learns the stream is open.
  */
+/* chat_rate_limit connect: each stream and each poll is an attempt */
+
+static ngx_int_t
+ngx_chat_stream_limited(ngx_chat_stream_ctx_t *ctx, ngx_chat_identity_t *id)
+{
+    if (id->role == NGX_CHAT_ROLE_SERVICE) {
+        return NGX_OK;
+    }
+
+    return ngx_chat_rate_request(ctx->request, NGX_CHAT_RATE_CONNECT, id,
+                                 &ctx->retry_after);
+}
+
+
 static ngx_int_t
 ngx_chat_stream_sse_start(ngx_chat_stream_ctx_t *ctx)
 {
@@ -850,6 +879,11 @@ ngx_chat_stream_sse_error(ngx_chat_stream_ctx_t *ctx, ngx_uint_t code,
     case NGX_CHAT_CLOSE_SLOW:
         err = "rate_limited";
         retry = 5000;
+        break;
+
+    case NGX_CHAT_CLOSE_RATE_LIMITED:
+        err = "rate_limited";
+        retry = ctx->retry_after;
         break;
 
     case NGX_CHAT_CLOSE_REPLACED:

@@ -74,7 +74,8 @@ struct ngx_chat_transport_s {
 
 /* ngx_chat_session.c: what a transport calls */
 ngx_chat_session_t *ngx_chat_session_create(ngx_chat_transport_t *t,
-    void *tctx, ngx_log_t *log, ngx_chat_identity_t *id, ngx_str_t *cursor);
+    void *tctx, ngx_connection_t *c, ngx_log_t *log, ngx_chat_identity_t *id,
+    ngx_str_t *cursor);
 void ngx_chat_session_recv(ngx_chat_session_t *s, u_char *data, size_t len);
 void ngx_chat_session_drained(ngx_chat_session_t *s);
 void ngx_chat_session_closed(ngx_chat_session_t *s);

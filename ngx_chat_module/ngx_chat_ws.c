@@ -239,6 +239,7 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
 {
     ngx_int_t             rc;
     ngx_str_t             key, device;
+    ngx_msec_t            retry_after;
     ngx_uint_t            status, protocol;
     const char           *err, *code, *msg;
     ngx_chat_ws_ctx_t    *ctx;
@@ -302,6 +303,15 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
     } else if (rc != NGX_OK) {
         return ngx_chat_http_error(r, NGX_HTTP_INTERNAL_SERVER_ERROR,
                                    "internal", "authentication failed", 0);
+    }
+
+    if ((id == NULL || id->role != NGX_CHAT_ROLE_SERVICE)
+        && ngx_chat_rate_request(r, NGX_CHAT_RATE_CONNECT, id, &retry_after)
+           != NGX_OK)
+    {
+        return ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                   "rate_limited", "too many connection "
+                                   "attempts", retry_after);
     }
 
     if (id == NULL && ngx_chat_limit_unauth_full()) {
@@ -797,8 +807,8 @@ ngx_chat_ws_detach(ngx_http_request_t *r, ngx_chat_ws_ctx_t *ctx)
 
     if (!ngx_exiting && !ctx->drop) {
         ctx->session = ngx_chat_session_create(&ngx_chat_ws_transport, ctx,
-                                               &ctx->log, ctx->identity,
-                                               &cursor);
+                                               ctx->connection, &ctx->log,
+                                               ctx->identity, &cursor);
         if (ctx->session == NULL) {
             ctx->fail = 1;
 
