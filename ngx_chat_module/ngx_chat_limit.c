@@ -349,7 +349,7 @@ ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
 
 
 /*
- * Drops least recent buckets: those that have drained (at most n of
+ * Drops least recent buckets: those quiet and drained (at most n of
  * them), all beyond chat_rate_limit's share of the zone, and with n == 0
  * one whatever its state (the zone is full).
  */
@@ -375,12 +375,18 @@ ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n)
                 return;
             }
 
-            /* is it drained?  (its key starts with its kind and per) */
+            /*
+             * Quiet for a minute and drained (its key starts with its kind
+             * and per): one used just now is not, even at excess 0, as
+             * its next request would find it one request ahead.
+             */
             rate = cmcf->rates[node->sn.str.data[0]][node->sn.str.data[1]]
                    .rate;
             ms = (ngx_msec_int_t) (ngx_current_msec - node->last);
 
-            if (rate && node->excess - (ngx_int_t) rate * ms / 1000 > 0) {
+            if (ms < 60000
+                || (rate && node->excess - (ngx_int_t) rate * ms / 1000 > 0))
+            {
                 return;
             }
         }
@@ -449,12 +455,12 @@ ngx_chat_rate_conf(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             s.len = value[i].len - 5;
             scale = 1;
 
-            if (s.len > 4
+            if (s.len > 3
                 && ngx_strncmp(s.data + s.len - 3, "r/s", 3) == 0)
             {
                 s.len -= 3;
 
-            } else if (s.len > 4
+            } else if (s.len > 3
                        && ngx_strncmp(s.data + s.len - 3, "r/m", 3) == 0)
             {
                 s.len -= 3;
