@@ -18,6 +18,7 @@
 #include "ngx_chat_live.h"
 #include "ngx_chat_receipts.h"
 #include "ngx_chat_limit.h"
+#include "ngx_chat_attach.h"
 
 
 #define NGX_CHAT_MAX_MEMBERS   1000
@@ -38,6 +39,8 @@ typedef struct {
     unsigned                   cleanup:1;        /* registered */
     int64_t                    seq;              /* read */
     int64_t                    report;           /* reports/{id} */
+    ngx_chat_upload_t         *upload;           /* POST attachments */
+    ngx_str_t                  url;              /* the upload's */
     unsigned                   typing_start:1;
     unsigned                   read:1;
 } ngx_chat_api_ctx_t;
@@ -64,6 +67,8 @@ static ngx_int_t ngx_chat_api_tickets(ngx_http_request_t *r);
 static ngx_int_t ngx_chat_api_me(ngx_http_request_t *r);
 static ngx_int_t ngx_chat_api_read_body(ngx_http_request_t *r,
     ngx_chat_api_body_pt handler);
+static off_t ngx_chat_api_body_max(ngx_http_request_t *r,
+    ngx_chat_api_ctx_t *ctx);
 static void ngx_chat_api_body_reader(ngx_http_request_t *r);
 static ngx_int_t ngx_chat_api_body_error(ngx_http_request_t *r,
     ngx_int_t rc);
@@ -149,6 +154,13 @@ static ngx_int_t ngx_chat_api_call(ngx_http_request_t *r, const char *fn,
     json_t *args);
 static ngx_int_t ngx_chat_api_limited(ngx_http_request_t *r,
     ngx_uint_t kind);
+static ngx_int_t ngx_chat_api_attachments(ngx_http_request_t *r,
+    ngx_str_t *path, u_char *slash, u_char *end);
+static void ngx_chat_api_upload_done(ngx_http_request_t *r);
+static void ngx_chat_api_upload_stored(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
+static void ngx_chat_api_download_done(ngx_chat_query_t *q, PGresult *res,
+    ngx_int_t rc);
 static void ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static ngx_int_t ngx_chat_api_call_now(ngx_http_request_t *r,
@@ -352,6 +364,10 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
         }
 
         goto not_found;
+    }
+
+    if (seg.len == 11 && ngx_strncmp(p, "attachments", 11) == 0) {
+        return ngx_chat_api_attachments(r, path, slash, end);
     }
 
     if (seg.len == 6 && ngx_strncmp(p, "blocks", 6) == 0) {
@@ -644,15 +660,22 @@ ngx_chat_api_read_body(ngx_http_request_t *r, ngx_chat_api_body_pt handler)
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
     ctx->body_handler = handler;
 
-    if (r->headers_in.content_length_n
-        > (off_t) ngx_chat_worker.cmcf->max_message)
-    {
+    if (r->headers_in.content_length_n > ngx_chat_api_body_max(r, ctx)) {
         return ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
                                    "too_large", "the body is too large", 0);
     }
 
-    r->request_body_in_single_buf = 1;
-    r->request_body_in_file_only = 0;
+    if (ctx->upload) {
+        /* nginx writes it to its temporary file, which becomes the file */
+        r->request_body_in_file_only = 1;
+        r->request_body_in_persistent_file = 1;
+        r->request_body_in_clean_file = 1;
+        r->request_body_file_log_level = 0;
+
+    } else {
+        r->request_body_in_single_buf = 1;
+        r->request_body_in_file_only = 0;
+    }
 
     rc = ngx_http_read_client_request_body(r, ngx_chat_api_body_handler);
 
@@ -741,9 +764,11 @@ ngx_chat_api_body_error(ngx_http_request_t *r, ngx_int_t rc)
 static ngx_int_t
 ngx_chat_api_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 {
-    off_t                     size;
+    off_t                     size, max;
+    ngx_int_t                 rc;
+    ngx_chain_t              *out;
+    ngx_chat_api_ctx_t       *ctx;
     ngx_chat_loc_conf_t      *lcf;
-    ngx_chat_main_conf_t     *cmcf;
     ngx_http_request_body_t  *rb;
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_chat_module);
@@ -752,8 +777,9 @@ ngx_chat_api_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         return ngx_chat_api_next_body_filter(r, in);
     }
 
-    cmcf = ngx_http_get_module_main_conf(r, ngx_chat_module);
     rb = r->request_body;
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    max = ngx_chat_api_body_max(r, ctx);
 
     if (r->headers_in.chunked) {
 
@@ -766,12 +792,22 @@ ngx_chat_api_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
             size = rb->received;
         }
 
-        if (size > (off_t) cmcf->max_message) {
+        if (size > max) {
             ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                          "chat: client sent a body of more than "
-                          "chat_max_message_size (%uz)", cmcf->max_message);
+                          "chat: client sent a body of more than %O bytes",
+                          max);
             return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE;
         }
+    }
+
+    if (ctx && ctx->upload) {
+        rc = ngx_chat_attach_filter(r, ctx->upload, in, &out);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return ngx_chat_api_next_body_filter(r, out);
     }
 
     if (rb->rest > 0 && rb->buf && rb->buf->last == rb->buf->end) {
@@ -797,6 +833,11 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
     ngx_chat_api_ctx_t  *ctx;
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ctx->upload) {
+        ngx_chat_api_upload_done(r);
+        return;
+    }
 
     len = 0;
 
@@ -3190,4 +3231,293 @@ ngx_chat_api_limited(ngx_http_request_t *r, ngx_uint_t kind)
 
     return ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS, "rate_limited",
                                "too many requests, slow down", retry_after);
+}
+
+
+/*
+ * The largest body taken: a message's, or an upload's (with room for a
+ * form's other fields and its framing).
+ */
+
+static off_t
+ngx_chat_api_body_max(ngx_http_request_t *r, ngx_chat_api_ctx_t *ctx)
+{
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_get_module_main_conf(r, ngx_chat_module);
+
+    if (ctx && ctx->upload) {
+        return cmcf->attach_max_size + 64 * 1024;
+    }
+
+    return (off_t) cmcf->max_message;
+}
+
+
+/*
+ * POST attachments (the body is the file, or a multipart form with one)
+ * and GET attachments/{id}.  path is what follows the api location.
+ */
+
+static ngx_int_t
+ngx_chat_api_attachments(ngx_http_request_t *r, ngx_str_t *path,
+    u_char *slash, u_char *end)
+{
+    u_char              *p, *id;
+    ngx_int_t            rc;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ngx_chat_worker.cmcf->attach_dir.len == 0) {
+        return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                   "attachments are off (chat_attachments)",
+                                   0);
+    }
+
+    if (slash == NULL) {
+        if (r->method != NGX_HTTP_POST) {
+            return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED,
+                                       "bad_request", "method not allowed",
+                                       0);
+        }
+
+        /* the file's URL: this location's, from the request's */
+
+        ctx->url.len = r->uri.len - path->len + sizeof("/attachments/") - 1
+                       + NGX_CHAT_ATTACH_ID_LEN;
+        ctx->url.data = ngx_pnalloc(r->pool, ctx->url.len);
+        if (ctx->url.data == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        p = ngx_cpymem(ctx->url.data, r->uri.data, r->uri.len - path->len);
+        ngx_memcpy(p, "/attachments/", sizeof("/attachments/") - 1);
+
+        ctx->upload = ngx_chat_attach_upload(r);
+        if (ctx->upload == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        return ngx_chat_api_read_body(r, NULL);
+    }
+
+    if (r->method != NGX_HTTP_GET && r->method != NGX_HTTP_HEAD) {
+        return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED, "bad_request",
+                                   "method not allowed", 0);
+    }
+
+    id = slash + 1;
+
+    if (ngx_chat_attach_valid_id(id, end - id) != NGX_OK) {
+        return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                   "no such attachment", 0);
+    }
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_ATTACH_GET,
+                             ctx->id.user.len + 1
+                             + 2 * (NGX_CHAT_ATTACH_ID_LEN + 1));
+    if (q == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->params[1] = (ctx->id.role == NGX_CHAT_ROLE_SERVICE) ? "t" : "f";
+
+    q->params[2] = (char *) p;
+    p = ngx_cpymem(p, id, NGX_CHAT_ATTACH_ID_LEN);
+    *p++ = '\0';
+
+    /* a copy for the handler: the URI changes on the redirect */
+    ngx_memcpy(p, id, NGX_CHAT_ATTACH_ID_LEN);
+    p[NGX_CHAT_ATTACH_ID_LEN] = '\0';
+
+    q->handler = ngx_chat_api_download_done;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
+}
+
+
+static void
+ngx_chat_api_download_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    u_char              *id;
+    ngx_int_t            rv;
+    ngx_str_t            name, mime;
+    ngx_http_request_t  *r;
+
+    id = (u_char *) q->params[2] + NGX_CHAT_ATTACH_ID_LEN + 1;
+
+    r = q->data;
+
+    if (r == NULL) {
+        ngx_chat_query_free(q);
+        return;
+    }
+
+    if (rc != NGX_OK || PQntuples(res) != 1) {
+        (void) ngx_chat_api_query_owner(q);
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    if (ngx_strcmp(PQgetvalue(res, 0, 0), "200") != 0) {
+        (void) ngx_chat_api_query_owner(q);
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                "no such attachment", 0));
+        return;
+    }
+
+    name.len = PQgetlength(res, 0, 1);
+    name.data = ngx_pnalloc(r->pool, name.len + NGX_CHAT_ATTACH_ID_LEN);
+    if (name.data == NULL) {
+        (void) ngx_chat_api_query_owner(q);
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    ngx_memcpy(name.data, PQgetvalue(res, 0, 1), name.len);
+    ngx_memcpy(name.data + name.len, id, NGX_CHAT_ATTACH_ID_LEN);
+    id = name.data + name.len;
+
+    mime.len = PQgetlength(res, 0, 2);
+    mime.data = (u_char *) PQgetvalue(res, 0, 2);
+
+    (void) ngx_chat_api_query_owner(q);
+
+    rv = ngx_chat_attach_serve(r, id, &name, &mime);
+
+    /* the redirect holds the request itself: ours goes */
+    ngx_http_finalize_request(r, rv == NGX_DONE ? NGX_DONE : rv);
+}
+
+
+/* the upload's body is in its temporary file */
+
+static void
+ngx_chat_api_upload_done(ngx_http_request_t *r)
+{
+    u_char              *p;
+    ngx_int_t            rc;
+    ngx_chat_upload_t   *up;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    up = ctx->upload;
+
+    rc = ngx_chat_attach_finish(r, up);
+
+    if (rc != NGX_OK) {
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, rc,
+                                rc == NGX_HTTP_REQUEST_ENTITY_TOO_LARGE
+                                ? "too_large"
+                                : rc == NGX_HTTP_UNSUPPORTED_MEDIA_TYPE
+                                  ? "unsupported_type"
+                                  : rc == NGX_HTTP_BAD_REQUEST
+                                    ? "bad_request" : "internal",
+                                up->error ? up->error : "the upload failed",
+                                0));
+        return;
+    }
+
+    p = ngx_cpymem(ctx->url.data + ctx->url.len - NGX_CHAT_ATTACH_ID_LEN,
+                   up->id, NGX_CHAT_ATTACH_ID_LEN);
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_ATTACH_ADD,
+                             NGX_CHAT_ATTACH_ID_LEN + 1
+                             + ctx->id.user.len + 1 + up->name.len + 1
+                             + ngx_strlen(up->mime) + 1 + NGX_OFF_T_LEN + 1
+                             + 64 + 1 + ctx->url.len + 1);
+    if (q == NULL) {
+        ngx_chat_attach_discard(up, r->connection->log);
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+
+    p = (u_char *) &q[1];
+
+    q->params[0] = (char *) p;
+    p = ngx_cpymem(p, up->id, NGX_CHAT_ATTACH_ID_LEN);
+    *p++ = '\0';
+
+    q->params[1] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
+    *p++ = '\0';
+
+    q->params[2] = (char *) p;
+    p = ngx_cpymem(p, up->name.data, up->name.len);
+    *p++ = '\0';
+
+    q->params[3] = (char *) p;
+    p = ngx_cpymem(p, up->mime, ngx_strlen(up->mime));
+    *p++ = '\0';
+
+    q->params[4] = (char *) p;
+    p = ngx_sprintf(p, "%O", up->size);
+    *p++ = '\0';
+
+    q->params[5] = (char *) p;
+    p = ngx_cpymem(p, up->sha256, 64);
+    *p++ = '\0';
+
+    q->params[6] = (char *) p;
+    p = ngx_cpymem(p, ctx->url.data, ctx->url.len);
+    *p++ = '\0';
+
+    q->handler = ngx_chat_api_upload_stored;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc != NGX_DONE) {
+        ngx_chat_attach_discard(up, r->connection->log);
+        ngx_http_finalize_request(r, rc);
+    }
+}
+
+
+static void
+ngx_chat_api_upload_stored(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
+{
+    ngx_http_request_t  *r;
+    ngx_chat_api_ctx_t  *ctx;
+
+    r = ngx_chat_api_query_owner(q);
+
+    if (r == NULL) {
+        /* the client left: the row, if any, is swept as never sent */
+        return;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (rc != NGX_OK || PQntuples(res) != 1) {
+        ngx_chat_attach_discard(ctx->upload, r->connection->log);
+        ngx_http_finalize_request(r,
+            ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                "unavailable", "the store is unavailable",
+                                ngx_chat_db_retry_after()));
+        return;
+    }
+
+    ngx_http_finalize_request(r,
+        ngx_chat_api_send(r, NGX_HTTP_CREATED, (u_char *) PQgetvalue(res, 0, 0),
+                          PQgetlength(res, 0, 0)));
 }

@@ -15,6 +15,7 @@
 #include "ngx_chat_stream.h"
 #include "ngx_chat_api.h"
 #include "ngx_chat_limit.h"
+#include "ngx_chat_attach.h"
 
 
 static ngx_int_t ngx_chat_handler(ngx_http_request_t *r);
@@ -271,6 +272,41 @@ static ngx_command_t  ngx_chat_commands[] = {
       ngx_conf_set_flag_slot,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_chat_main_conf_t, cors_credentials),
+      NULL },
+
+    { ngx_string("chat_attachments"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, attach_dir),
+      NULL },
+
+    { ngx_string("chat_attachment_max_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_off_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, attach_max_size),
+      NULL },
+
+    { ngx_string("chat_attachment_types"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_chat_attach_types,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_attachment_unsent_ttl"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, attach_unsent),
+      NULL },
+
+    { ngx_string("chat_attachment_location"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, attach_location),
       NULL },
 
     { ngx_string("chat_edit_window"),
@@ -544,6 +580,9 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->edit_window = NGX_CONF_UNSET_MSEC;
     cmcf->cors_origins = NGX_CONF_UNSET_PTR;
     cmcf->cors_credentials = NGX_CONF_UNSET;
+    cmcf->attach_max_size = NGX_CONF_UNSET;
+    cmcf->attach_types = NGX_CONF_UNSET_PTR;
+    cmcf->attach_unsent = NGX_CONF_UNSET;
 
     return cmcf;
 }
@@ -636,6 +675,10 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
                 return NGX_CONF_ERROR;
             }
         }
+    }
+
+    if (ngx_chat_attach_conf(cf, cmcf) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
     }
 
     /* idle proxies and NATs cut a silent connection after about 60 s */
@@ -995,6 +1038,10 @@ ngx_chat_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    if (ngx_chat_attach_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     if (ngx_chat_db_init_process(cycle) != NGX_OK) {
         return NGX_ERROR;
     }
@@ -1016,6 +1063,7 @@ ngx_chat_exit_process(ngx_cycle_t *cycle)
 
     ngx_chat_db_exit_process();
     ngx_chat_notify_exit_process();
+    ngx_chat_attach_exit_process();
     ngx_chat_receipts_exit_process();
     ngx_chat_live_exit_process();
     ngx_chat_bus_exit_process();

@@ -42,6 +42,10 @@
  *                          coalesced per worker, written per flush with
  *                          their receipt events
  *   ngx_chat_notify.[ch]   the notification outbox's sweep
+ *   ngx_chat_attach.[ch]   attachments: the upload body filter (sizes,
+ *                          hash, type by content, multipart forms), the
+ *                          file's place, downloads through an internal
+ *                          location, the sweep
  *   ngx_chat_json.[ch]     JSON helpers, growable buffers
  *   ngx_chat_limit.[ch]    per-worker caps: connections per address,
  *                          unauthenticated sessions; rate limits (token
@@ -232,6 +236,11 @@ typedef struct {
 
     ngx_array_t               *cors_origins;     /* of ngx_str_t */
     ngx_flag_t                 cors_credentials;
+    ngx_str_t                  attach_dir;       /* empty: no uploads */
+    off_t                      attach_max_size;
+    ngx_array_t               *attach_types;     /* of ngx_str_t */
+    time_t                     attach_unsent;
+    ngx_str_t                  attach_location;  /* internal, for nginx */
     ngx_chat_rate_conf_t       rates[NGX_CHAT_RATE_KINDS][2];
     ngx_uint_t                 rate_entries;     /* buckets in the zone */
 

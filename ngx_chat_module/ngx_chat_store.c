@@ -27,6 +27,7 @@
 #include "ngx_chat_bus.h"
 #include "ngx_chat_live.h"
 #include "ngx_chat_json.h"
+#include "ngx_chat_attach.h"
 
 
 #define NGX_CHAT_RETRY_MIN     2
@@ -36,6 +37,7 @@
 
 /* user ids a send may mention */
 #define NGX_CHAT_MAX_MENTIONS  50
+#define NGX_CHAT_MAX_ATTACHMENTS  10
 
 
 typedef struct {
@@ -357,6 +359,15 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "SELECT o_http, o_body FROM chat_call($1, $2, $3::boolean, $4::jsonb)",
       4 },
 
+    /* attachments (sql/008_safety.sql) */
+    { "chat_attachment_add",
+      "SELECT chat_attachment_add($1, $2, $3, $4, $5::bigint, $6, $7)", 7 },
+    { "chat_attachment_get",
+      "SELECT o_http, o_name, o_mime "
+      "FROM chat_attachment_get($1, $2::boolean, $3)", 3 },
+    { "chat_attachments_sweep",
+      "SELECT chat_attachments_sweep($1::bigint, $2::int)", 2 },
+
     { NULL, NULL, 0 }
 };
 
@@ -427,8 +438,8 @@ ngx_chat_send_t *
 ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
     size_t extra, const char **code, const char **msg)
 {
-    char             *mentions;
-    size_t            i, mlen;
+    char             *mentions, *atts;
+    size_t            i, mlen, alen;
     u_char           *p;
     json_t           *a, *m;
     int64_t           reply_to;
@@ -476,16 +487,41 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
     }
 
     /*
-     * Attachments are ids of uploads, which do not exist yet: arbitrary
-     * client JSON must not be stored and fanned out to other members.
+     * Attachments are ids of the sender's uploads; the store puts their
+     * metadata in the message (never client JSON).
      */
     a = json_object_get(root, "attachments");
+    atts = NULL;
 
-    if (a && !json_is_null(a)
-        && !(json_is_array(a) && json_array_size(a) == 0))
-    {
-        *msg = "\"attachments\" are not supported yet";
-        return NULL;
+    if (a && !json_is_null(a)) {
+        if (!json_is_array(a)
+            || json_array_size(a) > NGX_CHAT_MAX_ATTACHMENTS)
+        {
+            *msg = "\"attachments\" must be an array of at most 10 "
+                   "attachment ids";
+            return NULL;
+        }
+
+        json_array_foreach(a, i, m) {
+            if (!json_is_string(m)
+                || ngx_chat_attach_valid_id((u_char *) json_string_value(m),
+                                            json_string_length(m))
+                   != NGX_OK)
+            {
+                *msg = "\"attachments\" must be an array of at most 10 "
+                       "attachment ids";
+                return NULL;
+            }
+        }
+
+        if (json_array_size(a)) {
+            atts = json_dumps(a, JSON_COMPACT);
+            if (atts == NULL) {
+                *code = "internal";
+                *msg = "no memory";
+                return NULL;
+            }
+        }
     }
 
     /* user ids; kept by the store when they name other members */
@@ -514,6 +550,7 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
         if (json_array_size(a)) {
             mentions = json_dumps(a, JSON_COMPACT);
             if (mentions == NULL) {
+                free(atts);
                 *code = "internal";
                 *msg = "out of memory";
                 return NULL;
@@ -522,11 +559,13 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
     }
 
     mlen = mentions ? ngx_strlen(mentions) : 0;
+    alen = atts ? ngx_strlen(atts) : 0;
 
     snd = ngx_chat_store_send_alloc(sender->len + cmid.len + body.len
-                                    + format.len + mlen + extra);
+                                    + format.len + mlen + alen + extra);
     if (snd == NULL) {
         free(mentions);
+        free(atts);
         *code = "internal";
         *msg = "out of memory";
         return NULL;
@@ -539,6 +578,13 @@ ngx_chat_store_send_from_json(json_t *root, ngx_str_t *sender, int64_t conv,
         snd->mentions.len = mlen;
         p = ngx_cpymem(p, mentions, mlen);
         free(mentions);
+    }
+
+    if (atts) {
+        snd->attachments.data = p;
+        snd->attachments.len = alen;
+        p = ngx_cpymem(p, atts, alen);
+        free(atts);
     }
 
     snd->sender.data = p;
@@ -989,6 +1035,11 @@ ngx_chat_store_stage_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
                 ngx_chat_store_fail(snd, "archived",
                                     "the conversation is archived "
                                     "(read-only)", 0);
+
+            } else if (ngx_strcmp(status, "bad_attachment") == 0) {
+                ngx_chat_store_fail(snd, "bad_request",
+                                    "an attachment is not an upload of the "
+                                    "sender's for this conversation", 0);
 
             } else if (ngx_strcmp(status, "blocked") == 0) {
                 ngx_chat_store_fail(snd, "blocked",

@@ -42,6 +42,9 @@
 #define NGX_CHAT_STMT_REPLIES        26
 #define NGX_CHAT_STMT_SEARCH         27
 #define NGX_CHAT_STMT_CALL           28
+#define NGX_CHAT_STMT_ATTACH_ADD     29
+#define NGX_CHAT_STMT_ATTACH_GET     30
+#define NGX_CHAT_STMT_ATTACH_SWEEP   31
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 

@@ -12,6 +12,15 @@
 --
 -- A system message (format 'system') is sent by a service token under
 -- its own subject, which need not be a member.
+--
+-- Attachments: an upload is a row of chat_attachments (its file is named
+-- by its id in the module's directory).  A message names uploads of its
+-- sender that no other conversation has (the first message binds one to
+-- its conversation) and carries their metadata.  Whoever may read a
+-- message that names an upload may read the upload; its uploader, until
+-- it is sent.  A deleted message's uploads that no other message names,
+-- and uploads never sent, are "gone": the module's sweep deletes their
+-- rows and then their files.
 
 CREATE TABLE chat_blocks (
     blocker     text NOT NULL,
@@ -33,6 +42,28 @@ ALTER TABLE chat_messages VALIDATE CONSTRAINT chat_messages_format_check;
 -- erasing a user finds their messages by sender
 CREATE INDEX chat_messages_sender ON chat_messages (sender);
 
+
+CREATE TABLE chat_attachments (
+    id               text PRIMARY KEY,           -- 32 hex digits, the file
+    owner            text NOT NULL,
+    name             text NOT NULL,
+    mime             text NOT NULL,
+    size             bigint NOT NULL,
+    sha256           text NOT NULL,
+    url              text NOT NULL,
+    conversation_id  bigint,                     -- bound by its first message
+    gone             boolean NOT NULL DEFAULT false,
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE INDEX chat_attachments_unsent ON chat_attachments (created_at)
+    WHERE conversation_id IS NULL;
+CREATE INDEX chat_attachments_gone ON chat_attachments (id) WHERE gone;
+CREATE INDEX chat_attachments_owner ON chat_attachments (owner);
+
+-- the messages that name an upload, found by containment
+CREATE INDEX chat_messages_attachments ON chat_messages
+    USING gin (attachments jsonb_path_ops) WHERE attachments <> '[]';
 
 CREATE OR REPLACE FUNCTION chat_conversation_json(p_id bigint) RETURNS text
 LANGUAGE sql STABLE AS $$
@@ -86,6 +117,16 @@ BEGIN
           ORDER BY c.id
           FOR UPDATE SKIP LOCKED) l;
 
+    -- the uploads the batch names, held: a sweep or another send does not
+    -- change them under this one
+    IF p_items @? '$[*].attachments[*]' THEN
+        PERFORM 1 FROM chat_attachments a
+        WHERE a.id IN (SELECT jsonb_array_elements_text(e -> 'attachments')
+                       FROM jsonb_array_elements(p_items) e)
+        ORDER BY a.id
+        FOR UPDATE;
+    END IF;
+
     WITH items AS (
         SELECT i.ord::int AS idx,
                i.e ->> 'sender' AS sender,
@@ -98,6 +139,7 @@ BEGIN
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS i (e, ord)
     ), classified AS (
         SELECT it.*, (v_locked ->> it.conv::text)::bigint AS last_seq, p.m,
+               att.meta,
             CASE
             WHEN p.found THEN
                 CASE WHEN (p.m).conversation_id = it.conv THEN 'dup'
@@ -105,6 +147,7 @@ BEGIN
             WHEN NOT v_locked ? it.conv::text THEN
                 CASE WHEN ex.ok THEN 'busy' ELSE 'not_found' END
             WHEN ex.archived THEN 'archived'
+            WHEN att.bad > 0 THEN 'bad_attachment'
             WHEN it.format = 'system' THEN
                 CASE WHEN it.reply_to IS NULL THEN 'ok'
                      ELSE 'bad_reply_to' END
@@ -129,13 +172,24 @@ BEGIN
                            WHERE ex.kind = 'direct'
                              AND o.conversation_id = it.conv
                              AND o.user_id <> it.sender LIMIT 1) blk ON true
+        LEFT JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE a.id IS NULL OR a.gone
+                                      OR a.owner <> it.sender
+                                      OR a.conversation_id <> it.conv) AS bad,
+                   jsonb_agg(jsonb_build_object(
+                       'id', a.id, 'name', a.name, 'mime', a.mime,
+                       'size', a.size, 'url', a.url) ORDER BY x.ord) AS meta
+            FROM jsonb_array_elements_text(it.attachments)
+                 WITH ORDINALITY AS x (v, ord)
+            LEFT JOIN chat_attachments a ON a.id = x.v
+            WHERE it.attachments <> '[]') att ON true
         LEFT JOIN LATERAL (SELECT true AS ok FROM chat_messages m
                            WHERE m.id = it.reply_to
                              AND m.conversation_id = it.conv LIMIT 1) rt
                ON true
     ), numbered AS (
         SELECT c.idx, c.conv, c.sender, c.cmid, c.body, c.format, c.reply_to,
-               c.attachments,
+               coalesce(c.meta, '[]') AS attachments,
                c.last_seq + row_number() OVER (PARTITION BY c.conv
                                                ORDER BY c.idx) AS seq
         FROM classified c WHERE c.status = 'ok'
@@ -148,6 +202,12 @@ BEGIN
         FROM numbered n ORDER BY n.idx
         ON CONFLICT (sender, client_msg_id) DO NOTHING
         RETURNING m.*
+    ), bind AS (
+        UPDATE chat_attachments a SET conversation_id = x.conv
+        FROM (SELECT n.conv, e ->> 'id' AS id
+              FROM numbered n, jsonb_array_elements(n.attachments) e) x
+        WHERE a.id = x.id AND a.conversation_id IS NULL
+        RETURNING a.id
     ), upd AS (
         UPDATE chat_conversations c
         SET last_seq = x.top, last_activity = clock_timestamp()
@@ -481,7 +541,8 @@ $$;
 
 
 -- The platform's account deletion: every body the user wrote becomes a
--- tombstone (with its edits, and in report snapshots), their reactions,
+-- tombstone (with its edits, and in report snapshots), their uploads go
+-- to the sweep, their reactions,
 -- blocks, presence and outbox rows go, and they leave every
 -- conversation.  Live clients are not told (no event); history and
 -- search read the tombstones from now on.
@@ -508,6 +569,9 @@ BEGIN
     WHERE m.sender = v_user AND (NOT m.deleted OR m.body <> '');
 
     GET DIAGNOSTICS v_msgs = ROW_COUNT;
+
+    UPDATE chat_attachments a SET gone = true
+    WHERE a.owner = v_user AND NOT a.gone;
 
     DELETE FROM chat_reactions r WHERE r.user_id = v_user;
 
@@ -590,6 +654,108 @@ BEGIN
         RETURN NEXT chat_call_err(400, 'bad_request', 'unknown call');
     END CASE;
 END;
+$$;
+
+
+-- A deleted message lets go of its uploads: those no other message still
+-- names are gone.
+CREATE FUNCTION chat_attachments_release() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE chat_attachments a SET gone = true
+    WHERE a.id IN (SELECT x ->> 'id'
+                   FROM jsonb_array_elements(OLD.attachments) x)
+      AND NOT a.gone
+      AND NOT EXISTS (SELECT 1 FROM chat_messages m
+                      WHERE m.conversation_id = a.conversation_id
+                        AND m.attachments @> jsonb_build_array(
+                                jsonb_build_object('id', a.id))
+                        AND NOT m.deleted AND m.id <> OLD.id);
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER chat_messages_release
+    AFTER UPDATE OF deleted ON chat_messages
+    FOR EACH ROW
+    WHEN (NEW.deleted AND NOT OLD.deleted AND OLD.attachments <> '[]')
+    EXECUTE FUNCTION chat_attachments_release();
+
+
+CREATE FUNCTION chat_attachment_json(a chat_attachments) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT json_build_object('id', a.id, 'name', a.name, 'mime', a.mime,
+                             'size', a.size, 'url', a.url,
+                             'sha256', a.sha256)::text
+$$;
+
+
+-- A stored upload (its file is in place): the object the uploader gets.
+CREATE FUNCTION chat_attachment_add(p_id text, p_owner text, p_name text,
+                                    p_mime text, p_size bigint, p_sha text,
+                                    p_url text)
+RETURNS text
+LANGUAGE sql AS $$
+    INSERT INTO chat_attachments AS a (id, owner, name, mime, size, sha256,
+                                       url)
+    VALUES (p_id, p_owner, p_name, p_mime, p_size, p_sha, p_url)
+    RETURNING '{"attachment":' || chat_attachment_json(a) || '}'
+$$;
+
+
+-- May p_user read upload p_id?  (o_http, o_name, o_mime): 200 for its
+-- uploader until it is sent, a service token, or a member that may read
+-- a message naming it (since_join: one after its join); 404 otherwise,
+-- so that nobody learns which ids exist.
+CREATE FUNCTION chat_attachment_get(p_user text, p_service boolean,
+                                    p_id text)
+RETURNS TABLE (o_http int, o_name text, o_mime text)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN a.id IS NOT NULL AND NOT a.gone AND (
+                    p_service
+                    OR (a.conversation_id IS NULL AND a.owner = p_user)
+                    OR EXISTS (
+                        SELECT 1
+                        FROM chat_members mb
+                        JOIN chat_conversations c ON c.id = mb.conversation_id
+                        JOIN chat_messages m
+                          ON m.conversation_id = mb.conversation_id
+                         AND m.attachments @> jsonb_build_array(
+                                 jsonb_build_object('id', a.id))
+                         AND NOT m.deleted
+                        WHERE mb.conversation_id = a.conversation_id
+                          AND mb.user_id = p_user
+                          AND (c.history = 'all' OR m.seq > mb.joined_seq)))
+                THEN 200 ELSE 404 END,
+           a.name, a.mime
+    FROM (SELECT 1) one
+    LEFT JOIN chat_attachments a ON a.id = p_id
+$$;
+
+
+-- The sweep: up to p_limit uploads that are gone, or were never sent in
+-- p_unsent_s seconds, lose their rows; the module then removes their
+-- files (a file whose row is gone is never served).
+CREATE FUNCTION chat_attachments_sweep(p_unsent_s bigint, p_limit int)
+RETURNS SETOF text
+LANGUAGE sql AS $$
+    DELETE FROM chat_attachments a
+    WHERE a.id IN (
+        (SELECT g.id FROM chat_attachments g WHERE g.gone
+         LIMIT p_limit)
+        UNION
+        (SELECT u.id FROM chat_attachments u
+         WHERE u.conversation_id IS NULL
+           AND u.created_at < clock_timestamp()
+                              - p_unsent_s * interval '1 s'
+         ORDER BY u.created_at
+         LIMIT p_limit))
+      -- checked again on the row a concurrent send may have just bound
+      AND (a.gone
+           OR (a.conversation_id IS NULL
+               AND a.created_at < clock_timestamp()
+                                  - p_unsent_s * interval '1 s'))
+    RETURNING a.id
 $$;
 
 
