@@ -19,6 +19,7 @@
 #include "ngx_chat_receipts.h"
 #include "ngx_chat_limit.h"
 #include "ngx_chat_attach.h"
+#include "ngx_chat_html.h"
 
 
 #define NGX_CHAT_MAX_MEMBERS   1000
@@ -41,6 +42,9 @@ typedef struct {
     int64_t                    report;           /* reports/{id} */
     ngx_chat_upload_t         *upload;           /* POST attachments */
     ngx_str_t                  url;              /* the upload's */
+    ngx_chat_api_form_pt       form_handler;     /* a raw body's */
+    ngx_chat_api_upload_pt     upload_handler;   /* not a REST upload */
+    void                      *data;             /* the other handler's */
     unsigned                   typing_start:1;
     unsigned                   read:1;
 } ngx_chat_api_ctx_t;
@@ -286,7 +290,24 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path)
 
     ngx_http_set_ctx(r, ctx, ngx_chat_module);
 
-    if (ngx_chat_auth_request(r, &ctx->id, &code, &msg) != NGX_OK) {
+    rc = ngx_chat_auth_request(r, &ctx->id, &code, &msg);
+
+    /*
+     * A page without JavaScript shows a file with <img src>: its session
+     * cookie reads attachments, and nothing else (a GET changes nothing).
+     */
+
+    if (rc == NGX_DECLINED && code == NULL
+        && (r->method == NGX_HTTP_GET || r->method == NGX_HTTP_HEAD)
+        && path->len > sizeof("/attachments/") - 1
+        && ngx_strncmp(path->data, "/attachments/",
+                       sizeof("/attachments/") - 1) == 0
+        && ngx_chat_html_session(r, &ctx->id) == NGX_OK)
+    {
+        rc = NGX_OK;
+    }
+
+    if (rc != NGX_OK) {
         return ngx_chat_http_error(r, NGX_HTTP_UNAUTHORIZED,
                                    code ? code : "unauthorized",
                                    code ? msg : "a bearer token is required",
@@ -880,6 +901,11 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
         b = cl->buf;
         ngx_memcpy(p + len, b->pos, b->last - b->pos);
         len += b->last - b->pos;
+    }
+
+    if (ctx->form_handler) {
+        ctx->form_handler(r, p, len);
+        return;
     }
 
     root = ngx_chat_json_parse(p, len);
@@ -3265,6 +3291,7 @@ ngx_chat_api_attachments(ngx_http_request_t *r, ngx_str_t *path,
 {
     u_char              *p, *id;
     ngx_int_t            rc;
+    ngx_str_t            prefix;
     ngx_chat_query_t    *q;
     ngx_chat_api_ctx_t  *ctx;
 
@@ -3285,22 +3312,10 @@ ngx_chat_api_attachments(ngx_http_request_t *r, ngx_str_t *path,
 
         /* the file's URL: this location's, from the request's */
 
-        ctx->url.len = r->uri.len - path->len + sizeof("/attachments/") - 1
-                       + NGX_CHAT_ATTACH_ID_LEN;
-        ctx->url.data = ngx_pnalloc(r->pool, ctx->url.len);
-        if (ctx->url.data == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
+        prefix.data = r->uri.data;
+        prefix.len = r->uri.len - path->len;
 
-        p = ngx_cpymem(ctx->url.data, r->uri.data, r->uri.len - path->len);
-        ngx_memcpy(p, "/attachments/", sizeof("/attachments/") - 1);
-
-        ctx->upload = ngx_chat_attach_upload(r);
-        if (ctx->upload == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        return ngx_chat_api_read_body(r, NULL);
+        return ngx_chat_api_read_upload(r, &prefix, NULL);
     }
 
     if (r->method != NGX_HTTP_GET && r->method != NGX_HTTP_HEAD) {
@@ -3424,6 +3439,11 @@ ngx_chat_api_upload_done(ngx_http_request_t *r)
 
     rc = ngx_chat_attach_finish(r, up);
 
+    if (rc != NGX_OK && ctx->upload_handler) {
+        ctx->upload_handler(r, up, rc);
+        return;
+    }
+
     if (rc != NGX_OK) {
         ngx_http_finalize_request(r,
             ngx_chat_http_error(r, rc,
@@ -3510,6 +3530,14 @@ ngx_chat_api_upload_stored(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     if (rc != NGX_OK || PQntuples(res) != 1) {
         ngx_chat_attach_discard(ctx->upload, r->connection->log);
+
+        if (ctx->upload_handler) {
+            ctx->upload->error = "the store is unavailable";
+            ctx->upload_handler(r, ctx->upload,
+                                NGX_HTTP_SERVICE_UNAVAILABLE);
+            return;
+        }
+
         ngx_http_finalize_request(r,
             ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                 "unavailable", "the store is unavailable",
@@ -3517,7 +3545,180 @@ ngx_chat_api_upload_stored(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         return;
     }
 
+    if (ctx->upload_handler) {
+        ctx->upload_handler(r, ctx->upload, NGX_HTTP_CREATED);
+        return;
+    }
+
     ngx_http_finalize_request(r,
         ngx_chat_api_send(r, NGX_HTTP_CREATED, (u_char *) PQgetvalue(res, 0, 0),
                           PQgetlength(res, 0, 0)));
+}
+
+
+/*
+ * The calls of the module's other HTTP handlers (ngx_chat_html.c): they
+ * use this file's request context, its hold on a request waiting for the
+ * store, and its body reading.
+ */
+
+ngx_chat_identity_t *
+ngx_chat_api_start(ngx_http_request_t *r)
+{
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_chat_api_ctx_t));
+    if (ctx == NULL) {
+        return NULL;
+    }
+
+    ngx_http_set_ctx(r, ctx, ngx_chat_module);
+
+    return &ctx->id;
+}
+
+
+/* NGX_DONE: q's handler runs later (the caller takes its reference) */
+
+ngx_int_t
+ngx_chat_api_run(ngx_http_request_t *r, ngx_chat_query_t *q)
+{
+    return ngx_chat_api_query(r, q);
+}
+
+
+ngx_http_request_t *
+ngx_chat_api_owner(ngx_chat_query_t *q)
+{
+    return ngx_chat_api_query_owner(q);
+}
+
+
+/*
+ * A send for a request: NGX_DONE, its handler finds the request with
+ * ngx_chat_api_sender(); else NGX_BUSY or NGX_DECLINED as the store
+ * said (snd is freed).
+ */
+
+ngx_int_t
+ngx_chat_api_store(ngx_http_request_t *r, ngx_chat_send_t *snd)
+{
+    ngx_int_t            rc;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ngx_chat_api_hold(r) != NGX_OK) {
+        ngx_free(snd);
+        return NGX_ERROR;
+    }
+
+    snd->data = r;
+
+    rc = ngx_chat_store_send(snd);
+
+    if (rc != NGX_OK) {
+        ngx_free(snd);
+        return rc;
+    }
+
+    ctx->send = snd;
+    ngx_chat_api_wait(r);
+
+    return NGX_DONE;
+}
+
+
+ngx_http_request_t *
+ngx_chat_api_sender(ngx_chat_send_t *snd)
+{
+    ngx_http_request_t  *r;
+    ngx_chat_api_ctx_t  *ctx;
+
+    r = snd->data;
+
+    if (r) {
+        ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+        ctx->send = NULL;
+    }
+
+    return r;
+}
+
+
+/* the body in memory, as it came (a form) */
+
+ngx_int_t
+ngx_chat_api_read_form(ngx_http_request_t *r, ngx_chat_api_form_pt handler)
+{
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    ctx->form_handler = handler;
+
+    return ngx_chat_api_read_body(r, NULL);
+}
+
+
+/*
+ * An upload; prefix is the api location (its URL is prefix/attachments/
+ * id).  handler NULL: answered as POST attachments; else called with the
+ * stored upload (NGX_HTTP_CREATED) or the refusal's status.
+ */
+
+ngx_int_t
+ngx_chat_api_read_upload(ngx_http_request_t *r, ngx_str_t *prefix,
+    ngx_chat_api_upload_pt handler)
+{
+    u_char              *p;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    ctx->url.len = prefix->len + sizeof("/attachments/") - 1
+                   + NGX_CHAT_ATTACH_ID_LEN;
+    ctx->url.data = ngx_pnalloc(r->pool, ctx->url.len);
+    if (ctx->url.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_cpymem(ctx->url.data, prefix->data, prefix->len);
+    ngx_memcpy(p, "/attachments/", sizeof("/attachments/") - 1);
+
+    ctx->upload = ngx_chat_attach_upload(r);
+    if (ctx->upload == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->upload_handler = handler;
+
+    return ngx_chat_api_read_body(r, NULL);
+}
+
+
+ngx_int_t
+ngx_chat_api_set_data(ngx_http_request_t *r, void *data)
+{
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ctx->data = data;
+
+    return NGX_OK;
+}
+
+
+void *
+ngx_chat_api_data(ngx_http_request_t *r)
+{
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    return ctx ? ctx->data : NULL;
 }

@@ -40,6 +40,7 @@
 #include "ngx_chat_live.h"
 
 #include <sys/eventfd.h>
+#include <openssl/rand.h>
 
 
 #define NGX_CHAT_BUS_CHUNK       64
@@ -334,6 +335,11 @@ ngx_chat_bus_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     ngx_chat_tickets_init_zone(&sh->tickets);
     ngx_chat_rate_init_zone(&sh->rate);
+
+    /* sessions of the pages live as long as the zone (a restart ends them) */
+    if (RAND_bytes(sh->html_key, sizeof(sh->html_key)) != 1) {
+        return NGX_ERROR;
+    }
 
     shpool->data = sh;
     shpool->log_nomem = 0;

@@ -16,6 +16,7 @@
 #include "ngx_chat_api.h"
 #include "ngx_chat_limit.h"
 #include "ngx_chat_attach.h"
+#include "ngx_chat_html.h"
 
 
 static ngx_int_t ngx_chat_handler(ngx_http_request_t *r);
@@ -511,6 +512,15 @@ ngx_chat_handler(ngx_http_request_t *r)
         path.len -= 3;
 
         return ngx_chat_api_handler(r, &path);
+    }
+
+    if (path.len >= 4 && ngx_strncmp(path.data, "html", 4) == 0
+        && (path.len == 4 || path.data[4] == '/'))
+    {
+        path.data += 4;
+        path.len -= 4;
+
+        return ngx_chat_html_handler(r, &path);
     }
 
     return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",

@@ -42,6 +42,8 @@
  *                          coalesced per worker, written per flush with
  *                          their receipt events
  *   ngx_chat_notify.[ch]   the notification outbox's sweep
+ *   ngx_chat_html.[ch]     chat without JavaScript: pages rendered by
+ *                          the module, a signed session cookie, forms
  *   ngx_chat_attach.[ch]   attachments: the upload body filter (sizes,
  *                          hash, type by content, multipart forms), the
  *                          file's place, downloads through an internal
@@ -330,6 +332,7 @@ typedef struct {
     ngx_chat_slot_t           *slots;
     ngx_chat_tickets_sh_t      tickets;
     ngx_chat_rate_sh_t         rate;             /* ngx_chat_limit.c */
+    u_char                     html_key[32];     /* signs page sessions */
     ngx_chat_live_sh_t        *live;             /* ngx_chat_live.c */
 } ngx_chat_shctx_t;
 

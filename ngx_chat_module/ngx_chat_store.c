@@ -368,6 +368,10 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
     { "chat_attachments_sweep",
       "SELECT chat_attachments_sweep($1::bigint, $2::int)", 2 },
 
+    /* a page without JavaScript (ngx_chat_html.c) */
+    { "chat_page",
+      "SELECT chat_page($1, $2::bigint, $3::bigint, $4::int)", 4 },
+
     { NULL, NULL, 0 }
 };
 

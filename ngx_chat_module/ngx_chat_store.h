@@ -45,6 +45,7 @@
 #define NGX_CHAT_STMT_ATTACH_ADD     29
 #define NGX_CHAT_STMT_ATTACH_GET     30
 #define NGX_CHAT_STMT_ATTACH_SWEEP   31
+#define NGX_CHAT_STMT_PAGE           32
 
 typedef struct ngx_chat_send_s  ngx_chat_send_t;
 

@@ -759,4 +759,19 @@ LANGUAGE sql AS $$
 $$;
 
 
+-- The page of a conversation without JavaScript: the conversation and a
+-- page of its history, as the member reads them; 'forbidden' or NULL as
+-- chat_history() says.
+CREATE FUNCTION chat_page(p_user text, p_conv bigint, p_before bigint,
+                          p_limit int)
+RETURNS text
+LANGUAGE sql AS $$
+    SELECT CASE WHEN x.h = 'forbidden' THEN x.h
+                ELSE '{"conversation":' || chat_conversation_json(p_conv)
+                     || ',"history":' || x.h || '}' END
+    FROM (SELECT chat_history(p_user, false, p_conv, p_before, NULL,
+                              p_limit) AS h) x
+$$;
+
+
 INSERT INTO chat_schema_version (version) VALUES (8);
