@@ -1666,7 +1666,8 @@ ngx_chat_html_reply(ngx_http_request_t *r, ngx_chat_html_t *h,
                      "style-src 'unsafe-inline'; form-action 'self'; "
                      "frame-ancestors 'none'; base-uri 'none'") },
         { ngx_string("X-Content-Type-Options"), ngx_string("nosniff") },
-        { ngx_string("Referrer-Policy"), ngx_string("no-referrer") },
+        /* not "no-referrer": a form's Origin would then be "null" */
+        { ngx_string("Referrer-Policy"), ngx_string("same-origin") },
         { ngx_string("Cache-Control"), ngx_string("no-store") },
         { ngx_null_string, ngx_null_string }
     };
