@@ -347,13 +347,15 @@ GEN_EXTRA=()
 CHAT_PORT="${CHAT_PORT:-8090}"
 CHAT_PGPORT="${CHAT_PGPORT:-5440}"
 
-chat_template() {   # conf.example -> benchmark template (same directives)
+chat_template() {   # conf.example -> benchmark template (same directives; no
+                    # rate limits: one generator is one address)
     local aff="$1"
     sed -E -e "s/^([[:space:]]*worker_processes)[[:space:]]+[^;]+;/\1 $SERVER_WORKERS; worker_cpu_affinity $aff;/" \
         -e "s/^([[:space:]]*access_log)[[:space:]]+[^;]+;/\1 off;/" \
         -e "s/^([[:space:]]*error_log[[:space:]]+[^;[:space:]]+)[[:space:]]+[a-z]+;/\1 warn;/" \
         -e "s/^([[:space:]]*listen[[:space:]]+(@HTTP_LISTEN@|127\.0\.0\.1:@HTTP_PORT@))([[:space:]]+reuseport)?[[:space:]]*;/\1 backlog=4096 reuseport;/" \
         -e "s/^([[:space:]]*chat_max_connections_per_address)[[:space:]]+[^;]+;/\1 0;/" \
+        -e "/^[[:space:]]*chat_rate_limit[[:space:]]/d" \
         "$REPO/conf.example" | chat_set
 }
 

@@ -190,6 +190,7 @@ render_conf() {     # conf.example -> $SRV/nginx.conf
         -e "s/^([[:space:]]*worker_processes)[[:space:]]+[^;]+;/\1 $WORKERS;/" \
         -e "s/^([[:space:]]*access_log)[[:space:]]+[^;]+;/\1 off;/" \
         -e "s/^([[:space:]]*error_log[[:space:]]+[^;[:space:]]+)[[:space:]]+[a-z]+;/\1 $LOG_LEVEL;/" \
+        -e "/^[[:space:]]*chat_rate_limit[[:space:]]/d" \
         "$REPO/conf.example" > "$SRV/nginx.conf"
     # a small zone or ring reaches its steady state (eviction) sooner
     [ -n "$SHM_SIZE" ] && sed -i -E "s/^([[:space:]]*chat_shm_size)[[:space:]]+[^;]+;/\1 $SHM_SIZE;/" "$SRV/nginx.conf"

@@ -167,7 +167,10 @@ start_demo() {
 }
 
 start() {
-    mkdir -p "$VAR" "$LOGS" "$VAR/tmp"
+    mkdir -p "$VAR" "$LOGS" "$VAR/tmp" "$VAR/tmp/body" "$VAR/files"
+    # uploads: written by the workers (nobody) into tmp/body, then renamed
+    # into files/ (one file system)
+    chown nobody "$VAR/tmp/body" "$VAR/files"
     chmod 0755 "$VAR" "$LOGS"
     # PostgreSQL creates its socket here; nginx workers (nobody) connect to it
     install -d -o postgres -g postgres -m 0755 "$SOCK"

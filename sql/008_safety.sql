@@ -40,7 +40,7 @@ ALTER TABLE chat_messages ADD CONSTRAINT chat_messages_format_check
 ALTER TABLE chat_messages VALIDATE CONSTRAINT chat_messages_format_check;
 
 -- erasing a user finds their messages by sender
-CREATE INDEX chat_messages_sender ON chat_messages (sender);
+CREATE INDEX IF NOT EXISTS chat_messages_sender ON chat_messages (sender);
 
 
 CREATE TABLE chat_attachments (
@@ -62,7 +62,7 @@ CREATE INDEX chat_attachments_gone ON chat_attachments (id) WHERE gone;
 CREATE INDEX chat_attachments_owner ON chat_attachments (owner);
 
 -- the messages that name an upload, found by containment
-CREATE INDEX chat_messages_attachments ON chat_messages
+CREATE INDEX IF NOT EXISTS chat_messages_attachments ON chat_messages
     USING gin (attachments jsonb_path_ops) WHERE attachments <> '[]';
 
 CREATE OR REPLACE FUNCTION chat_conversation_json(p_id bigint) RETURNS text
