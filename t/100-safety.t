@@ -76,6 +76,11 @@ async def main():
         "nothing of them is stored")
     r = await b.request("send", conversation_id=D, client_msg_id="blk-bob", body="I still can")
     ok(r and r.get("ok"), "the blocker still sends in it")
+    mb = r["result"]["message"]["id"]
+    r = await a.request("react", message_id=mb, emoji="👍")
+    is_(err(r), "blocked", "the blocked user reacting in it: blocked")
+    r = await a.request("unreact", message_id=mb, emoji="👍")
+    ok(r and r.get("ok"), "(unreacting is not refused)")
 
     st, _, body = rest("POST", "/conversations", "alice", json={"kind": "direct", "members": ["bob"]})
     is_((st, err(body)), (403, "blocked"), "the blocked user opening a direct conversation: 403 blocked")
@@ -121,8 +126,10 @@ async def main():
         "and the messages around it, in order")
     ok(len(rep["snapshot"]["context"]) <= 6, "at most 3 on each side")
     st, _, body = rest("POST", "/reports", "bob", json={"message_id": ids[2], "reason": "spam"})
-    is_((st, body["report"]["id"], body["report"]["reason"]), (200, rep["id"], "harassment"),
+    is_((st, body["report"]["id"], body["report"]["status"]), (200, rep["id"], "open"),
         "reporting it again: the same report")
+    ok("snapshot" not in body["report"] and "resolution" not in body["report"],
+       "... by its id and status only (no snapshot, no resolution)")
     is_(rest("POST", "/reports", "dave", json={"message_id": ids[2], "reason": "spam"})[0], 404,
         "a non-member reports: 404")
     is_(rest("POST", "/reports", "bob", json={"message_id": ids[1], "reason": "meh"})[0], 400, "a bad reason: 400")
@@ -191,6 +198,8 @@ async def main():
     is_((st, err(body)), (403, "archived"), "a system message too: nobody sends")
     r = await a.request("edit", message_id=pre, body="changed")
     is_(err(r), "archived", "an edit: archived")
+    st, _, body = rest("POST", "/conversations/%s/members" % S, "bob", json={"members": ["carol"]})
+    ok(st in (403,) and err(body) in ("archived", "forbidden"), "adding members: refused (%s)" % err(body))
     st, _, body = rest("POST", "/messages/%s/reactions" % pre, "bob", json={"emoji": "👍"})
     is_((st, err(body)), (403, "archived"), "a reaction: 403 archived")
     st, _, body = rest("GET", "/conversations/%s/messages" % S, "bob")
