@@ -44,6 +44,7 @@ typedef struct {
     ngx_str_t                  url;              /* the upload's */
     ngx_chat_api_form_pt       form_handler;     /* a raw body's */
     ngx_chat_api_upload_pt     upload_handler;   /* not a REST upload */
+    ngx_chat_api_error_pt      error_handler;    /* a body refused */
     void                      *data;             /* the other handler's */
     unsigned                   typing_start:1;
     unsigned                   read:1;
@@ -682,8 +683,7 @@ ngx_chat_api_read_body(ngx_http_request_t *r, ngx_chat_api_body_pt handler)
     ctx->body_handler = handler;
 
     if (r->headers_in.content_length_n > ngx_chat_api_body_max(r, ctx)) {
-        return ngx_chat_http_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
-                                   "too_large", "the body is too large", 0);
+        return ngx_chat_api_body_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE);
     }
 
     if (ctx->upload) {
@@ -754,6 +754,8 @@ ngx_chat_api_body_reader(ngx_http_request_t *r)
 static ngx_int_t
 ngx_chat_api_body_error(ngx_http_request_t *r, ngx_int_t rc)
 {
+    ngx_chat_api_ctx_t  *ctx;
+
     if (r->connection->error
         || (rc != NGX_HTTP_REQUEST_ENTITY_TOO_LARGE
             && rc != NGX_HTTP_BAD_REQUEST))
@@ -763,6 +765,14 @@ ngx_chat_api_body_error(ngx_http_request_t *r, ngx_int_t rc)
 
     r->keepalive = 0;
     r->lingering_close = 1;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (ctx->error_handler) {
+        /* a page's own answer (ngx_chat_html.c) */
+        return ctx->error_handler(r, rc, ctx->upload && ctx->upload->error
+                                         ? ctx->upload->error : NULL);
+    }
 
     if (rc == NGX_HTTP_BAD_REQUEST) {
         return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
@@ -828,7 +838,11 @@ ngx_chat_api_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
             return rc;
         }
 
-        return ngx_chat_api_next_body_filter(r, out);
+        rc = ngx_chat_api_next_body_filter(r, out);
+
+        ngx_chat_attach_filtered(r, ctx->upload, out);
+
+        return rc;
     }
 
     if (rb->rest > 0 && rb->buf && rb->buf->last == rb->buf->end) {
@@ -3370,6 +3384,7 @@ ngx_chat_api_download_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     u_char              *id;
     ngx_int_t            rv;
+    ngx_connection_t    *c;
     ngx_str_t            name, mime;
     ngx_http_request_t  *r;
 
@@ -3416,10 +3431,16 @@ ngx_chat_api_download_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     (void) ngx_chat_api_query_owner(q);
 
+    c = r->connection;
+
     rv = ngx_chat_attach_serve(r, id, &name, &mime);
 
     /* the redirect holds the request itself: ours goes */
     ngx_http_finalize_request(r, rv == NGX_DONE ? NGX_DONE : rv);
+
+    /* what the internal location posted (subrequests) runs now, as after
+       an upstream's X-Accel-Redirect */
+    ngx_http_run_posted_requests(c);
 }
 
 
@@ -3519,10 +3540,15 @@ ngx_chat_api_upload_stored(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
     ngx_http_request_t  *r;
     ngx_chat_api_ctx_t  *ctx;
 
+    if (q->data == NULL && (rc != NGX_OK || PQntuples(res) != 1)) {
+        /* the client left and the store has no row: nothing would sweep it */
+        ngx_chat_attach_remove((u_char *) q->params[0]);
+    }
+
     r = ngx_chat_api_query_owner(q);
 
     if (r == NULL) {
-        /* the client left: the row, if any, is swept as never sent */
+        /* the client left: a stored row is swept as never sent */
         return;
     }
 
@@ -3721,4 +3747,16 @@ ngx_chat_api_data(ngx_http_request_t *r)
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
 
     return ctx ? ctx->data : NULL;
+}
+
+
+/* how a body that is refused while read is answered (a page, not JSON) */
+
+void
+ngx_chat_api_on_error(ngx_http_request_t *r, ngx_chat_api_error_pt handler)
+{
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    ctx->error_handler = handler;
 }

@@ -18,6 +18,9 @@ typedef void (*ngx_chat_api_form_pt)(ngx_http_request_t *r, u_char *data,
     size_t len);
 typedef void (*ngx_chat_api_upload_pt)(ngx_http_request_t *r,
     ngx_chat_upload_t *up, ngx_int_t status);
+/* answers a refused body (413, 400); returns what the handler returns */
+typedef ngx_int_t (*ngx_chat_api_error_pt)(ngx_http_request_t *r,
+    ngx_int_t status, const char *why);
 
 
 ngx_int_t ngx_chat_api_init(ngx_conf_t *cf);
@@ -37,6 +40,8 @@ ngx_int_t ngx_chat_api_read_upload(ngx_http_request_t *r, ngx_str_t *prefix,
     ngx_chat_api_upload_pt handler);
 ngx_int_t ngx_chat_api_set_data(ngx_http_request_t *r, void *data);
 void *ngx_chat_api_data(ngx_http_request_t *r);
+void ngx_chat_api_on_error(ngx_http_request_t *r,
+    ngx_chat_api_error_pt handler);
 
 
 #endif /* _NGX_CHAT_API_H_INCLUDED_ */

@@ -68,8 +68,7 @@ static ngx_int_t ngx_chat_attach_part_header(ngx_chat_upload_t *up);
 static ngx_int_t ngx_chat_attach_param(u_char *p, u_char *end,
     const char *name, ngx_str_t *value);
 static ngx_int_t ngx_chat_attach_data(ngx_http_request_t *r,
-    ngx_chat_upload_t *up, u_char *p, size_t len, ngx_uint_t copy,
-    ngx_chain_t ***ll);
+    ngx_chat_upload_t *up, u_char *p, size_t len, ngx_chain_t ***ll);
 static ngx_int_t ngx_chat_attach_account(ngx_chat_upload_t *up, u_char *p,
     size_t len);
 static void ngx_chat_attach_set_name(ngx_chat_upload_t *up, u_char *p,
@@ -137,7 +136,18 @@ ngx_chat_attach_upload(ngx_http_request_t *r)
     if (!up->multipart) {
         /* a raw body names its file in the query string */
         if (ngx_http_arg(r, (u_char *) "filename", 8, &name) == NGX_OK) {
-            ngx_chat_attach_set_name(up, name.data, name.len);
+            u_char  *dst, *src, *d;
+
+            d = ngx_pnalloc(r->pool, name.len);
+            if (d == NULL) {
+                return NULL;
+            }
+
+            dst = d;
+            src = name.data;
+            ngx_unescape_uri(&dst, &src, name.len, 0);
+
+            ngx_chat_attach_set_name(up, d, dst - d);
         }
     }
 
@@ -168,8 +178,23 @@ ngx_chat_attach_boundary(ngx_http_request_t *r, ngx_chat_upload_t *up)
 
     up->multipart = 1;
 
-    p = ngx_strlcasestrn(ct->data, ct->data + ct->len,
+    /* multipart/form-data exactly, then a "boundary" parameter */
+
+    if (ct->len > 19 && ct->data[19] != ';' && ct->data[19] != ' '
+        && ct->data[19] != '\t')
+    {
+        up->multipart = 0;
+        return NGX_OK;
+    }
+
+    p = ngx_strlcasestrn(ct->data + 19, ct->data + ct->len,
                          (u_char *) "boundary=", 9 - 1);
+
+    while (p && p[-1] != ';' && p[-1] != ' ' && p[-1] != '\t') {
+        p = ngx_strlcasestrn(p + 9, ct->data + ct->len,
+                             (u_char *) "boundary=", 9 - 1);
+    }
+
     if (p == NULL) {
         up->error = "a multipart body needs a boundary";
         up->status = NGX_HTTP_BAD_REQUEST;
@@ -230,7 +255,7 @@ ngx_chat_attach_filter(ngx_http_request_t *r, ngx_chat_upload_t *up,
     ngx_chain_t *in, ngx_chain_t **out)
 {
     ngx_buf_t     *b;
-    ngx_chain_t   *cl, **ll;
+    ngx_chain_t   *cl, *ln, **ll;
 
     if (!up->multipart) {
         for (cl = in; cl; cl = cl->next) {
@@ -270,26 +295,37 @@ ngx_chat_attach_filter(ngx_http_request_t *r, ngx_chat_upload_t *up,
         cl->buf->pos = cl->buf->last;
 
         if (cl->buf->last_buf) {
-            b = ngx_calloc_buf(r->pool);
-            if (b == NULL) {
+            ln = ngx_chain_get_free_buf(r->pool, &up->free);
+            if (ln == NULL) {
                 return NGX_HTTP_INTERNAL_SERVER_ERROR;
             }
 
+            b = ln->buf;
+            ngx_memzero(b, sizeof(ngx_buf_t));
+            b->tag = (ngx_buf_tag_t) &ngx_chat_attach_filter;
             b->last_buf = 1;
 
-            *ll = ngx_alloc_chain_link(r->pool);
-            if (*ll == NULL) {
-                return NGX_HTTP_INTERNAL_SERVER_ERROR;
-            }
-
-            (*ll)->buf = b;
-            ll = &(*ll)->next;
+            *ll = ln;
+            ll = &ln->next;
         }
     }
 
     *ll = NULL;
 
     return NGX_OK;
+}
+
+
+/* after the save filter took out: what it has written comes back */
+
+void
+ngx_chat_attach_filtered(ngx_http_request_t *r, ngx_chat_upload_t *up,
+    ngx_chain_t *out)
+{
+    if (up->multipart) {
+        ngx_chain_update_chains(r->pool, &up->free, &up->busy, &out,
+                                (ngx_buf_tag_t) &ngx_chat_attach_filter);
+    }
 }
 
 
@@ -345,7 +381,7 @@ ngx_chat_attach_multipart(ngx_http_request_t *r, ngx_chat_upload_t *up,
 
             if (p - run > (ssize_t) (up->ndelim - held)
                 && ngx_chat_attach_data(r, up, run,
-                                        p - run - (up->ndelim - held), 0, ll)
+                                        p - run - (up->ndelim - held), ll)
                    != NGX_OK)
             {
                 return NGX_ERROR;
@@ -365,7 +401,7 @@ ngx_chat_attach_multipart(ngx_http_request_t *r, ngx_chat_upload_t *up,
             /* not a delimiter after all: what was held is data */
 
             if (held) {
-                if (ngx_chat_attach_data(r, up, up->delim, held, 1, ll)
+                if (ngx_chat_attach_data(r, up, up->delim, held, ll)
                     != NGX_OK)
                 {
                     return NGX_ERROR;
@@ -387,7 +423,7 @@ ngx_chat_attach_multipart(ngx_http_request_t *r, ngx_chat_upload_t *up,
 
     if ((size_t) (end - run) > up->matched - held
         && ngx_chat_attach_data(r, up, run,
-                                end - run - (up->matched - held), 0, ll)
+                                end - run - (up->matched - held), ll)
            != NGX_OK)
     {
         return NGX_ERROR;
@@ -565,7 +601,7 @@ ngx_chat_attach_param(u_char *p, u_char *end, const char *name,
 
 static ngx_int_t
 ngx_chat_attach_data(ngx_http_request_t *r, ngx_chat_upload_t *up,
-    u_char *p, size_t len, ngx_uint_t copy, ngx_chain_t ***ll)
+    u_char *p, size_t len, ngx_chain_t ***ll)
 {
     u_char                 *v;
     ngx_buf_t              *b;
@@ -585,14 +621,22 @@ ngx_chat_attach_data(ngx_http_request_t *r, ngx_chat_upload_t *up,
             return NGX_ERROR;
         }
 
-        v = ngx_pnalloc(up->pool, f->value.len + len);
-        if (v == NULL) {
-            return NGX_ERROR;
+        /* one arena for all of them: a field is read whole before the next */
+
+        if (up->arena == NULL) {
+            up->arena = ngx_pnalloc(up->pool, NGX_CHAT_ATTACH_FIELD_BYTES);
+            if (up->arena == NULL) {
+                return NGX_ERROR;
+            }
         }
 
-        ngx_memcpy(v, f->value.data, f->value.len);
-        ngx_memcpy(v + f->value.len, p, len);
-        f->value.data = v;
+        v = up->arena + up->field_bytes;
+
+        if (f->value.data == NULL) {
+            f->value.data = v;
+        }
+
+        ngx_memcpy(v, p, len);
         f->value.len += len;
         up->field_bytes += len;
 
@@ -609,34 +653,27 @@ ngx_chat_attach_data(ngx_http_request_t *r, ngx_chat_upload_t *up,
         return NGX_ERROR;
     }
 
-    if (copy) {
-        b = ngx_create_temp_buf(r->pool, len);
-        if (b == NULL) {
-            return NGX_ERROR;
-        }
+    /*
+     * The bytes are in the read buffer, which the save filter writes out
+     * before it is reused, or they are the start of the delimiter, which
+     * is up->delim's: no copy.  The buffers come back once written.
+     */
 
-        b->last = ngx_cpymem(b->pos, p, len);
-
-    } else {
-        /* in the read buffer: written to the file before it is reused */
-        b = ngx_calloc_buf(r->pool);
-        if (b == NULL) {
-            return NGX_ERROR;
-        }
-
-        b->temporary = 1;
-        b->start = p;
-        b->pos = p;
-        b->last = p + len;
-        b->end = p + len;
-    }
-
-    cl = ngx_alloc_chain_link(r->pool);
+    cl = ngx_chain_get_free_buf(r->pool, &up->free);
     if (cl == NULL) {
         return NGX_ERROR;
     }
 
-    cl->buf = b;
+    b = cl->buf;
+    ngx_memzero(b, sizeof(ngx_buf_t));
+
+    b->tag = (ngx_buf_tag_t) &ngx_chat_attach_filter;
+    b->temporary = 1;
+    b->start = p;
+    b->pos = p;
+    b->last = p + len;
+    b->end = p + len;
+
     **ll = cl;
     *ll = &cl->next;
 
@@ -826,6 +863,35 @@ ngx_chat_attach_finish(ngx_http_request_t *r, ngx_chat_upload_t *up)
     up->placed = 1;
 
     return NGX_OK;
+}
+
+
+/* a file whose row was never stored (the client left meanwhile) */
+
+void
+ngx_chat_attach_remove(u_char *id)
+{
+    u_char                *p;
+    ngx_chat_main_conf_t  *cmcf;
+    u_char                 path[NGX_MAX_PATH];
+
+    cmcf = ngx_chat_worker.cmcf;
+
+    if (ngx_chat_attach_valid_id(id, ngx_strlen(id)) != NGX_OK
+        || cmcf->attach_dir.len + 1 + NGX_CHAT_ATTACH_ID_LEN >= NGX_MAX_PATH)
+    {
+        return;
+    }
+
+    p = ngx_cpymem(path, cmcf->attach_dir.data, cmcf->attach_dir.len);
+    *p++ = '/';
+    p = ngx_cpymem(p, id, NGX_CHAT_ATTACH_ID_LEN);
+    *p = '\0';
+
+    if (ngx_delete_file(path) == NGX_FILE_ERROR && ngx_errno != NGX_ENOENT) {
+        ngx_log_error(NGX_LOG_ERR, ngx_chat_worker.log, ngx_errno,
+                      ngx_delete_file_n " \"%s\" failed", path);
+    }
 }
 
 
@@ -1358,6 +1424,7 @@ ngx_chat_attach_swept(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     if (n) {
         ngx_log_error(NGX_LOG_INFO, ngx_chat_worker.log, 0,
-                      "chat: the attachment sweep removed %d files", n);
+                      "chat: the attachment sweep removed %d uploads "
+                      "(%ui files so far)", n, sw->removed);
     }
 }

@@ -27,8 +27,10 @@ typedef struct {
  * An upload being read: the body goes through ngx_chat_attach_filter()
  * on its way to nginx's temporary file (a multipart body is cut down to
  * its file part, its other fields are kept in memory), which hashes it,
- * keeps its first bytes and counts it.  ngx_chat_attach_finish() moves
- * the file into chat_attachments under a random id.
+ * keeps its first bytes and counts it.  A body it refuses (too large, a
+ * bad form) stops being read at once, with up->error saying why.
+ * ngx_chat_attach_finish() moves the file into chat_attachments under a
+ * random id.
  */
 struct ngx_chat_upload_s {
     void                      *sha;              /* EVP_MD_CTX */
@@ -58,18 +60,26 @@ struct ngx_chat_upload_s {
     u_char                     line[1024];       /* a part header line */
     size_t                     nline;
     ngx_array_t                fields;           /* ngx_chat_form_field_t */
+    u_char                    *arena;            /* the fields' values */
     size_t                     field_bytes;
     ngx_chat_form_field_t     *field;            /* being read */
     ngx_pool_t                *pool;
+
+    /* buffers passed on, reused once the save filter has written them */
+    ngx_chain_t               *free;
+    ngx_chain_t               *busy;
 };
 
 
 ngx_chat_upload_t *ngx_chat_attach_upload(ngx_http_request_t *r);
 ngx_int_t ngx_chat_attach_filter(ngx_http_request_t *r,
     ngx_chat_upload_t *up, ngx_chain_t *in, ngx_chain_t **out);
+void ngx_chat_attach_filtered(ngx_http_request_t *r, ngx_chat_upload_t *up,
+    ngx_chain_t *out);
 ngx_int_t ngx_chat_attach_finish(ngx_http_request_t *r,
     ngx_chat_upload_t *up);
 void ngx_chat_attach_discard(ngx_chat_upload_t *up, ngx_log_t *log);
+void ngx_chat_attach_remove(u_char *id);
 ngx_str_t *ngx_chat_attach_field(ngx_chat_upload_t *up, const char *name);
 ngx_int_t ngx_chat_attach_valid_id(u_char *p, size_t len);
 ngx_int_t ngx_chat_attach_serve(ngx_http_request_t *r, u_char *id,

@@ -115,6 +115,8 @@ static ngx_int_t ngx_chat_html_error(ngx_http_request_t *r,
 static ngx_int_t ngx_chat_html_redirect(ngx_http_request_t *r,
     ngx_chat_html_t *h, int64_t conv);
 static ngx_chat_html_t *ngx_chat_html_get(ngx_http_request_t *r);
+static ngx_int_t ngx_chat_html_body_error(ngx_http_request_t *r,
+    ngx_int_t status, const char *why);
 
 
 static ngx_str_t  ngx_chat_html_cookie_name = ngx_string(NGX_CHAT_HTML_COOKIE);
@@ -143,6 +145,8 @@ ngx_chat_html_handler(ngx_http_request_t *r, ngx_str_t *path)
     if (ngx_chat_api_set_data(r, h) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
+
+    ngx_chat_api_on_error(r, ngx_chat_html_body_error);
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
     h->loc = clcf->name;
@@ -237,6 +241,7 @@ ngx_chat_html_handler(ngx_http_request_t *r, ngx_str_t *path)
 
     if (end - p == 6 && ngx_strncmp(p, "attach", 6) == 0) {
         ngx_str_t  csrf, prefix;
+        u_char    *p;
 
         /* checked before the file is read: the token is in the action */
 
@@ -253,19 +258,21 @@ ngx_chat_html_handler(ngx_http_request_t *r, ngx_str_t *path)
                                        "Files are not taken here.");
         }
 
-        prefix.len = h->loc.len + 3;
-        prefix.data = ngx_pnalloc(r->pool, prefix.len);
+        /* the api of this location: "<loc>api" or "<loc>/api" */
+
+        prefix.data = ngx_pnalloc(r->pool, h->loc.len + 4);
         if (prefix.data == NULL) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        ngx_memcpy(ngx_cpymem(prefix.data, h->loc.data, h->loc.len),
-                   "api", 3);
+        p = ngx_cpymem(prefix.data, h->loc.data, h->loc.len);
 
-        if (h->loc.len && h->loc.data[h->loc.len - 1] != '/') {
-            prefix.len = h->loc.len;
-            ngx_memcpy(prefix.data, h->loc.data, h->loc.len);
+        if (h->loc.len == 0 || h->loc.data[h->loc.len - 1] != '/') {
+            *p++ = '/';
         }
+
+        p = ngx_cpymem(p, "api", 3);
+        prefix.len = p - prefix.data;
 
         h->attach = 1;
 
@@ -305,10 +312,8 @@ ngx_chat_html_session(ngx_http_request_t *r, ngx_chat_identity_t *id)
 static ngx_int_t
 ngx_chat_html_login(ngx_http_request_t *r, ngx_chat_html_t *h)
 {
-    ngx_str_t             arg, v;
-    ngx_chat_buf_t        b;
-    const char           *code, *msg;
-    ngx_chat_identity_t   id;
+    ngx_str_t        arg;
+    ngx_chat_buf_t   b;
 
     if (r->method == NGX_HTTP_POST) {
         return ngx_chat_api_read_form(r, ngx_chat_html_login_form);
@@ -319,59 +324,60 @@ ngx_chat_html_login(ngx_http_request_t *r, ngx_chat_html_t *h)
                                    "Method not allowed.");
     }
 
-    ngx_memzero(&id, sizeof(ngx_chat_identity_t));
-
-    if (ngx_http_arg(r, (u_char *) "ticket", 6, &arg) == NGX_OK) {
-        v.data = ngx_pnalloc(r->pool, arg.len);
-        if (v.data == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        ngx_memcpy(v.data, arg.data, arg.len);
-        v.len = arg.len;
-
-        if (ngx_chat_ticket_redeem(&v, r->pool, &id) != NGX_OK) {
-            return ngx_chat_html_error(r, h, NGX_HTTP_UNAUTHORIZED,
-                                       "This sign-in link is not valid "
-                                       "(any more).");
-        }
-
-        return ngx_chat_html_signed_in(r, h, &id);
-    }
-
-    if (ngx_http_arg(r, (u_char *) "token", 5, &arg) == NGX_OK) {
-        if (ngx_chat_auth_verify(&arg, r->pool, &id, &code, &msg) != NGX_OK) {
-            return ngx_chat_html_error(r, h, NGX_HTTP_UNAUTHORIZED,
-                                       "This sign-in link is not valid "
-                                       "(any more).");
-        }
-
-        return ngx_chat_html_signed_in(r, h, &id);
-    }
+    /*
+     * A link from the platform (login?ticket=...) only shows a button
+     * that posts the ticket: a GET signs nobody in (a link scanner does
+     * not spend the ticket, another site cannot sign a visitor in with
+     * its own), and a token never travels in a URL.
+     */
 
     ngx_memzero(&b, sizeof(ngx_chat_buf_t));
 
     if (ngx_chat_html_head(&b, "Sign in", 7, 0) != NGX_OK
-        || ngx_chat_buf_add_lit(&b,
-               "<main><h1>Sign in to chat</h1>"
-               "<form method=\"post\" action=\"login\">"
-               "<p><label>Your platform token "
-               "<input name=\"token\" required autocomplete=\"off\">"
-               "</label></p><p><button>Sign in</button></p></form>"
-               "</main></body></html>") != NGX_OK)
+        || ngx_chat_buf_add_lit(&b, "<main><h1>Sign in to chat</h1>"
+                                "<form method=\"post\" action=\"login\">")
+           != NGX_OK)
     {
-        ngx_chat_buf_free(&b);
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        goto failed;
+    }
+
+    if (ngx_http_arg(r, (u_char *) "ticket", 6, &arg) == NGX_OK
+        && arg.len <= 256)
+    {
+        if (ngx_chat_buf_add_lit(&b, "<input type=\"hidden\" name=\"ticket\" "
+                                 "value=\"") != NGX_OK
+            || ngx_chat_html_add(&b, arg.data, arg.len) != NGX_OK
+            || ngx_chat_buf_add_lit(&b, "\"><p><button>Continue to the chat"
+                                    "</button></p>") != NGX_OK)
+        {
+            goto failed;
+        }
+
+    } else if (ngx_chat_buf_add_lit(&b, "<p><label>Your platform token "
+                   "<input name=\"token\" required autocomplete=\"off\">"
+                   "</label></p><p><button>Sign in</button></p>") != NGX_OK)
+    {
+        goto failed;
+    }
+
+    if (ngx_chat_buf_add_lit(&b, "</form></main></body></html>") != NGX_OK) {
+        goto failed;
     }
 
     return ngx_chat_html_reply(r, h, NGX_HTTP_OK, &b);
+
+failed:
+
+    ngx_chat_buf_free(&b);
+    return NGX_HTTP_INTERNAL_SERVER_ERROR;
 }
 
 
 static void
 ngx_chat_html_login_form(ngx_http_request_t *r, u_char *data, size_t len)
 {
-    ngx_str_t             token;
+    ngx_str_t             token, ticket;
+    ngx_int_t             rc;
     const char           *code, *msg;
     ngx_chat_html_t      *h;
     ngx_chat_identity_t   id;
@@ -380,13 +386,24 @@ ngx_chat_html_login_form(ngx_http_request_t *r, u_char *data, size_t len)
 
     ngx_memzero(&id, sizeof(ngx_chat_identity_t));
 
-    if (ngx_chat_html_form_field(data, len, "token", r->pool, &token)
-        != NGX_OK
-        || ngx_chat_auth_verify(&token, r->pool, &id, &code, &msg) != NGX_OK)
+    if (ngx_chat_html_form_field(data, len, "ticket", r->pool, &ticket)
+        == NGX_OK)
     {
+        rc = ngx_chat_ticket_redeem(&ticket, r->pool, &id);
+
+    } else if (ngx_chat_html_form_field(data, len, "token", r->pool, &token)
+               == NGX_OK)
+    {
+        rc = ngx_chat_auth_verify(&token, r->pool, &id, &code, &msg);
+
+    } else {
+        rc = NGX_DECLINED;
+    }
+
+    if (rc != NGX_OK) {
         ngx_http_finalize_request(r,
             ngx_chat_html_error(r, h, NGX_HTTP_UNAUTHORIZED,
-                                "This token is not valid."));
+                                "This sign-in is not valid (any more)."));
         return;
     }
 
@@ -851,7 +868,7 @@ ngx_chat_html_list_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             u_char  num[NGX_INT64_LEN + 40];
 
             if (ngx_chat_buf_add(&b, num,
-                    ngx_sprintf(num, " <span class=\"unread\">%L unread"
+                    ngx_snprintf(num, sizeof(num), " <span class=\"unread\">%L unread"
                                 "</span>", (int64_t) json_integer_value(v))
                     - num) != NGX_OK)
             {
@@ -996,7 +1013,7 @@ ngx_chat_html_page(ngx_http_request_t *r, ngx_chat_html_t *h)
 static void
 ngx_chat_html_page_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
-    u_char               num[NGX_INT64_LEN * 2 + 64];
+    u_char               num[256];
     size_t               i, n, j;
     int64_t              top, oldest, seq;
     json_t              *root, *conv, *msgs, *m, *v, *u;
@@ -1085,7 +1102,7 @@ ngx_chat_html_page_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     if (n == NGX_CHAT_HTML_PAGE && oldest > 1
         && ngx_chat_buf_add(&b, num,
-                            ngx_sprintf(num, "<p><a href=\"?before=%L\">"
+                            ngx_snprintf(num, sizeof(num), "<p><a href=\"?before=%L\">"
                                         "Older messages</a></p>", oldest)
                             - num) != NGX_OK)
     {
@@ -1137,7 +1154,7 @@ ngx_chat_html_page_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         *ngx_hex_dump(cmid, rnd, sizeof(rnd)) = '\0';
 
         if (ngx_chat_buf_add(&b, num,
-                ngx_sprintf(num, "<form class=\"send\" method=\"post\" "
+                ngx_snprintf(num, sizeof(num), "<form class=\"send\" method=\"post\" "
                             "action=\"%L/send\">", h->conv) - num) != NGX_OK
             || ngx_chat_html_hidden(&b, h) != NGX_OK
             || ngx_chat_buf_add_lit(&b, "<input type=\"hidden\" "
@@ -1154,7 +1171,7 @@ ngx_chat_html_page_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
         if (ngx_chat_worker.cmcf->attach_dir.len
             && (ngx_chat_buf_add(&b, num,
-                    ngx_sprintf(num, "<form class=\"attach\" method=\"post\" "
+                    ngx_snprintf(num, sizeof(num), "<form class=\"attach\" method=\"post\" "
                                 "enctype=\"multipart/form-data\" "
                                 "action=\"%L/attach?csrf=", h->conv) - num)
                 != NGX_OK
@@ -1746,6 +1763,8 @@ ngx_chat_html_error(ngx_http_request_t *r, ngx_chat_html_t *h,
         || ngx_chat_html_add(&b, (u_char *) text, ngx_strlen(text)) != NGX_OK
         || ngx_chat_buf_add_lit(&b, "</p><p><a href=\"") != NGX_OK
         || ngx_chat_html_add(&b, h->loc.data, h->loc.len) != NGX_OK
+        || ((h->loc.len == 0 || h->loc.data[h->loc.len - 1] != '/')
+            && ngx_chat_buf_add_lit(&b, "/") != NGX_OK)
         || ngx_chat_buf_add_lit(&b, "html/\">Back to the conversations</a>"
                                 "</p></main></body></html>") != NGX_OK)
     {
@@ -1819,4 +1838,17 @@ static ngx_chat_html_t *
 ngx_chat_html_get(ngx_http_request_t *r)
 {
     return ngx_chat_api_data(r);
+}
+
+
+/* a form or a file refused while it was read */
+
+static ngx_int_t
+ngx_chat_html_body_error(ngx_http_request_t *r, ngx_int_t status,
+    const char *why)
+{
+    return ngx_chat_html_error(r, ngx_chat_html_get(r), status,
+                               status == NGX_HTTP_REQUEST_ENTITY_TOO_LARGE
+                               ? "The file or the message is too large."
+                               : why ? why : "The form could not be read.");
 }

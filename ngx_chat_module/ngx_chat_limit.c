@@ -165,9 +165,11 @@ static const char  *ngx_chat_rate_kinds[] = {
 };
 
 
-static ngx_int_t ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per,
-    ngx_str_t *key, ngx_log_t *log, ngx_msec_t *retry_after);
-static void ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n);
+static ngx_chat_rate_node_t *ngx_chat_rate_node(ngx_uint_t kind,
+    ngx_uint_t per, ngx_str_t *key, ngx_int_t *excess,
+    ngx_chat_rate_node_t *keep);
+static void ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n,
+    ngx_chat_rate_node_t *keep);
 
 
 void
@@ -199,63 +201,137 @@ ngx_chat_rate_addr(ngx_connection_t *c, u_char *buf, size_t *len)
 /*
  * NGX_OK: taken from the user's bucket and the address's (either may be
  * NULL or empty: not counted); NGX_BUSY: refused, *retry_after says when
- * the next may come.
+ * the next may come.  A refusal by either bucket takes from neither.
  */
 ngx_int_t
 ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
     ngx_log_t *log, ngx_msec_t *retry_after)
 {
-    ngx_int_t              rc;
-    ngx_slab_pool_t       *shpool;
-    ngx_chat_rate_conf_t  *rc_user, *rc_addr;
+    ngx_str_t              *keys[2];
+    ngx_int_t               excess[2];
+    ngx_uint_t              per, refused, n;
+    ngx_slab_pool_t        *shpool;
+    ngx_chat_rate_node_t   *node[2];
+    ngx_chat_rate_conf_t   *rc;
+    u_char                  text[NGX_INET6_ADDRSTRLEN];
 
-    rc_user = &ngx_chat_worker.cmcf->rates[kind][NGX_CHAT_RATE_USER];
-    rc_addr = &ngx_chat_worker.cmcf->rates[kind][NGX_CHAT_RATE_ADDRESS];
+    keys[NGX_CHAT_RATE_USER] = user;
+    keys[NGX_CHAT_RATE_ADDRESS] = addr;
 
-    if ((rc_user->rate == 0 || user == NULL || user->len == 0)
-        && (rc_addr->rate == 0 || addr == NULL || addr->len == 0))
-    {
+    for (per = 0; per < 2; per++) {
+        rc = &ngx_chat_worker.cmcf->rates[kind][per];
+
+        if (rc->rate == 0 || keys[per] == NULL || keys[per]->len == 0) {
+            keys[per] = NULL;
+        }
+    }
+
+    ngx_log_error(NGX_LOG_WARN, log, 0, "DBG rate kind %ui keys %p %p rate %ui", kind, keys[0], keys[1], ngx_chat_worker.cmcf->rates[kind][0].rate);
+
+    if (keys[0] == NULL && keys[1] == NULL) {
         return NGX_OK;
     }
 
     shpool = ngx_chat_worker.shpool;
-    rc = NGX_OK;
+    refused = 0;
+    n = 0;
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    if (rc_addr->rate && addr && addr->len) {
-        rc = ngx_chat_rate_take(kind, NGX_CHAT_RATE_ADDRESS, addr, log,
-                                retry_after);
+    for (per = 0; per < 2; per++) {
+        node[per] = NULL;
+
+        if (keys[per] == NULL) {
+            continue;
+        }
+
+        /* the first key's bucket is not dropped to make room for this */
+        node[per] = ngx_chat_rate_node(kind, per, keys[per], &excess[per],
+                                       per ? node[0] : NULL);
+
+        if (node[per] == NULL) {
+            /* a full zone must not stop the chat: not counted */
+            continue;
+        }
+
+        if (excess[per] > (ngx_int_t) ngx_chat_worker.cmcf
+                                      ->rates[kind][per].burst)
+        {
+            node[per]->refused++;
+            n = node[per]->refused;
+            *retry_after = (ngx_msec_t) ((excess[per]
+                               - (ngx_int_t) ngx_chat_worker.cmcf
+                                     ->rates[kind][per].burst)
+                              * 1000
+                              / (ngx_int_t) ngx_chat_worker.cmcf
+                                     ->rates[kind][per].rate) + 1;
+            refused = per + 1;
+            break;
+        }
     }
 
-    if (rc == NGX_OK && rc_user->rate && user && user->len) {
-        rc = ngx_chat_rate_take(kind, NGX_CHAT_RATE_USER, user, log,
-                                retry_after);
+    if (!refused) {
+        for (per = 0; per < 2; per++) {
+            if (node[per]) {
+                node[per]->excess = excess[per];
+                node[per]->last = ngx_current_msec;
+                node[per]->refused = 0;
+            }
+        }
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
 
-    return rc;
+    if (!refused) {
+        return NGX_OK;
+    }
+
+    /* the first refusal of a run, then every hundredth: out of the lock */
+
+    per = refused - 1;
+
+    if (n == 1 || n % 100 == 0) {
+        ngx_str_t  k;
+
+        if (per == NGX_CHAT_RATE_USER) {
+            k = *keys[per];
+
+        } else {
+            k.data = text;
+            k.len = ngx_inet_ntop(keys[per]->len == 4 ? AF_INET : AF_INET6,
+                                  keys[per]->data, text, sizeof(text));
+        }
+
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "chat: rate limit \"%s\" per %s exceeded by \"%V\", "
+                      "%ui refused in a row", ngx_chat_rate_kinds[kind],
+                      per == NGX_CHAT_RATE_USER ? "user" : "address", &k, n);
+    }
+
+    return NGX_BUSY;
 }
 
 
-static ngx_int_t
-ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
-    ngx_log_t *log, ngx_msec_t *retry_after)
+/*
+ * The bucket of a key, made when new, under the zone's lock; *excess is
+ * what it would be after this request.  NULL: no room in the zone.
+ */
+
+static ngx_chat_rate_node_t *
+ngx_chat_rate_node(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
+    ngx_int_t *excess, ngx_chat_rate_node_t *keep)
 {
     u_char                *p;
     uint32_t               hash;
     ngx_str_t              k;
-    ngx_int_t              excess, burst, rate;
+    ngx_int_t              e, rate;
     ngx_msec_int_t         ms;
     ngx_chat_rate_sh_t    *rs;
     ngx_chat_rate_node_t  *n;
     u_char                 buf[2 + NGX_CHAT_MAX_ID_LEN];
-    u_char                 text[NGX_INET6_ADDRSTRLEN];
 
     rs = &ngx_chat_worker.sh->rate;
     rate = ngx_chat_worker.cmcf->rates[kind][per].rate;
-    burst = ngx_chat_worker.cmcf->rates[kind][per].burst;
 
     buf[0] = (u_char) kind;
     buf[1] = (u_char) per;
@@ -269,23 +345,21 @@ ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
     n = (ngx_chat_rate_node_t *) ngx_str_rbtree_lookup(&rs->rbtree, &k, hash);
 
     if (n == NULL) {
-        ngx_chat_rate_expire(rs, 2);
+        ngx_chat_rate_expire(rs, 2, keep);
 
         n = ngx_slab_alloc_locked(ngx_chat_worker.shpool,
                                   sizeof(ngx_chat_rate_node_t) + k.len);
         if (n == NULL) {
-            ngx_chat_rate_expire(rs, 0);
+            ngx_chat_rate_expire(rs, 0, keep);
 
             n = ngx_slab_alloc_locked(ngx_chat_worker.shpool,
                                       sizeof(ngx_chat_rate_node_t) + k.len);
             if (n == NULL) {
-                /* a full zone must not stop the chat: not counted */
-                return NGX_OK;
+                return NULL;
             }
         }
 
         ngx_chat_str_node_init(&n->sn, (u_char *) &n[1], &k);
-        n->sn.node.key = hash;
         n->last = ngx_current_msec;
         n->excess = 0;
         n->refused = 0;
@@ -294,7 +368,10 @@ ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
         ngx_queue_insert_head(&rs->lru, &n->lru);
         rs->count++;
 
-        return NGX_OK;
+        /* the first request of a key is free, as limit_req's */
+        *excess = 0;
+
+        return n;
     }
 
     ms = (ngx_msec_int_t) (ngx_current_msec - n->last);
@@ -303,48 +380,14 @@ ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
         ms = 0;
     }
 
-    excess = n->excess - rate * ms / 1000 + 1000;
+    e = n->excess - rate * ms / 1000 + 1000;
 
-    if (excess < 0) {
-        excess = 0;
-    }
+    *excess = (e < 0) ? 0 : e;
 
     ngx_queue_remove(&n->lru);
     ngx_queue_insert_head(&rs->lru, &n->lru);
 
-    if (excess > burst) {
-        n->refused++;
-        *retry_after = (ngx_msec_t) ((excess - burst) * 1000 / rate) + 1;
-
-        /* the first refusal of a run, then every hundredth */
-
-        if (n->refused == 1 || n->refused % 100 == 0) {
-            if (per == NGX_CHAT_RATE_USER) {
-                k.data = key->data;
-                k.len = key->len;
-
-            } else {
-                k.data = text;
-                k.len = ngx_inet_ntop(key->len == 4 ? AF_INET : AF_INET6,
-                                      key->data, text, sizeof(text));
-            }
-
-            ngx_log_error(NGX_LOG_WARN, log, 0,
-                          "chat: rate limit \"%s\" per %s exceeded by "
-                          "\"%V\", %ui refused in a row",
-                          ngx_chat_rate_kinds[kind],
-                          per == NGX_CHAT_RATE_USER ? "user" : "address",
-                          &k, n->refused);
-        }
-
-        return NGX_BUSY;
-    }
-
-    n->excess = excess;
-    n->last = ngx_current_msec;
-    n->refused = 0;
-
-    return NGX_OK;
+    return n;
 }
 
 
@@ -355,7 +398,8 @@ ngx_chat_rate_take(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
  */
 
 static void
-ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n)
+ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n,
+    ngx_chat_rate_node_t *keep)
 {
     ngx_uint_t             i, max, rate;
     ngx_queue_t           *q;
@@ -369,6 +413,10 @@ ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n)
     for (i = 0; !ngx_queue_empty(&rs->lru); i++) {
         q = ngx_queue_last(&rs->lru);
         node = ngx_queue_data(q, ngx_chat_rate_node_t, lru);
+
+        if (node == keep) {
+            return;
+        }
 
         if (rs->count < max && !(n == 0 && i == 0)) {
             if (i >= n) {

@@ -259,6 +259,13 @@ BEGIN
 END;
 $$;
 
+-- A send is a short statement: never worth compiling (the planner's
+-- guesses for the laterals above, 100 rows of each jsonb array, put its
+-- cost past jit_above_cost, and compiling took ~0.9 s per batch).
+ALTER FUNCTION chat_send_stage_v3(bigint, bigint, jsonb) SET jit = off;
+ALTER FUNCTION chat_send_stage(bigint, bigint, jsonb) SET jit = off;
+
+
 -- Creating a conversation: a direct one with a user who blocks the
 -- creator is refused (o_conv NULL), whether it exists already or not.
 ALTER FUNCTION chat_create_stage(bigint, bigint, text, text, text[], text,

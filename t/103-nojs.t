@@ -34,7 +34,8 @@ shutil.chown(FILES, "nobody")
 port = free_port()
 BASE = "http://localhost:%d" % port
 SVC = token("platform", role="service")
-ng = Nginx(pg, workers=2, port=port, http="chat_attachments %s;" % FILES, server="""
+ng = Nginx(pg, workers=2, port=port, http="chat_attachments %s; chat_attachment_max_size 64k;" % FILES,
+           server="""
     location /chat-files/ { internal; alias %s/; }
     location /evil/ {
         default_type text/html;
@@ -83,10 +84,21 @@ st, h, _ = page("")
 is_((st, h.get("location")), (303, BASE + "/chat/html/"), "html without its slash: to html/")
 st, h, html = page("/login")
 ok(st == 200 and 'name="token"' in html, "the sign-in page has a token form")
-is_(page("/login?ticket=nope")[0], 401, "a bad ticket: 401")
-is_(page("/login?token=nope")[0], 401, "a bad token: 401")
-is_(page("/login?token=" + SVC)[0], 403, "a service token cannot sign in")
-st, h, _ = page("/login?token=" + token("ann", name="Ann"))
+st, h, _ = api("POST", "/chat/api/tickets", token=token("ann"))
+t1 = _["ticket"]
+st, h, html = page("/login?ticket=" + urllib.parse.quote(t1))
+ok(st == 200 and 'name="ticket"' in html and "set-cookie" not in h,
+   "a sign-in link shows a button, signs nobody in (the ticket is not spent)")
+st, h, _ = page("/login", method="POST", form={"ticket": t1})
+is_((st, h.get("location")), (303, BASE + "/chat/html/"), "posting the ticket signs in")
+is_(page("/login", method="POST", form={"ticket": t1})[0], 401, "the ticket again: 401 (single use)")
+is_(page("/login", method="POST", form={"ticket": "nope"})[0], 401, "a bad ticket: 401")
+is_(page("/login", method="POST", form={"token": "nope"})[0], 401, "a bad token: 401")
+is_(page("/login", method="POST", form={"token": SVC})[0], 403, "a service token cannot sign in")
+st, h, _ = page("/login", method="POST", form={"token": token("ann", name="Ann")},
+                headers={"Origin": "http://evil.example"})
+is_(st, 403, "a sign-in posted from another site: 403")
+st, h, _ = page("/login", method="POST", form={"token": token("ann", name="Ann")})
 is_((st, h.get("location")), (303, BASE + "/chat/html/"), "a token: to the list")
 sc = h.get("set-cookie", "")
 like(sc, r"^chat_session=[^;]+; Path=/chat/; Max-Age=3600; HttpOnly; Secure; SameSite=Lax$",
@@ -143,6 +155,17 @@ st, h, html = page("/c/999999", C)
 is_(st, 404, "another conversation: 404")
 D = db_create_conv("bea", ["bea", "cal"], "not hers")
 is_(page("/c/%s" % D, C)[0], 404, "a conversation she is not in: 404")
+bnd = "xYz"
+big = (("--%s\r\nContent-Disposition: form-data; name=\"client_msg_id\"\r\n\r\nfile-big\r\n--%s\r\n"
+        "Content-Disposition: form-data; name=\"file\"; filename=\"big.txt\"\r\n\r\n" % (bnd, bnd)).encode()
+       + b"x" * (200 * 1024) + ("\r\n--%s--\r\n" % bnd).encode())
+st, h, b = api("POST", "/chat/html/c/%s/attach?csrf=%s" % (G, csrf), body=big,
+               headers={"Cookie": C, "Content-Type": "multipart/form-data; boundary=" + bnd})
+ok(st == 413 and "text/html" in h.get("content-type", "") and b"too large" in b,
+   "a file too large from a page: 413 as a page, not JSON (%d %s)" % (st, h.get("content-type")))
+st, h, b = api("POST", "/chat/html/c/%s/attach?csrf=%s" % (G, "B" * 22), body=big[:100],
+               headers={"Cookie": C, "Content-Type": "multipart/form-data; boundary=" + bnd})
+is_(st, 403, "a file form with a wrong CSRF token: 403 before the body is read")
 api("PATCH", "/chat/api/conversations/%s" % A, token=SVC, json={"archived": True})
 st, h, html = page("/c/%s" % A, C)
 ok(st == 200 and "archived" in html and 'class="send"' not in html, "an archived conversation has no form")

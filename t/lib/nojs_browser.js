@@ -29,7 +29,8 @@ const [base, ticket, conv, png, evil] = process.argv.slice(2);
     });
 
     // sign in with a ticket: the list
-    let r = await page.goto(base + '/chat/html/login?ticket=' + encodeURIComponent(ticket));
+    await page.goto(base + '/chat/html/login?ticket=' + encodeURIComponent(ticket));
+    const [r] = await Promise.all([page.waitForNavigation(), page.click('form button')]);
     out.list_url = page.url();
     out.list_status = r.status();
     out.cookie = (await ctx.cookies()).filter((c) => c.name === 'chat_session')
