@@ -3604,12 +3604,23 @@ ngx_chat_api_start(ngx_http_request_t *r)
 }
 
 
-/* NGX_DONE: q's handler runs later (the caller takes its reference) */
+/*
+ * From a content handler: NGX_DONE, q's handler runs later and the
+ * request is held for it; else what to finalize it with.
+ */
 
 ngx_int_t
 ngx_chat_api_run(ngx_http_request_t *r, ngx_chat_query_t *q)
 {
-    return ngx_chat_api_query(r, q);
+    ngx_int_t  rc;
+
+    rc = ngx_chat_api_query(r, q);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
+    }
+
+    return rc;
 }
 
 

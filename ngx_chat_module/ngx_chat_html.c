@@ -723,7 +723,6 @@ static ngx_int_t
 ngx_chat_html_list(ngx_http_request_t *r, ngx_chat_html_t *h)
 {
     u_char            *p, *colon;
-    ngx_int_t          rc;
     ngx_str_t          before;
     ngx_chat_query_t  *q;
 
@@ -768,13 +767,7 @@ ngx_chat_html_list(ngx_http_request_t *r, ngx_chat_html_t *h)
     q->params[3] = "50";
     q->handler = ngx_chat_html_list_done;
 
-    rc = ngx_chat_api_run(r, q);
-
-    if (rc == NGX_DONE) {
-        r->main->count++;
-    }
-
-    return rc;
+    return ngx_chat_api_run(r, q);
 }
 
 
@@ -960,7 +953,6 @@ ngx_chat_html_page(ngx_http_request_t *r, ngx_chat_html_t *h)
 {
     u_char            *p;
     off_t              n;
-    ngx_int_t          rc;
     ngx_str_t          arg;
     ngx_chat_query_t  *q;
 
@@ -1000,13 +992,7 @@ ngx_chat_html_page(ngx_http_request_t *r, ngx_chat_html_t *h)
     q->params[3] = NGX_CHAT_HTML_PAGE == 30 ? "30" : "50";
     q->handler = ngx_chat_html_page_done;
 
-    rc = ngx_chat_api_run(r, q);
-
-    if (rc == NGX_DONE) {
-        r->main->count++;
-    }
-
-    return rc;
+    return ngx_chat_api_run(r, q);
 }
 
 
