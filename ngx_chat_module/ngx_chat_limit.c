@@ -226,8 +226,6 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
         }
     }
 
-    ngx_log_error(NGX_LOG_WARN, log, 0, "DBG rate kind %ui keys %p %p rate %ui", kind, keys[0], keys[1], ngx_chat_worker.cmcf->rates[kind][0].rate);
-
     if (keys[0] == NULL && keys[1] == NULL) {
         return NGX_OK;
     }
