@@ -46,6 +46,7 @@ typedef struct {
     ngx_chat_api_upload_pt     upload_handler;   /* not a REST upload */
     ngx_chat_api_error_pt      error_handler;    /* a body refused */
     void                      *data;             /* the other handler's */
+    const char                *call;             /* chat_call()'s fn */
     unsigned                   typing_start:1;
     unsigned                   read:1;
 } ngx_chat_api_ctx_t;
@@ -168,6 +169,8 @@ static void ngx_chat_api_download_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
+static void ngx_chat_api_blocks_changed(ngx_http_request_t *r, u_char *json,
+    size_t len);
 static ngx_int_t ngx_chat_api_call_now(ngx_http_request_t *r,
     const char *fn, json_t *args);
 
@@ -3214,6 +3217,7 @@ ngx_chat_api_call(ngx_http_request_t *r, const char *fn, json_t *args)
     free(json);
 
     q->handler = ngx_chat_api_call_done;
+    ctx->call = fn;
 
     return ngx_chat_api_query(r, q);
 }
@@ -3224,6 +3228,7 @@ ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     ngx_int_t            status;
     ngx_http_request_t  *r;
+    ngx_chat_api_ctx_t  *ctx;
 
     r = ngx_chat_api_query_owner(q);
 
@@ -3244,6 +3249,16 @@ ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     if (status < 200 || status > 599) {
         status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (status == NGX_HTTP_OK
+        && (ngx_strcmp(ctx->call, "block") == 0
+            || ngx_strcmp(ctx->call, "unblock") == 0))
+    {
+        ngx_chat_api_blocks_changed(r, (u_char *) PQgetvalue(res, 0, 1),
+                                    PQgetlength(res, 0, 1));
     }
 
     ngx_http_finalize_request(r,
@@ -3770,4 +3785,46 @@ ngx_chat_api_on_error(ngx_http_request_t *r, ngx_chat_api_error_pt handler)
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
     ctx->error_handler = handler;
+}
+
+
+/*
+ * The user's blocks changed (committed): its connections on every worker
+ * take the new list, {"blocks":[{"user"},...]} as one user per line.
+ */
+
+static void
+ngx_chat_api_blocks_changed(ngx_http_request_t *r, u_char *json, size_t len)
+{
+    size_t               i;
+    json_t              *root, *list, *b, *u;
+    ngx_chat_buf_t       out;
+    ngx_chat_api_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    root = json_loadb((char *) json, len, 0, NULL);
+    list = json_object_get(root, "blocks");
+
+    ngx_memzero(&out, sizeof(ngx_chat_buf_t));
+
+    json_array_foreach(list, i, b) {
+        u = json_object_get(b, "user");
+
+        if (!json_is_string(u)
+            || (out.len && ngx_chat_buf_add_lit(&out, "\n") != NGX_OK)
+            || ngx_chat_buf_add(&out, json_string_value(u),
+                                json_string_length(u)) != NGX_OK)
+        {
+            goto done;
+        }
+    }
+
+    ngx_chat_live_blocks(&ctx->id.user, out.data ? out.data : (u_char *) "",
+                         out.len);
+
+done:
+
+    ngx_chat_buf_free(&out);
+    json_decref(root);
 }

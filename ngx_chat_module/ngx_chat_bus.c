@@ -2639,6 +2639,30 @@ ngx_chat_bus_find(ngx_str_t *user, uint64_t id)
 }
 
 
+/* every local session of a user (the handler must not free one) */
+
+void
+ngx_chat_bus_each_of(ngx_str_t *user, ngx_chat_bus_each_pt handler,
+    void *data)
+{
+    ngx_queue_t         *q;
+    ngx_chat_user_t     *u;
+
+    u = ngx_chat_bus_user(user);
+
+    if (u == NULL) {
+        return;
+    }
+
+    for (q = ngx_queue_head(&u->sessions);
+         q != ngx_queue_sentinel(&u->sessions);
+         q = ngx_queue_next(q))
+    {
+        handler(ngx_queue_data(q, ngx_chat_session_t, user_queue), data);
+    }
+}
+
+
 static ngx_chat_conv_t *
 ngx_chat_bus_conv(int64_t id)
 {

@@ -48,6 +48,8 @@ typedef void (*ngx_chat_bus_each_pt)(ngx_chat_session_t *s, void *data);
 void ngx_chat_bus_each(int64_t conv, ngx_chat_bus_each_pt handler,
     void *data);
 ngx_chat_session_t *ngx_chat_bus_find(ngx_str_t *user, uint64_t id);
+void ngx_chat_bus_each_of(ngx_str_t *user, ngx_chat_bus_each_pt handler,
+    void *data);
 uint64_t ngx_chat_bus_known(void);
 ngx_uint_t ngx_chat_bus_resets(void);
 void ngx_chat_event_init(ngx_chat_event_t *ev, uint64_t gseq, int64_t conv,

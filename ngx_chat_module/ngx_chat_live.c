@@ -68,6 +68,7 @@
 #define NGX_CHAT_REC_TYPING       1
 #define NGX_CHAT_REC_PRESENCE     2
 #define NGX_CHAT_REC_REPLACE      3
+#define NGX_CHAT_REC_BLOCKS       4
 
 
 typedef struct {
@@ -223,6 +224,7 @@ static void ngx_chat_live_publish_locked(ngx_chat_live_rec_t *h,
     int64_t *contacts, ngx_str_t *user, u_char *json);
 static void ngx_chat_live_dispatch(ngx_chat_live_rec_t *h);
 static void ngx_chat_live_deliver(ngx_chat_session_t *s, void *data);
+static void ngx_chat_live_blocks_set(ngx_chat_session_t *s, void *data);
 static void ngx_chat_live_typing_event(ngx_chat_typing_t *t,
     ngx_uint_t start);
 static void ngx_chat_live_typing_free(ngx_chat_typing_t *t);
@@ -690,7 +692,45 @@ ngx_chat_live_dispatch(ngx_chat_live_rec_t *h)
         }
 
         break;
+
+    case NGX_CHAT_REC_BLOCKS:
+        fan.ev.payload.data = json;
+        fan.ev.payload.len = h->json_len;
+        ngx_chat_bus_each_of(&fan.user, ngx_chat_live_blocks_set, &fan);
+        break;
     }
+}
+
+
+/* a user changed its blocks: its sessions here take the new list */
+
+static void
+ngx_chat_live_blocks_set(ngx_chat_session_t *s, void *data)
+{
+    ngx_chat_live_fan_t  *fan = data;
+
+    ngx_chat_session_set_blocks(s, fan->ev.payload.data,
+                                fan->ev.payload.len);
+}
+
+
+/* after a change of the user's blocks (committed): every worker hears */
+
+void
+ngx_chat_live_blocks(ngx_str_t *user, u_char *list, size_t len)
+{
+    ngx_chat_live_rec_t   h;
+
+    ngx_memzero(&h, sizeof(ngx_chat_live_rec_t));
+    h.kind = NGX_CHAT_REC_BLOCKS;
+    h.user_len = user->len;
+    h.json_len = len;
+
+    ngx_shmtx_lock(&ngx_chat_worker.shpool->mutex);
+    ngx_chat_live_publish_locked(&h, NULL, user, list);
+    ngx_shmtx_unlock(&ngx_chat_worker.shpool->mutex);
+
+    ngx_chat_bus_notify();
 }
 
 
@@ -715,6 +755,11 @@ ngx_chat_live_deliver(ngx_chat_session_t *s, void *data)
     if (s->user.len == fan->user.len
         && ngx_strncmp(s->user.data, fan->user.data, fan->user.len) == 0)
     {
+        return;
+    }
+
+    /* a user it blocks: neither typing nor presence */
+    if (s->blocks_len && ngx_chat_session_blocked(s, &fan->user)) {
         return;
     }
 

@@ -919,6 +919,8 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
         s->cursor = s->want;
     }
 
+    ngx_chat_session_set_blocks(s, j->blocks.data, j->blocks.len);
+
     rc = ngx_chat_session_contacts(s, &j->contacts);
 
     if (rc != NGX_OK) {
@@ -1691,7 +1693,74 @@ ngx_chat_session_free(ngx_chat_session_t *s)
     ngx_chat_receipts_free(s);
     ngx_free(s->hello_id);
     ngx_free(s->idmem);
+    ngx_free(s->blocks);
     ngx_free(s);
+}
+
+
+/*
+ * The users this session's user blocks (one per line): their typing and
+ * presence are not delivered to it.  Set at the join, and again when the
+ * user changes its blocks (ngx_chat_live.c).  Without memory the old
+ * list stays (a missed update is like a lost typing event).
+ */
+
+void
+ngx_chat_session_set_blocks(ngx_chat_session_t *s, u_char *list, size_t len)
+{
+    u_char  *p;
+
+    if (len == 0) {
+        ngx_free(s->blocks);
+        s->blocks = NULL;
+        s->blocks_len = 0;
+        return;
+    }
+
+    p = ngx_alloc(len + 2, s->log);
+    if (p == NULL) {
+        return;
+    }
+
+    p[0] = '\n';
+    ngx_memcpy(p + 1, list, len);
+    p[len + 1] = '\n';
+
+    ngx_free(s->blocks);
+    s->blocks = p;
+    s->blocks_len = len + 2;
+}
+
+
+ngx_int_t
+ngx_chat_session_blocked(ngx_chat_session_t *s, ngx_str_t *user)
+{
+    u_char  *p, *end;
+
+    if (s->blocks_len == 0 || user->len == 0) {
+        return 0;
+    }
+
+    p = s->blocks;
+    end = s->blocks + s->blocks_len;
+
+    /* "\n" user "\n" somewhere in the list */
+
+    while (p + user->len + 2 <= end) {
+        if (p[user->len + 1] == '\n'
+            && ngx_strncmp(p + 1, user->data, user->len) == 0)
+        {
+            return 1;
+        }
+
+        p = ngx_strlchr(p + 1, end, '\n');
+
+        if (p == NULL) {
+            break;
+        }
+    }
+
+    return 0;
 }
 
 

@@ -31,6 +31,8 @@ struct ngx_chat_session_s {
     ngx_uint_t                 role;
     time_t                     exp;
 
+    u_char                    *blocks;           /* "\nuser\n...\n" */
+    size_t                     blocks_len;
     u_char                     addr[16];         /* rate limit key */
     size_t                     addr_len;
     ngx_uint_t                 refused;          /* rate limited in a row */
@@ -101,6 +103,9 @@ void ngx_chat_session_resync(ngx_chat_session_t *s, const char *reason);
 void ngx_chat_session_end(ngx_chat_session_t *s, ngx_uint_t code,
     const char *reason);
 ngx_int_t ngx_chat_session_device(ngx_chat_session_t *s, ngx_str_t *device);
+void ngx_chat_session_set_blocks(ngx_chat_session_t *s, u_char *list,
+    size_t len);
+ngx_int_t ngx_chat_session_blocked(ngx_chat_session_t *s, ngx_str_t *user);
 
 
 #endif /* _NGX_CHAT_SESSION_H_INCLUDED_ */

@@ -199,6 +199,9 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "FROM chat_members m CROSS JOIN LATERAL (SELECT c.member_count "
       "FROM chat_conversations c WHERE c.id = m.conversation_id LIMIT 1) c "
       "WHERE m.user_id = u.u AND c.member_count <= $2::int), '') "
+      /* the users it blocks: their typing and presence are not shown */
+      ", coalesce((SELECT string_agg(b.blocked, E'\\n' "
+      "ORDER BY b.blocked) FROM chat_blocks b WHERE b.blocker = u.u), '') "
       "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
       "AS u (u, ord) ORDER BY u.ord", 3 },
 
@@ -1981,6 +1984,8 @@ ngx_chat_store_join_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
             j->conversations.len = PQgetlength(res, i, 0);
             j->contacts.data = (u_char *) PQgetvalue(res, i, 2);
             j->contacts.len = PQgetlength(res, i, 2);
+            j->blocks.data = (u_char *) PQgetvalue(res, i, 3);
+            j->blocks.len = PQgetlength(res, i, 3);
             j->clock = ngx_atoof((u_char *) PQgetvalue(res, i, 1),
                                  PQgetlength(res, i, 1));
         }

@@ -101,6 +101,8 @@ struct ngx_chat_join_s {
     ngx_int_t                  rc;
     ngx_str_t                  conversations;
     ngx_str_t                  contacts;         /* small conversations */
+    ngx_str_t                  blocks;           /* users it blocks, one
+                                                    per line */
     uint64_t                   clock;
     void                     (*handler)(ngx_chat_join_t *j);
     void                      *data;

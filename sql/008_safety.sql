@@ -673,13 +673,13 @@ BEGIN
     CASE p_fn
     WHEN 'block' THEN
         IF (SELECT count(*) FROM chat_blocks b WHERE b.blocker = p_user)
-           >= 1000
+           >= 256
            AND NOT EXISTS (SELECT 1 FROM chat_blocks b
                            WHERE b.blocker = p_user
                              AND b.blocked = p_args ->> 'user')
         THEN
             RETURN NEXT chat_call_err(409, 'limit',
-                                      'at most 1000 users are blocked');
+                                      'at most 256 users are blocked');
             RETURN;
         END IF;
 

@@ -104,8 +104,40 @@ async def main():
                    timeout=20)
     is_([x[0] for x in got], [mid2], "the blocker's outbox: carol's mention only, not the blocked user's")
 
+    # typing and presence of the blocked user do not reach the blocker (bob
+    # was connected before the block, on the other worker; carol sees them)
+    def typing_of(m, who):
+        e = m.get("event") or {}
+        return e.get("kind") == "typing" and e.get("user") == who and e.get("state") == "start"
+
+    def presence_of(m, who, status):
+        e = m.get("event") or {}
+        return e.get("kind") == "presence" and e.get("user") == who and e.get("status") == status
+
+    await a.request("typing", conversation_id=G, state="start")
+    ok(await c.wait_event(lambda m: typing_of(m, "alice"), timeout=5), "carol sees the blocked user typing")
+    ok(not await b.wait_event(lambda m: typing_of(m, "alice"), timeout=1), "the blocker does not")
+    await a.request("presence", status="away")
+    ok(await c.wait_event(lambda m: presence_of(m, "alice", "away"), timeout=5), "carol sees her presence")
+    ok(not await b.wait_event(lambda m: presence_of(m, "alice", "away"), timeout=1), "the blocker does not")
+    await a.request("typing", conversation_id=G, state="stop")
+    b2 = await ws_connect_on("bob", P[0])
+    await a.request("typing", conversation_id=G, state="start")
+    ok(await c.wait_event(lambda m: typing_of(m, "alice"), timeout=5), "(typing again)")
+    ok(not await b2.wait_event(lambda m: typing_of(m, "alice"), timeout=1),
+       "a connection of the blocker made after the block does not see it either")
+    await a.request("typing", conversation_id=G, state="stop")
+    await a.request("presence", status="online")
+
     st, _, body = rest("DELETE", "/blocks/alice", "bob")
     is_((st, body["blocks"]), (200, []), "DELETE /blocks/alice: the list is empty")
+    await asyncio.sleep(0.3)
+    await a.request("typing", conversation_id=G, state="start")
+    ok(await b.wait_event(lambda m: typing_of(m, "alice"), timeout=5)
+       and await b2.wait_event(lambda m: typing_of(m, "alice"), timeout=5),
+       "unblocked: both of the blocker's connections see her typing again")
+    await a.request("typing", conversation_id=G, state="stop")
+    await b2.close()
     r = await a.request("send", conversation_id=D, client_msg_id="blk-ws-2", body="hi again")
     ok(r and r.get("ok"), "unblocked: the send passes")
 
