@@ -119,7 +119,9 @@ async def connects():
     conns = []
     for i in range(4):
         conns.append(await ws_connect(token=token("connie")))
-    ok(all(x.hello and x.hello.get("ok") for x in conns), "4 WebSocket connections pass (burst 3 + 1)")
+    ok(all(x.hello and x.hello.get("ok") for x in conns),
+       "4 WebSocket connections pass (burst 3 + 1): %s" % [x.hello and (x.hello.get("ok") or x.hello.get("error"))
+                                                          for x in conns])
     x = await ws_connect(token=token("connie"))
     is_(err(x.hello), "rate_limited", "the 5th: hello answered rate_limited")
     got = await x.wait_closed(5)
