@@ -46,7 +46,6 @@ typedef struct {
     ngx_chat_api_upload_pt     upload_handler;   /* not a REST upload */
     ngx_chat_api_error_pt      error_handler;    /* a body refused */
     void                      *data;             /* the other handler's */
-    const char                *call;             /* chat_call()'s fn */
     unsigned                   typing_start:1;
     unsigned                   read:1;
 } ngx_chat_api_ctx_t;
@@ -169,7 +168,7 @@ static void ngx_chat_api_download_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
 static void ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res,
     ngx_int_t rc);
-static void ngx_chat_api_blocks_changed(ngx_http_request_t *r, u_char *json,
+static void ngx_chat_api_blocks_changed(ngx_str_t *user, u_char *json,
     size_t len);
 static ngx_int_t ngx_chat_api_call_now(ngx_http_request_t *r,
     const char *fn, json_t *args);
@@ -768,6 +767,9 @@ ngx_chat_api_body_error(ngx_http_request_t *r, ngx_int_t rc)
 
     r->keepalive = 0;
     r->lingering_close = 1;
+
+    /* no "100 Continue" for a body that is refused */
+    r->expect_tested = 1;
 
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
 
@@ -3217,7 +3219,6 @@ ngx_chat_api_call(ngx_http_request_t *r, const char *fn, json_t *args)
     free(json);
 
     q->handler = ngx_chat_api_call_done;
-    ctx->call = fn;
 
     return ngx_chat_api_query(r, q);
 }
@@ -3227,8 +3228,26 @@ static void
 ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     ngx_int_t            status;
+    ngx_str_t            user;
     ngx_http_request_t  *r;
-    ngx_chat_api_ctx_t  *ctx;
+
+    /*
+     * A change of blocks is told to the user's connections whether or
+     * not the client is still there: it is committed.  (params: fn,
+     * user; the query is freed below.)
+     */
+
+    if (rc == NGX_OK && PQntuples(res) == 1
+        && ngx_strcmp(PQgetvalue(res, 0, 0), "200") == 0
+        && (ngx_strcmp(q->params[0], "block") == 0
+            || ngx_strcmp(q->params[0], "unblock") == 0))
+    {
+        user.data = (u_char *) q->params[1];
+        user.len = ngx_strlen(user.data);
+
+        ngx_chat_api_blocks_changed(&user, (u_char *) PQgetvalue(res, 0, 1),
+                                    PQgetlength(res, 0, 1));
+    }
 
     r = ngx_chat_api_query_owner(q);
 
@@ -3251,15 +3270,6 @@ ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         status = NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
-
-    if (status == NGX_HTTP_OK
-        && (ngx_strcmp(ctx->call, "block") == 0
-            || ngx_strcmp(ctx->call, "unblock") == 0))
-    {
-        ngx_chat_api_blocks_changed(r, (u_char *) PQgetvalue(res, 0, 1),
-                                    PQgetlength(res, 0, 1));
-    }
 
     ngx_http_finalize_request(r,
         ngx_chat_api_send(r, status, (u_char *) PQgetvalue(res, 0, 1),
@@ -3794,19 +3804,23 @@ ngx_chat_api_on_error(ngx_http_request_t *r, ngx_chat_api_error_pt handler)
  */
 
 static void
-ngx_chat_api_blocks_changed(ngx_http_request_t *r, u_char *json, size_t len)
+ngx_chat_api_blocks_changed(ngx_str_t *user, u_char *json, size_t len)
 {
-    size_t               i;
-    json_t              *root, *list, *b, *u;
-    ngx_chat_buf_t       out;
-    ngx_chat_api_ctx_t  *ctx;
-
-    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+    size_t           i;
+    json_t          *root, *list, *b, *u;
+    ngx_chat_buf_t   out;
 
     root = json_loadb((char *) json, len, 0, NULL);
     list = json_object_get(root, "blocks");
 
     ngx_memzero(&out, sizeof(ngx_chat_buf_t));
+
+    /* never an empty list for an answer that is not one (it would clear
+       them all); at most the store's cap, whatever a race let in */
+
+    if (!json_is_array(list) || json_array_size(list) > 256) {
+        goto done;
+    }
 
     json_array_foreach(list, i, b) {
         u = json_object_get(b, "user");
@@ -3820,8 +3834,7 @@ ngx_chat_api_blocks_changed(ngx_http_request_t *r, u_char *json, size_t len)
         }
     }
 
-    ngx_chat_live_blocks(&ctx->id.user, out.data ? out.data : (u_char *) "",
-                         out.len);
+    ngx_chat_live_blocks(user, out.data ? out.data : (u_char *) "", out.len);
 
 done:
 

@@ -167,7 +167,9 @@ static const char  *ngx_chat_rate_kinds[] = {
 
 static ngx_chat_rate_node_t *ngx_chat_rate_node(ngx_uint_t kind,
     ngx_uint_t per, ngx_str_t *key, ngx_int_t *excess,
-    ngx_chat_rate_node_t *keep);
+    ngx_chat_rate_node_t *keep, ngx_uint_t *created);
+static void ngx_chat_rate_free(ngx_chat_rate_sh_t *rs,
+    ngx_chat_rate_node_t *node);
 static void ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n,
     ngx_chat_rate_node_t *keep);
 
@@ -209,7 +211,7 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
 {
     ngx_str_t              *keys[2];
     ngx_int_t               excess[2];
-    ngx_uint_t              per, refused, n;
+    ngx_uint_t              per, refused, n, created[2];
     ngx_slab_pool_t        *shpool;
     ngx_chat_rate_node_t   *node[2];
     ngx_chat_rate_conf_t   *rc;
@@ -238,6 +240,7 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
 
     for (per = 0; per < 2; per++) {
         node[per] = NULL;
+        created[per] = 0;
 
         if (keys[per] == NULL) {
             continue;
@@ -245,7 +248,7 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
 
         /* the first key's bucket is not dropped to make room for this */
         node[per] = ngx_chat_rate_node(kind, per, keys[per], &excess[per],
-                                       per ? node[0] : NULL);
+                                       per ? node[0] : NULL, &created[per]);
 
         if (node[per] == NULL) {
             /* a full zone must not stop the chat: not counted */
@@ -257,11 +260,18 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
         {
             node[per]->refused++;
             n = node[per]->refused;
-            *retry_after = (ngx_msec_t) ((excess[per]
-                               - (ngx_int_t) ngx_chat_worker.cmcf
+
+            /* a bucket made for this request only goes again */
+            if (per == 1 && created[0]) {
+                ngx_chat_rate_free(&ngx_chat_worker.sh->rate, node[0]);
+                node[0] = NULL;
+            }
+
+            *retry_after = (ngx_msec_t) (((int64_t) excess[per]
+                               - (int64_t) ngx_chat_worker.cmcf
                                      ->rates[kind][per].burst)
                               * 1000
-                              / (ngx_int_t) ngx_chat_worker.cmcf
+                              / (int64_t) ngx_chat_worker.cmcf
                                      ->rates[kind][per].rate) + 1;
             refused = per + 1;
             break;
@@ -317,7 +327,7 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
 
 static ngx_chat_rate_node_t *
 ngx_chat_rate_node(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
-    ngx_int_t *excess, ngx_chat_rate_node_t *keep)
+    ngx_int_t *excess, ngx_chat_rate_node_t *keep, ngx_uint_t *created)
 {
     u_char                *p;
     uint32_t               hash;
@@ -368,6 +378,7 @@ ngx_chat_rate_node(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
 
         /* the first request of a key is free, as limit_req's */
         *excess = 0;
+        *created = 1;
 
         return n;
     }
@@ -378,7 +389,13 @@ ngx_chat_rate_node(ngx_uint_t kind, ngx_uint_t per, ngx_str_t *key,
         ms = 0;
     }
 
-    e = n->excess - rate * ms / 1000 + 1000;
+    /* a long quiet drains it whole: no product to overflow */
+    if ((int64_t) ms >= ((int64_t) n->excess + 1000) * 1000 / rate) {
+        e = 1000;
+
+    } else {
+        e = (ngx_int_t) (n->excess - (int64_t) rate * ms / 1000 + 1000);
+    }
 
     *excess = (e < 0) ? 0 : e;
 
@@ -431,17 +448,25 @@ ngx_chat_rate_expire(ngx_chat_rate_sh_t *rs, ngx_uint_t n,
             ms = (ngx_msec_int_t) (ngx_current_msec - node->last);
 
             if (ms < 60000
-                || (rate && node->excess - (ngx_int_t) rate * ms / 1000 > 0))
+                || (rate && (int64_t) node->excess
+                            - (int64_t) rate * ms / 1000 > 0))
             {
                 return;
             }
         }
 
-        ngx_queue_remove(q);
-        ngx_rbtree_delete(&rs->rbtree, &node->sn.node);
-        ngx_slab_free_locked(ngx_chat_worker.shpool, node);
-        rs->count--;
+        ngx_chat_rate_free(rs, node);
     }
+}
+
+
+static void
+ngx_chat_rate_free(ngx_chat_rate_sh_t *rs, ngx_chat_rate_node_t *node)
+{
+    ngx_queue_remove(&node->lru);
+    ngx_rbtree_delete(&rs->rbtree, &node->sn.node);
+    ngx_slab_free_locked(ngx_chat_worker.shpool, node);
+    rs->count--;
 }
 
 

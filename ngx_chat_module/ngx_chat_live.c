@@ -710,7 +710,7 @@ ngx_chat_live_blocks_set(ngx_chat_session_t *s, void *data)
     ngx_chat_live_fan_t  *fan = data;
 
     ngx_chat_session_set_blocks(s, fan->ev.payload.data,
-                                fan->ev.payload.len);
+                                fan->ev.payload.len, 1);
 }
 
 

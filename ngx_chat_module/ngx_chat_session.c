@@ -919,7 +919,7 @@ ngx_chat_session_join_done(ngx_chat_join_t *j)
         s->cursor = s->want;
     }
 
-    ngx_chat_session_set_blocks(s, j->blocks.data, j->blocks.len);
+    ngx_chat_session_set_blocks(s, j->blocks.data, j->blocks.len, 0);
 
     rc = ngx_chat_session_contacts(s, &j->contacts);
 
@@ -1706,9 +1706,22 @@ ngx_chat_session_free(ngx_chat_session_t *s)
  */
 
 void
-ngx_chat_session_set_blocks(ngx_chat_session_t *s, u_char *list, size_t len)
+ngx_chat_session_set_blocks(ngx_chat_session_t *s, u_char *list, size_t len,
+    ngx_uint_t live)
 {
     u_char  *p;
+
+    /* a change that came while the join was on its way is newer */
+    if (!live && s->blocks_live) {
+        return;
+    }
+
+    s->blocks_live = live;
+
+    /* 256 ids of at most 128 bytes and their newlines */
+    if (len > 256 * (NGX_CHAT_MAX_ID_LEN + 1)) {
+        return;
+    }
 
     if (len == 0) {
         ngx_free(s->blocks);

@@ -33,6 +33,7 @@ struct ngx_chat_session_s {
 
     u_char                    *blocks;           /* "\nuser\n...\n" */
     size_t                     blocks_len;
+    unsigned                   blocks_live:1;    /* set by a change */
     u_char                     addr[16];         /* rate limit key */
     size_t                     addr_len;
     ngx_uint_t                 refused;          /* rate limited in a row */
@@ -104,7 +105,7 @@ void ngx_chat_session_end(ngx_chat_session_t *s, ngx_uint_t code,
     const char *reason);
 ngx_int_t ngx_chat_session_device(ngx_chat_session_t *s, ngx_str_t *device);
 void ngx_chat_session_set_blocks(ngx_chat_session_t *s, u_char *list,
-    size_t len);
+    size_t len, ngx_uint_t live);
 ngx_int_t ngx_chat_session_blocked(ngx_chat_session_t *s, ngx_str_t *user);
 
 
