@@ -3249,6 +3249,27 @@ ngx_chat_api_call_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
                                     PQgetlength(res, 0, 1));
     }
 
+    /* an erased user's connections end on every worker (params[3]: the
+       args, {"user":...}) */
+
+    if (rc == NGX_OK && PQntuples(res) == 1
+        && ngx_strcmp(PQgetvalue(res, 0, 0), "200") == 0
+        && ngx_strcmp(q->params[0], "erase") == 0)
+    {
+        json_t  *args, *u;
+
+        args = json_loads(q->params[3], 0, NULL);
+        u = json_object_get(args, "user");
+
+        if (json_is_string(u)) {
+            user.data = (u_char *) json_string_value(u);
+            user.len = json_string_length(u);
+            ngx_chat_live_erased(&user);
+        }
+
+        json_decref(args);
+    }
+
     r = ngx_chat_api_query_owner(q);
 
     if (r == NULL) {

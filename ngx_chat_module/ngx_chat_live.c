@@ -62,6 +62,15 @@
 /* users copied out of the zone per hold of its mutex */
 #define NGX_CHAT_LIVE_NOTES       64
 
+/* an erased user's connections ended per record (the per-user cap is
+   far below) */
+#define NGX_CHAT_LIVE_IDS         1024
+
+typedef struct {
+    ngx_uint_t                 n;
+    uint64_t                   id[NGX_CHAT_LIVE_IDS];
+} ngx_chat_live_ids_t;
+
 /* connections one new one may replace (same user and device_id) */
 #define NGX_CHAT_LIVE_REPLACE     8
 
@@ -69,6 +78,7 @@
 #define NGX_CHAT_REC_PRESENCE     2
 #define NGX_CHAT_REC_REPLACE      3
 #define NGX_CHAT_REC_BLOCKS       4
+#define NGX_CHAT_REC_ERASED       5
 
 
 typedef struct {
@@ -225,6 +235,8 @@ static void ngx_chat_live_publish_locked(ngx_chat_live_rec_t *h,
 static void ngx_chat_live_dispatch(ngx_chat_live_rec_t *h);
 static void ngx_chat_live_deliver(ngx_chat_session_t *s, void *data);
 static void ngx_chat_live_blocks_set(ngx_chat_session_t *s, void *data);
+static void ngx_chat_live_end_user(ngx_str_t *user);
+static void ngx_chat_live_collect(ngx_chat_session_t *s, void *data);
 static void ngx_chat_live_typing_event(ngx_chat_typing_t *t,
     ngx_uint_t start);
 static void ngx_chat_live_typing_free(ngx_chat_typing_t *t);
@@ -698,7 +710,69 @@ ngx_chat_live_dispatch(ngx_chat_live_rec_t *h)
         fan.ev.payload.len = h->json_len;
         ngx_chat_bus_each_of(&fan.user, ngx_chat_live_blocks_set, &fan);
         break;
+
+    case NGX_CHAT_REC_ERASED:
+        ngx_chat_live_end_user(&fan.user);
+        break;
     }
+}
+
+
+/*
+ * An erased user's connections here end (1008): what they were members
+ * of is no longer theirs.  Their ids first: ending one may change the
+ * user's list.
+ */
+
+static void
+ngx_chat_live_end_user(ngx_str_t *user)
+{
+    ngx_uint_t           i;
+    ngx_chat_session_t  *s;
+    ngx_chat_live_ids_t  ids;
+
+    ids.n = 0;
+    ngx_chat_bus_each_of(user, ngx_chat_live_collect, &ids);
+
+    for (i = 0; i < ids.n; i++) {
+        s = ngx_chat_bus_find(user, ids.id[i]);
+
+        if (s) {
+            ngx_log_error(NGX_LOG_INFO, s->log, 0,
+                          "chat: connection of an erased user closed");
+            ngx_chat_session_end(s, NGX_CHAT_CLOSE_POLICY, "erased");
+        }
+    }
+}
+
+
+static void
+ngx_chat_live_collect(ngx_chat_session_t *s, void *data)
+{
+    ngx_chat_live_ids_t  *ids = data;
+
+    if (ids->n < NGX_CHAT_LIVE_IDS) {
+        ids->id[ids->n++] = s->id;
+    }
+}
+
+
+/* after a user was erased (committed): every worker ends its sessions */
+
+void
+ngx_chat_live_erased(ngx_str_t *user)
+{
+    ngx_chat_live_rec_t   h;
+
+    ngx_memzero(&h, sizeof(ngx_chat_live_rec_t));
+    h.kind = NGX_CHAT_REC_ERASED;
+    h.user_len = user->len;
+
+    ngx_shmtx_lock(&ngx_chat_worker.shpool->mutex);
+    ngx_chat_live_publish_locked(&h, NULL, user, (u_char *) "");
+    ngx_shmtx_unlock(&ngx_chat_worker.shpool->mutex);
+
+    ngx_chat_bus_notify();
 }
 
 

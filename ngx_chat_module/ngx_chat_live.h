@@ -33,6 +33,7 @@ void ngx_chat_live_typing_release(int64_t conv, ngx_str_t *user,
     uint64_t session);
 void ngx_chat_live_sent(int64_t conv, ngx_str_t *user);
 void ngx_chat_live_blocks(ngx_str_t *user, u_char *list, size_t len);
+void ngx_chat_live_erased(ngx_str_t *user);
 
 ngx_int_t ngx_chat_live_join(ngx_chat_session_t *s, int64_t *contacts,
     ngx_uint_t n);

@@ -19,7 +19,8 @@
 #  4. Erasing a user: their bodies, old edits and report snapshots are
 #     gone from the whole database (pg_dump), their reactions and
 #     memberships too; the others' history shows tombstones; the erased
-#     user's old token can no longer send.
+#     user's open connections are closed (1008) on every worker, and its
+#     old token can no longer send.
 import asyncio
 import os
 import subprocess
@@ -256,8 +257,11 @@ async def main():
     await a.request("react", message_id=mid2, emoji="👍")
     st, _, body = rest("POST", "/reports", "carol", json={"message_id": e1, "reason": "scam"})
     ok(st == 201 and "SECRET-TWO" in body["report"]["snapshot"]["message"]["body"], "a report holds her text")
+    a2 = await ws_connect_on("alice", P[1])
     st, _, body = rest("DELETE", "/users/alice", tok=SVC)
     is_(st, 200, "the service erases alice")
+    got = [await x.wait_closed(10) for x in (a, a2)]
+    is_([g and g[0] for g in got], [1008, 1008], "her connections on both workers are closed (1008)")
     ok(body["erased"]["messages"] >= 8 and body["erased"]["conversations"] == 3
        and body["erased"]["reactions"] == 1, "it says what it erased: %s" % body["erased"])
     dump = subprocess.run(["runuser", "-u", "postgres", "--", pg.bindir + "/pg_dump", "--data-only",
@@ -277,7 +281,7 @@ async def main():
     st, _, body = rest("DELETE", "/users/alice", tok=SVC)
     is_((st, body["erased"]["messages"]), (200, 0), "erasing again: nothing left")
 
-    for x in (a, b, c):
+    for x in (b, c):
         await x.close()
 
 
