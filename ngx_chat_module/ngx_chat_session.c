@@ -2033,7 +2033,7 @@ ngx_chat_session_presence_sub(ngx_chat_session_t *s, json_t *root,
     ngx_chat_req_id_t *rid)
 {
     json_t          *a, *u;
-    size_t           i, n;
+    size_t           i, j, n;
     ngx_str_t        users[NGX_CHAT_PRESENCE_SUB_MAX];
     ngx_chat_buf_t   b;
 
@@ -2062,6 +2062,16 @@ ngx_chat_session_presence_sub(ngx_chat_session_t *s, json_t *root,
             goto invalid;
         }
     }
+
+    /* users this one blocks are not shown, now or later */
+
+    for (i = 0, j = 0; i < n; i++) {
+        if (!ngx_chat_session_blocked(s, &users[i])) {
+            users[j++] = users[i];
+        }
+    }
+
+    n = j;
 
     ngx_memzero(&b, sizeof(ngx_chat_buf_t));
 

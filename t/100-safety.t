@@ -122,6 +122,9 @@ async def main():
     ok(await c.wait_event(lambda m: presence_of(m, "alice", "away"), timeout=5), "carol sees her presence")
     ok(not await b.wait_event(lambda m: presence_of(m, "alice", "away"), timeout=1), "the blocker does not")
     await a.request("typing", conversation_id=G, state="stop")
+    r = await b.request("presence_sub", users=["alice", "carol"])
+    is_(sorted(p["user"] for p in (r.get("result") or {}).get("presence", [])), ["carol"],
+        "presence_sub: the blocker's snapshot leaves the blocked user out")
     b2 = await ws_connect_on("bob", P[0])
     await a.request("typing", conversation_id=G, state="start")
     ok(await c.wait_event(lambda m: typing_of(m, "alice"), timeout=5), "(typing again)")
