@@ -2083,12 +2083,13 @@ ngx_chat_api_member_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 static ngx_int_t
 ngx_chat_api_presence(ngx_http_request_t *r)
 {
-    u_char            *p, *end, *last;
-    ngx_int_t          rc;
-    ngx_str_t          arg, user;
-    ngx_uint_t         n;
-    ngx_chat_buf_t     b;
-    ngx_chat_query_t  *q;
+    u_char              *p, *end, *last;
+    ngx_int_t            rc;
+    ngx_str_t            arg, user;
+    ngx_uint_t           n;
+    ngx_chat_buf_t       b;
+    ngx_chat_query_t    *q;
+    ngx_chat_api_ctx_t  *ctx;
 
     if (ngx_http_arg(r, (u_char *) "users", 5, &arg) != NGX_OK
         || arg.len == 0)
@@ -2140,7 +2141,10 @@ ngx_chat_api_presence(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    q = ngx_chat_query_alloc(NGX_CHAT_STMT_PRESENCE, b.len + 1);
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    q = ngx_chat_query_alloc(NGX_CHAT_STMT_PRESENCE,
+                             b.len + 1 + ctx->id.user.len + 1);
     if (q == NULL) {
         ngx_chat_buf_free(&b);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -2149,6 +2153,11 @@ ngx_chat_api_presence(ngx_http_request_t *r)
     p = (u_char *) &q[1];
     q->params[0] = (char *) p;
     p = ngx_cpymem(p, b.data, b.len);
+    *p++ = '\0';
+
+    /* the users the asker blocks are left out */
+    q->params[1] = (char *) p;
+    p = ngx_cpymem(p, ctx->id.user.data, ctx->id.user.len);
     *p = '\0';
 
     ngx_chat_buf_free(&b);

@@ -301,12 +301,14 @@ ngx_chat_stmt_t  ngx_chat_stmts[] = {
       "ON CONFLICT (user_id) DO UPDATE SET last_seen = "
       "greatest(chat_presence.last_seen, excluded.last_seen)", 2 },
 
-    /* one row per user asked for, in order */
+    /* one row per user asked for, in order, but those the asker blocks */
     { "chat_presence",
       "SELECT u.u, chat_ts(p.last_seen) "
       "FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY "
       "AS u (u, ord) LEFT JOIN chat_presence p ON p.user_id = u.u "
-      "ORDER BY u.ord", 1 },
+      "WHERE NOT EXISTS (SELECT 1 FROM chat_blocks b "
+      "WHERE b.blocker = $2 AND b.blocked = u.u) "
+      "ORDER BY u.ord", 2 },
 
     /* a receipt flush's two steps, run by EXECUTE in its transaction */
     { "chat_receipt_stage",

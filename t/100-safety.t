@@ -125,6 +125,11 @@ async def main():
     r = await b.request("presence_sub", users=["alice", "carol"])
     is_(sorted(p["user"] for p in (r.get("result") or {}).get("presence", [])), ["carol"],
         "presence_sub: the blocker's snapshot leaves the blocked user out")
+    st, _, body = rest("GET", "/presence?users=alice,carol", "bob")
+    is_((st, [p["user"] for p in body.get("presence", [])]), (200, ["carol"]),
+        "GET /presence: the blocker is not told about the blocked user")
+    st, _, body = rest("GET", "/presence?users=alice,carol", "carol")
+    is_([p["user"] for p in body.get("presence", [])], ["alice", "carol"], "(others are)")
     b2 = await ws_connect_on("bob", P[0])
     await a.request("typing", conversation_id=G, state="start")
     ok(await c.wait_event(lambda m: typing_of(m, "alice"), timeout=5), "(typing again)")
