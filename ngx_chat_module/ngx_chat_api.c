@@ -151,6 +151,7 @@ static ngx_int_t ngx_chat_api_reports(ngx_http_request_t *r, u_char *p,
     u_char *end);
 static ngx_int_t ngx_chat_api_report(ngx_http_request_t *r, json_t *body);
 static ngx_int_t ngx_chat_api_resolve(ngx_http_request_t *r, json_t *body);
+static ngx_int_t ngx_chat_api_report_status(ngx_str_t *s);
 static ngx_int_t ngx_chat_api_erase(ngx_http_request_t *r, u_char *p,
     u_char *end);
 static ngx_int_t ngx_chat_api_user_arg(ngx_http_request_t *r,
@@ -233,6 +234,21 @@ static ngx_int_t
 ngx_chat_api_send(ngx_http_request_t *r, ngx_uint_t status, u_char *data,
     size_t len)
 {
+    static ngx_str_t  json = ngx_string("application/json");
+
+    return ngx_chat_http_send(r, status, &json, json.len, data, len);
+}
+
+
+/*
+ * A whole answer from memory (copied): the request's body, if any, is
+ * discarded; type_len is the part of type without parameters.
+ */
+
+ngx_int_t
+ngx_chat_http_send(ngx_http_request_t *r, ngx_uint_t status, ngx_str_t *type,
+    size_t type_len, u_char *data, size_t len)
+{
     ngx_int_t     rc;
     ngx_buf_t    *b;
     ngx_chain_t   out;
@@ -251,8 +267,8 @@ ngx_chat_api_send(ngx_http_request_t *r, ngx_uint_t status, u_char *data,
 
     r->headers_out.status = status;
     r->headers_out.content_length_n = len;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = sizeof("application/json") - 1;
+    r->headers_out.content_type = *type;
+    r->headers_out.content_type_len = type_len;
     r->headers_out.content_type_lowcase = NULL;
 
     rc = ngx_http_send_header(r);
@@ -2980,12 +2996,7 @@ ngx_chat_api_reports(ngx_http_request_t *r, u_char *slash, u_char *end)
     }
 
     if (ngx_http_arg(r, (u_char *) "status", 6, &status) == NGX_OK) {
-        if (!((status.len == 4 && ngx_strncmp(status.data, "open", 4) == 0)
-              || (status.len == 8
-                  && ngx_strncmp(status.data, "resolved", 8) == 0)
-              || (status.len == 9
-                  && ngx_strncmp(status.data, "dismissed", 9) == 0)))
-        {
+        if (ngx_chat_api_report_status(&status) != NGX_OK) {
             json_decref(args);
             return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST,
                                        "bad_request", "\"status\" must be "
@@ -3068,11 +3079,7 @@ ngx_chat_api_resolve(ngx_http_request_t *r, json_t *body)
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
 
     if (ngx_chat_json_str(body, "status", &status, 16, 1) != NGX_OK
-        || !((status.len == 4 && ngx_strncmp(status.data, "open", 4) == 0)
-             || (status.len == 8
-                 && ngx_strncmp(status.data, "resolved", 8) == 0)
-             || (status.len == 9
-                 && ngx_strncmp(status.data, "dismissed", 9) == 0)))
+        || ngx_chat_api_report_status(&status) != NGX_OK)
     {
         return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
                                    "\"status\" must be open, resolved or "
@@ -3106,6 +3113,22 @@ ngx_chat_api_resolve(ngx_http_request_t *r, json_t *body)
     json_decref(args);
 
     return rc;
+}
+
+
+/* a report's status: open, resolved or dismissed */
+
+static ngx_int_t
+ngx_chat_api_report_status(ngx_str_t *s)
+{
+    if ((s->len == 4 && ngx_strncmp(s->data, "open", 4) == 0)
+        || (s->len == 8 && ngx_strncmp(s->data, "resolved", 8) == 0)
+        || (s->len == 9 && ngx_strncmp(s->data, "dismissed", 9) == 0))
+    {
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
 }
 
 
@@ -3597,7 +3620,7 @@ ngx_chat_api_upload_stored(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
     if (q->data == NULL && (rc != NGX_OK || PQntuples(res) != 1)) {
         /* the client left and the store has no row: nothing would sweep it */
-        ngx_chat_attach_remove((u_char *) q->params[0]);
+        (void) ngx_chat_attach_remove((u_char *) q->params[0]);
     }
 
     r = ngx_chat_api_query_owner(q);

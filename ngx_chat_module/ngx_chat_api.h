@@ -27,6 +27,8 @@ ngx_int_t ngx_chat_api_init(ngx_conf_t *cf);
 ngx_int_t ngx_chat_api_handler(ngx_http_request_t *r, ngx_str_t *path);
 ngx_int_t ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message, ngx_msec_t retry_after);
+ngx_int_t ngx_chat_http_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, size_t type_len, u_char *data, size_t len);
 
 /* for the module's other HTTP handlers (ngx_chat_html.c) */
 ngx_chat_identity_t *ngx_chat_api_start(ngx_http_request_t *r);

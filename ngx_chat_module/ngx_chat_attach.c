@@ -866,9 +866,12 @@ ngx_chat_attach_finish(ngx_http_request_t *r, ngx_chat_upload_t *up)
 }
 
 
-/* a file whose row was never stored (the client left meanwhile) */
+/*
+ * Removes an upload's file by its id (a row never stored, or swept):
+ * NGX_OK, also when it was not there.
+ */
 
-void
+ngx_int_t
 ngx_chat_attach_remove(u_char *id)
 {
     u_char                *p;
@@ -880,7 +883,7 @@ ngx_chat_attach_remove(u_char *id)
     if (ngx_chat_attach_valid_id(id, ngx_strlen(id)) != NGX_OK
         || cmcf->attach_dir.len + 1 + NGX_CHAT_ATTACH_ID_LEN >= NGX_MAX_PATH)
     {
-        return;
+        return NGX_ERROR;
     }
 
     p = ngx_cpymem(path, cmcf->attach_dir.data, cmcf->attach_dir.len);
@@ -891,7 +894,10 @@ ngx_chat_attach_remove(u_char *id)
     if (ngx_delete_file(path) == NGX_FILE_ERROR && ngx_errno != NGX_ENOENT) {
         ngx_log_error(NGX_LOG_ERR, ngx_chat_worker.log, ngx_errno,
                       ngx_delete_file_n " \"%s\" failed", path);
+        return NGX_ERROR;
     }
+
+    return NGX_OK;
 }
 
 
@@ -1373,11 +1379,8 @@ ngx_chat_attach_tick(ngx_event_t *ev)
 static void
 ngx_chat_attach_swept(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
-    u_char                   *p, *id;
     int                       i, n;
     ngx_chat_attach_sweep_t  *sw;
-    ngx_chat_main_conf_t     *cmcf;
-    u_char                    path[NGX_MAX_PATH];
 
     sw = q->data;
     ngx_chat_query_free(q);
@@ -1392,34 +1395,14 @@ ngx_chat_attach_swept(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         return;
     }
 
-    cmcf = ngx_chat_worker.cmcf;
     n = PQntuples(res);
 
-    if (cmcf->attach_dir.len + 1 + NGX_CHAT_ATTACH_ID_LEN >= NGX_MAX_PATH) {
-        return;
-    }
-
     for (i = 0; i < n; i++) {
-        id = (u_char *) PQgetvalue(res, i, 0);
-
-        if (ngx_chat_attach_valid_id(id, PQgetlength(res, i, 0)) != NGX_OK) {
-            continue;
-        }
-
-        p = ngx_cpymem(path, cmcf->attach_dir.data, cmcf->attach_dir.len);
-        *p++ = '/';
-        p = ngx_cpymem(p, id, NGX_CHAT_ATTACH_ID_LEN);
-        *p = '\0';
-
-        if (ngx_delete_file(path) == NGX_FILE_ERROR
-            && ngx_errno != NGX_ENOENT)
+        if (ngx_chat_attach_remove((u_char *) PQgetvalue(res, i, 0))
+            == NGX_OK)
         {
-            ngx_log_error(NGX_LOG_ERR, ngx_chat_worker.log, ngx_errno,
-                          ngx_delete_file_n " \"%s\" failed", path);
-            continue;
+            sw->removed++;
         }
-
-        sw->removed++;
     }
 
     if (n) {

@@ -79,7 +79,7 @@ void ngx_chat_attach_filtered(ngx_http_request_t *r, ngx_chat_upload_t *up,
 ngx_int_t ngx_chat_attach_finish(ngx_http_request_t *r,
     ngx_chat_upload_t *up);
 void ngx_chat_attach_discard(ngx_chat_upload_t *up, ngx_log_t *log);
-void ngx_chat_attach_remove(u_char *id);
+ngx_int_t ngx_chat_attach_remove(u_char *id);
 ngx_str_t *ngx_chat_attach_field(ngx_chat_upload_t *up, const char *name);
 ngx_int_t ngx_chat_attach_valid_id(u_char *p, size_t len);
 ngx_int_t ngx_chat_attach_serve(ngx_http_request_t *r, u_char *id,

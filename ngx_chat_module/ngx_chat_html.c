@@ -107,6 +107,7 @@ static ngx_int_t ngx_chat_html_add(ngx_chat_buf_t *b, const u_char *p,
     size_t n);
 static ngx_int_t ngx_chat_html_add_json(ngx_chat_buf_t *b, json_t *o,
     const char *key);
+static ngx_int_t ngx_chat_html_members(ngx_chat_buf_t *b, json_t *conv);
 static ngx_int_t ngx_chat_html_hidden(ngx_chat_buf_t *b, ngx_chat_html_t *h);
 static ngx_int_t ngx_chat_html_reply(ngx_http_request_t *r,
     ngx_chat_html_t *h, ngx_uint_t status, ngx_chat_buf_t *b);
@@ -837,17 +838,8 @@ ngx_chat_html_list_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 
         } else {
             /* a conversation without a title: its members */
-            size_t   j;
-            json_t  *u;
-
-            json_array_foreach(json_object_get(c, "members"), j, u) {
-                if (!json_is_string(u)
-                    || (j && ngx_chat_buf_add_lit(&b, ", ") != NGX_OK)
-                    || ngx_chat_html_add(&b, (u_char *) json_string_value(u),
-                                         json_string_length(u)) != NGX_OK)
-                {
-                    goto failed;
-                }
+            if (ngx_chat_html_members(&b, c) != NGX_OK) {
+                goto failed;
             }
         }
 
@@ -1000,9 +992,9 @@ static void
 ngx_chat_html_page_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
 {
     u_char               num[256];
-    size_t               i, n, j;
+    size_t               i, n;
     int64_t              top, oldest, seq;
-    json_t              *root, *conv, *msgs, *m, *v, *u;
+    json_t              *root, *conv, *msgs, *m, *v;
     ngx_chat_buf_t       b;
     ngx_chat_html_t     *h;
     ngx_http_request_t  *r;
@@ -1059,17 +1051,9 @@ ngx_chat_html_page_done(ngx_chat_query_t *q, PGresult *res, ngx_int_t rc)
         goto failed;
     }
 
-    json_array_foreach(json_object_get(conv, "members"), j, u) {
-        if (!json_is_string(u)
-            || (j && ngx_chat_buf_add_lit(&b, ", ") != NGX_OK)
-            || ngx_chat_html_add(&b, (u_char *) json_string_value(u),
-                                 json_string_length(u)) != NGX_OK)
-        {
-            goto failed;
-        }
-    }
-
-    if (ngx_chat_buf_add_lit(&b, "</p>") != NGX_OK) {
+    if (ngx_chat_html_members(&b, conv) != NGX_OK
+        || ngx_chat_buf_add_lit(&b, "</p>") != NGX_OK)
+    {
         goto failed;
     }
 
@@ -1618,6 +1602,28 @@ ngx_chat_html_add(ngx_chat_buf_t *b, const u_char *p, size_t n)
 }
 
 
+/* a conversation's members, comma separated, escaped */
+
+static ngx_int_t
+ngx_chat_html_members(ngx_chat_buf_t *b, json_t *conv)
+{
+    size_t   i;
+    json_t  *u;
+
+    json_array_foreach(json_object_get(conv, "members"), i, u) {
+        if (!json_is_string(u)
+            || (i && ngx_chat_buf_add_lit(b, ", ") != NGX_OK)
+            || ngx_chat_html_add(b, (u_char *) json_string_value(u),
+                                 json_string_length(u)) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
 /* a string member of a JSON object, escaped; nothing when not a string */
 
 static ngx_int_t
@@ -1658,10 +1664,10 @@ ngx_chat_html_reply(ngx_http_request_t *r, ngx_chat_html_t *h,
     ngx_uint_t status, ngx_chat_buf_t *b)
 {
     ngx_int_t         rc;
-    ngx_buf_t        *out;
     ngx_uint_t        i;
-    ngx_chain_t       cl;
     ngx_table_elt_t  *hd;
+
+    static ngx_str_t  html = ngx_string("text/html; charset=utf-8");
 
     static ngx_str_t  headers[][2] = {
         { ngx_string("Content-Security-Policy"),
@@ -1678,13 +1684,6 @@ ngx_chat_html_reply(ngx_http_request_t *r, ngx_chat_html_t *h,
     if (r->header_sent) {
         ngx_chat_buf_free(b);
         return NGX_ERROR;
-    }
-
-    if (r->method != NGX_HTTP_HEAD && !r->discard_body
-        && r->request_body == NULL
-        && ngx_http_discard_request_body(r) != NGX_OK)
-    {
-        r->keepalive = 0;
     }
 
     for (i = 0; headers[i][0].len; i++) {
@@ -1706,33 +1705,11 @@ ngx_chat_html_reply(ngx_http_request_t *r, ngx_chat_html_t *h,
 
     h->renew = 0;
 
-    out = ngx_create_temp_buf(r->pool, b->len ? b->len : 1);
-    if (out == NULL) {
-        ngx_chat_buf_free(b);
-        return NGX_ERROR;
-    }
-
-    out->last = ngx_cpymem(out->pos, b->data, b->len);
-    out->last_buf = (r == r->main) ? 1 : 0;
-    out->last_in_chain = 1;
+    rc = ngx_chat_http_send(r, status, &html, sizeof("text/html") - 1,
+                            b->data, b->len);
     ngx_chat_buf_free(b);
 
-    r->headers_out.status = status;
-    r->headers_out.content_length_n = out->last - out->pos;
-    ngx_str_set(&r->headers_out.content_type, "text/html; charset=utf-8");
-    r->headers_out.content_type_len = sizeof("text/html") - 1;
-    r->headers_out.content_type_lowcase = NULL;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    cl.buf = out;
-    cl.next = NULL;
-
-    return ngx_http_output_filter(r, &cl);
+    return rc;
 }
 
 

@@ -255,9 +255,9 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
             continue;
         }
 
-        if (excess[per] > (ngx_int_t) ngx_chat_worker.cmcf
-                                      ->rates[kind][per].burst)
-        {
+        rc = &ngx_chat_worker.cmcf->rates[kind][per];
+
+        if (excess[per] > (ngx_int_t) rc->burst) {
             node[per]->refused++;
             n = node[per]->refused;
 
@@ -268,11 +268,8 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
             }
 
             *retry_after = (ngx_msec_t) (((int64_t) excess[per]
-                               - (int64_t) ngx_chat_worker.cmcf
-                                     ->rates[kind][per].burst)
-                              * 1000
-                              / (int64_t) ngx_chat_worker.cmcf
-                                     ->rates[kind][per].rate) + 1;
+                                          - (int64_t) rc->burst) * 1000
+                                         / (int64_t) rc->rate) + 1;
             refused = per + 1;
             break;
         }
