@@ -68,6 +68,11 @@ async def main():
     is_(rest("POST", "/blocks", "bob", json={"user": 5})[0], 400, "a user that is not a string: 400")
     is_(rest("POST", "/blocks", "bob", json={"user": "x" * 300})[0], 400, "an overlong user id: 400")
     is_(rest("PUT", "/blocks", "bob", json={"user": "x"})[0], 405, "PUT /blocks: 405")
+    codes = [rest("POST", "/blocks", "zed", json={"user": "u%d" % i})[0] for i in range(300)]
+    is_((codes[:256].count(200), codes[256:].count(409)), (256, 44),
+        "a user blocks at most 256: the rest, far past it, get 409 limit")
+    is_(pg.query("SELECT count(*) FROM chat_blocks WHERE blocker = 'zed'")[0][0], 256, "256 stored")
+    is_(rest("POST", "/blocks", "zed", json={"user": "u5"})[0], 200, "blocking one of them again still answers")
 
     r = await a.request("send", conversation_id=D, client_msg_id="blk-ws", body="hi bob")
     is_(err(r), "blocked", "the blocked user's WebSocket send in the direct conversation: blocked")
@@ -275,7 +280,7 @@ async def main():
     dump = subprocess.run(["runuser", "-u", "postgres", "--", pg.bindir + "/pg_dump", "--data-only",
                            "-h", pg.sockdir, "-p", str(pg.port), "chat"],
                           capture_output=True, text=True, check=True).stdout
-    ok("report-ctx" in dump or True, "pg_dump ran")
+    ok("COPY public.chat_messages" in dump, "pg_dump read the messages table")
     for s in ("SECRET-ONE", "SECRET-TWO", "SECRET-THREE", "report-ctx-0", "hi again", "last words"):
         ok(s not in dump, "no %r anywhere in the database" % s)
     ok("I still can" in dump, "the others' bodies stay")

@@ -141,6 +141,7 @@ async def main():
     TXT = b["attachment"]
 
     # ---- 2
+    files_before = sorted(os.listdir(FILES))
     big = b"\x89PNG\r\n\x1a\n" + b"x" * (64 * 1024)
     st, _, b = upload("ann", big)
     is_((st, err(b)), (413, "too_large"), "over chat_attachment_max_size (Content-Length): 413")
@@ -162,7 +163,7 @@ async def main():
         "SVG: 415")
     is_(upload("ann", b"\x00\x01\x02binary")[0], 415, "unknown binary: 415")
     is_(api("POST", "/chat/api/attachments", token=None, body=PNG)[0], 401, "no token: 401")
-    ok(len(os.listdir(FILES)) <= 3, "refused uploads leave no file")
+    is_(sorted(os.listdir(FILES)), files_before, "refused uploads leave no file")
 
     # ---- 3 (fresh uploads: the sweep takes unsent ones after 6 s)
     st, _, b = upload("ann", PNG, name="cat.png")
