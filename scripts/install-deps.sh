@@ -17,6 +17,7 @@ PACKAGES=(
     python3 python3-websockets python3-psycopg2 python3-jwt
     python3-cryptography python3-wsproto
     chromium                        # browser tests (playwright-core drives it)
+    firefox-esr                     # browser tests (puppeteer-core over WebDriver BiDi)
 )
 
 # Node.js and npm: the machine image may ship its own; Debian's otherwise.
@@ -28,7 +29,8 @@ fi
 npm_deps() {
     local client
     client="$(cd "$(dirname "$0")/.." && pwd)/client"
-    if [ ! -d "$client/node_modules/playwright-core" ]; then
+    if [ ! -d "$client/node_modules/playwright-core" ] ||
+       [ ! -d "$client/node_modules/puppeteer-core" ]; then
         echo "install-deps: npm ci in client/"
         (cd "$client" && npm ci --no-audit --no-fund --loglevel=error)
     fi

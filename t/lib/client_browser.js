@@ -1,0 +1,368 @@
+// Drives client/chat.js in a real browser: Debian's Chromium through
+// playwright-core, or Firefox ESR through puppeteer-core over WebDriver
+// BiDi.  argv: chromium|firefox, the page's URL (t/lib/www/client.html on
+// a static server) and the chat location (another origin: every request
+// is cross-origin, as when the platform embeds the client).
+//
+// The test (t/111, t/112) controls the server: the driver prints
+//   {"ask": "<command>", ...}
+// and waits for one line on stdin with the answer.  At the end it prints
+//   {"result": {...}}
+// Each step records what it saw; assertions are made by the test.
+'use strict';
+const path = require('path');
+const readline = require('readline');
+
+const [browserName, pageUrl, chatUrl] = process.argv.slice(2);
+const MODS = path.join(__dirname, '..', '..', 'client', 'node_modules');
+const T = 15000;
+
+const rl = readline.createInterface({ input: process.stdin });
+const answers = [];
+let waiting = null;
+rl.on('line', (l) => {
+  if (waiting) {
+    const w = waiting;
+    waiting = null;
+    w(JSON.parse(l));
+  } else {
+    answers.push(JSON.parse(l));
+  }
+});
+
+function ask(cmd, args = {}) {
+  process.stdout.write(JSON.stringify(Object.assign({ ask: cmd }, args)) + '\n');
+  return new Promise((resolve) => {
+    if (answers.length) {
+      resolve(answers.shift());
+    } else {
+      waiting = resolve;
+    }
+  });
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function launch() {
+  if (browserName === 'firefox') {
+    const puppeteer = require(path.join(MODS, 'puppeteer-core'));
+    const browser = await puppeteer.launch({
+      browser: 'firefox', executablePath: '/usr/bin/firefox-esr', headless: true,
+      protocol: 'webDriverBiDi',
+    });
+    return {
+      browser,
+      newContext: () => browser.createBrowserContext(),
+      close: () => browser.close(),
+    };
+  }
+  const { chromium } = require(path.join(MODS, 'playwright-core'));
+  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium',
+                                          args: ['--no-sandbox'] });
+  return {
+    browser,
+    newContext: () => browser.newContext(),
+    close: () => browser.close(),
+  };
+}
+
+async function open(ctx, user, opts) {
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => log.push(user + ' pageerror: ' + e.message));
+  page.on('console', (m) => {
+    if (m.type() === 'error') {
+      log.push(user + ' console: ' + m.text());
+    }
+  });
+  await page.goto(pageUrl + '?chat=' + encodeURIComponent(chatUrl));
+  await page.waitForFunction(() => window.ready === true, { timeout: T });
+  await page.evaluate(({ user, opts }) => T.make(user, opts), { user, opts: opts || {} });
+  return page;
+}
+
+function ev(page, fn, arg) {
+  return page.evaluate(fn, arg);
+}
+
+// resolves once the client in `page` says state (and transport, if given)
+function waitState(page, state, transport, ms = T) {
+  return ev(page, ({ state, transport, ms }) => T.waitFor(() => {
+    const i = T.client.info;
+    return i.state === state && (!transport || i.transport === transport);
+  }, ms).then(() => T.client.info), { state, transport, ms });
+}
+
+function waitBody(page, cid, body, ms = T) {
+  return ev(page, ({ cid, body, ms }) => T.waitFor(() => {
+    const m = T.client.messages(cid).find((x) => x.body === body && x.seq != null);
+    return m ? Date.now() : null;
+  }, ms), { cid, body, ms });
+}
+
+const log = [];
+const out = { browser: browserName, steps: {} };
+
+async function main() {
+  const b = await launch();
+  const ctxA = await b.newContext();
+  const ctxB = await b.newContext();
+
+  // -------- two users: message, ticks, typing
+  const alice = await open(ctxA, 'alice');
+  const bob = await open(ctxB, 'bob');
+  await waitState(alice, 'connected');
+  await waitState(bob, 'connected');
+  const cid = await ev(alice, async () =>
+    (await T.client.createConversation({ kind: 'direct', members: ['bob'] })).id);
+  out.cid = cid;
+  await ev(bob, (cid) => T.client.loadConversation(cid).then(() => true), cid);
+  await ev(alice, (cid) => T.client.loadConversation(cid).then(() => true), cid);
+
+  const s1 = {};
+  await ev(alice, (cid) => T.client.typing(cid), cid);
+  s1.typingSeen = await ev(bob, (cid) => T.waitFor(() => T.client.typingUsers(cid).includes('alice'))
+    .then(() => true, () => false), cid);
+  const sentAt = await ev(alice, (cid) => {
+    const t = Date.now();
+    T.sent1 = T.client.send(cid, 'hello bob');
+    return t;
+  }, cid);
+  const gotAt = await waitBody(bob, cid, 'hello bob');
+  s1.latencyMs = gotAt - sentAt;
+  s1.typingCleared = await ev(bob, (cid) => T.waitFor(() => T.client.typingUsers(cid).length === 0)
+    .then(() => true, () => false), cid);
+  s1.stateAfterSend = await ev(alice, async () => (await T.sent1).state);
+  s1.delivered = await ev(alice, (cid) => T.waitFor(() => {
+    const m = T.client.messages(cid).find((x) => x.body === 'hello bob');
+    return m && (m.state === 'delivered' || m.state === 'read');
+  }).then(() => true, () => false), cid);
+  await ev(bob, (cid) => T.client.markRead(cid), cid);
+  s1.read = await ev(alice, (cid) => T.waitFor(() => {
+    const m = T.client.messages(cid).find((x) => x.body === 'hello bob');
+    return m && m.state === 'read';
+  }).then(() => true, () => false), cid);
+  s1.bobUnread = await ev(bob, (cid) => T.client.conversation(cid).unread_count, cid);
+  await ev(bob, (cid) => T.client.send(cid, 'hi alice').then(() => true), cid);
+  await waitBody(alice, cid, 'hi alice');
+  out.steps.chat = s1;
+
+  // -------- three tabs of bob: one connection; the leader goes, nothing lost
+  const s2 = {};
+  const bob2 = await open(ctxB, 'bob');
+  const bob3 = await open(ctxB, 'bob');
+  const bobs = [bob, bob2, bob3];
+  for (const p of bobs) {
+    await waitState(p, 'connected');
+  }
+  s2.leaders = await Promise.all(bobs.map((p) => ev(p, () => T.client.leader)));
+  s2.connections = (await ask('connections', { want: 2 })).n;   // alice's + bob's one
+  for (let i = 1; i <= 3; i++) {
+    await ev(alice, ({ cid, i }) => T.client.send(cid, 'tabs ' + i).then(() => true), { cid, i });
+  }
+  for (const p of bobs) {
+    await waitBody(p, cid, 'tabs 3');
+  }
+  // the leader closes while alice goes on sending
+  const leaderIdx = s2.leaders.indexOf(true);
+  const rest = bobs.filter((p, i) => i !== leaderIdx);
+  const sending = ev(alice, async (cid) => {
+    for (let i = 1; i <= 8; i++) {
+      await T.client.send(cid, 'switch ' + i);
+      await new Promise((r) => setTimeout(r, 60));
+    }
+    return true;
+  }, cid);
+  await sleep(150);
+  await bobs[leaderIdx].close();
+  await sending;
+  for (const p of rest) {
+    await waitBody(p, cid, 'switch 8', 20000);
+  }
+  s2.afterLeaders = await Promise.all(rest.map((p) => ev(p, () => T.client.leader)));
+  s2.tabs = await Promise.all(rest.map((p) => ev(p, (cid) => ({
+    counts: T.newCounts(cid), bodies: T.bodies(cid),
+  }), cid)));
+  for (const p of rest) {
+    await waitState(p, 'connected');
+  }
+  s2.connectionsAfter = (await ask('connections', { want: 2 })).n;
+  out.steps.tabs = s2;
+
+  // -------- offline: the chat server stops; alice types three messages,
+  // reloads the page with them in the outbox, the server comes back
+  const s3 = {};
+  await ask('stop');
+  await ev(alice, () => T.waitFor(() => ['retrying', 'offline'].includes(T.client.info.state)));
+  s3.banner = await ev(alice, () => T.client.info.text);
+  await ev(alice, (cid) => {
+    for (const b of ['offline 1', 'offline 2', 'offline 3']) {
+      T.client.send(cid, b).catch(() => {});
+    }
+    return true;
+  }, cid);
+  s3.pendingBeforeReload = await ev(alice, (cid) => T.client.messages(cid)
+    .filter((m) => m.seq == null).map((m) => [m.body, m.state]), cid);
+  await sleep(300);               // IndexedDB writes are done before send() returns its promise
+  await alice.reload();
+  await alice.waitForFunction(() => window.ready === true, { timeout: T });
+  await ev(alice, () => T.make('alice'));
+  s3.pendingAfterReload = await ev(alice, (cid) => T.waitFor(() => {
+    const p = T.client.messages(cid).filter((m) => m.seq == null);
+    return p.length === 3 ? p.map((m) => [m.body, m.state]) : null;
+  }, 5000).catch(() => T.client.messages(cid).filter((m) => m.seq == null)
+    .map((m) => [m.body, m.state])), cid);
+  await ask('start');
+  await waitBody(alice, cid, 'offline 3', 30000);
+  for (const p of rest) {
+    await waitBody(p, cid, 'offline 3', 20000);
+  }
+  s3.alice = await ev(alice, (cid) => T.client.messages(cid).map((m) => [m.body, m.seq, m.state]),
+                      cid);
+  s3.bobTabs = await Promise.all(rest.map((p) => ev(p, (cid) => ({
+    counts: T.newCounts(cid), bodies: T.bodies(cid),
+  }), cid)));
+  out.steps.offline = s3;
+
+  // -------- WebSocket refused by a "proxy": SSE, then long-poll, then back
+  const s4 = { phases: [] };
+  const users = [alice, ...rest];
+  async function exchange(tag) {
+    const ph = { tag };
+    ph.transports = await Promise.all(users.map((p) => ev(p, () => T.client.info.transport)));
+    await ev(alice, (cid) => T.client.typing(cid), cid);
+    ph.typing = await ev(rest[0], (cid) => T.waitFor(() => T.client.typingUsers(cid)
+      .includes('alice')).then(() => true, () => false), cid);
+    const t0 = await ev(alice, ({ cid, tag }) => {
+      T.client.send(cid, tag + ' from alice');
+      return Date.now();
+    }, { cid, tag });
+    ph.latencyMs = (await waitBody(rest[0], cid, tag + ' from alice')) - t0;
+    await ev(rest[1], ({ cid, tag }) => T.client.send(cid, tag + ' from bob').then(() => true),
+             { cid, tag });
+    await waitBody(alice, cid, tag + ' from bob');
+    for (const p of rest) {
+      await waitBody(p, cid, tag + ' from bob');
+    }
+    s4.phases.push(ph);
+  }
+  await ask('block', { ws: true, sse: false });
+  await waitState(alice, 'connected', 'sse', 20000);
+  for (const p of rest) {
+    await waitState(p, 'connected', 'sse', 20000);
+  }
+  await exchange('sse');
+  await ask('block', { ws: true, sse: true });
+  await waitState(alice, 'connected', 'poll', 20000);
+  for (const p of rest) {
+    await waitState(p, 'connected', 'poll', 20000);
+  }
+  await exchange('poll');
+  await ask('block', { ws: false, sse: false });
+  await waitState(alice, 'connected', 'websocket', 30000);
+  for (const p of rest) {
+    await waitState(p, 'connected', 'websocket', 30000);
+  }
+  await exchange('websocket');
+  s4.alice = await ev(alice, (cid) => ({ counts: T.newCounts(cid), bodies: T.bodies(cid) }), cid);
+  s4.bobTabs = await Promise.all(rest.map((p) => ev(p, (cid) => ({
+    counts: T.newCounts(cid), bodies: T.bodies(cid),
+  }), cid)));
+  s4.aliceStates = await ev(alice, () => T.states.map((s) => s[0] + '/' + s[1]));
+  out.steps.fallback = s4;
+
+  // -------- close() leaves nothing behind
+  out.steps.close = await closeCheck(ctxA);
+
+  out.log = log;
+  await b.close();
+}
+
+// A fresh page counts timers, listeners, sockets, channels and fetches
+// made after the client was created, then closes it.
+async function closeCheck(ctx) {
+  const page = await ctx.newPage();
+  await page.goto(pageUrl + '?chat=' + encodeURIComponent(chatUrl));
+  await page.waitForFunction(() => window.ready === true, { timeout: T });
+  return page.evaluate(async () => {
+    const live = { timeouts: new Set(), intervals: new Set(), listeners: 0, ws: [], es: [],
+                   bc: [], fetches: 0 };
+    const st = window.setTimeout;
+    const ct = window.clearTimeout;
+    const si = window.setInterval;
+    const ci = window.clearInterval;
+    window.setTimeout = (fn, ms, ...a) => {
+      const id = st(() => { live.timeouts.delete(id); fn(...a); }, ms);
+      live.timeouts.add(id);
+      return id;
+    };
+    window.clearTimeout = (id) => { live.timeouts.delete(id); ct(id); };
+    window.setInterval = (fn, ms, ...a) => {
+      const id = si(fn, ms, ...a);
+      live.intervals.add(id);
+      return id;
+    };
+    window.clearInterval = (id) => { live.intervals.delete(id); ci(id); };
+    for (const target of [window, document]) {
+      const add = target.addEventListener.bind(target);
+      const rm = target.removeEventListener.bind(target);
+      target.addEventListener = (t, fn, o) => { live.listeners++; add(t, fn, o); };
+      target.removeEventListener = (t, fn, o) => { live.listeners--; rm(t, fn, o); };
+    }
+    const W = window.WebSocket;
+    window.WebSocket = class extends W {
+      constructor(...a) { super(...a); live.ws.push(this); }
+    };
+    const E = window.EventSource;
+    window.EventSource = class extends E {
+      constructor(...a) { super(...a); live.es.push(this); }
+    };
+    const B = window.BroadcastChannel;
+    window.BroadcastChannel = class extends B {
+      constructor(...a) { super(...a); this.__open = true; live.bc.push(this); }
+      close() { this.__open = false; return super.close(); }
+    };
+    const F = window.fetch;
+    window.fetch = (...a) => { live.fetches++; return F(...a); };
+
+    await T.make('erin');
+    await T.waitFor(() => T.client.info.state === 'connected');
+    const c = T.client;
+    const conv = await c.createConversation({ kind: 'group', members: ['alice'], title: 'close' });
+    await c.send(conv.id, 'before close');
+    c.typing(conv.id);
+    c.markRead(conv.id);
+    c.subscribePresence(['alice']);
+    await new Promise((r) => setTimeout(r, 300));
+    const before = { timeouts: live.timeouts.size, intervals: live.intervals.size,
+                     listeners: live.listeners };
+    await c.close();
+    await new Promise((r) => st(r, 1500));
+    const fetchesAtClose = live.fetches;
+    await new Promise((r) => st(r, 1500));
+    const locks = navigator.locks ? await navigator.locks.query() : { held: [] };
+    return {
+      before,
+      timeouts: live.timeouts.size,
+      intervals: live.intervals.size,
+      listeners: live.listeners,
+      emitter: c.ev.listeners(),
+      sockets: live.ws.map((w) => w.readyState),
+      streams: live.es.map((e) => e.readyState),
+      channels: live.bc.filter((x) => x.__open).length,
+      fetchesAfterClose: live.fetches - fetchesAtClose,
+      locksHeld: locks.held.filter((l) => l.name.startsWith('ngx-chat') && l.name.endsWith('|erin'))
+        .length,
+      state: c.info.state,
+    };
+  });
+}
+
+main().then(() => {
+  process.stdout.write(JSON.stringify({ result: out }) + '\n');
+  process.exit(0);
+}, (e) => {
+  out.error = String(e && e.stack || e);
+  out.log = log;
+  process.stdout.write(JSON.stringify({ result: out }) + '\n');
+  process.exit(1);
+});
