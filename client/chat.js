@@ -1210,8 +1210,9 @@ export class ChatClient {
     if (!this._tokExp || this.closed) {
       return;
     }
+    // a minute before expiry; a short-lived token at 80% of its life
     const left = this._tokExp - now();
-    const at = Math.max(1000, Math.min(left - 60000, left * 0.8));
+    const at = Math.max(1000, left > 300000 ? left - 60000 : left * 0.8);
     this._refreshTimer = this._later(async () => {
       try {
         const t = await this._token(true);
@@ -1744,6 +1745,12 @@ export class ChatClient {
       const changed = s.applyReceipts(e.conversation_id, e.receipts || []);
       for (const m of changed) {
         this._emitMessage(m);
+      }
+      const c = s.conversation(e.conversation_id);
+      if (c && c.stale) {
+        // read elsewhere up to a point we hold no messages after: ask
+        delete c.stale;
+        this.loadConversation(c.id).catch(noop);
       }
       this.ev.emit('receipt', { conversation_id: e.conversation_id, receipts: e.receipts || [] });
       this._emitConv(e.conversation_id);

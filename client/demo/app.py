@@ -3,14 +3,26 @@
 
 Plays the part of the platform back end in the demo: it hands out HS256
 JWTs for demo users, signed with the same secret file the chat module
-verifies with (the file's exact bytes, one trailing newline stripped).
+verifies with (the file's exact bytes, one trailing newline stripped), and
+seeds the demo's gig conversations through the chat's service API.
 Standard library only.
 
-    GET /token?user=alice  ->  {"token": "...", "user": "alice", "expires_in": 3600}
+    GET /token?user=alice  ->  {"token": "...", "user": "alice", "expires_in": 3600,
+                                "name": "Alice", "kind": "client"}
+    POST /seed (or GET)    ->  {"seeded": {"gig-101": "<conversation id>", ...}}
 
-nginx proxies /demo/token here, so any path ending in /token is accepted.
-Demo users are any name matching ^[a-z][a-z0-9_]{0,31}$; the display name is
-the capitalized user name. There is no password: this is a demo.
+nginx proxies /demo/token here, so any path ending in /token (and /seed,
+/health) is accepted. Demo users are any name matching ^[a-z][a-z0-9_]{0,31}$;
+the display name is the capitalized user name. There is no password: this is
+a demo, and the token endpoint must never be exposed in production.
+
+Seeding happens lazily: the first /token call (or a /seed call) creates the
+demo conversations over the chat's REST API (--chat-url) with a service
+token, so nothing runs at import or start, and a chat that is not up yet is
+simply tried again on a later call. Every step is idempotent: a direct
+conversation between two users is unique (the server returns the existing
+one), a group is looked up by its context.gig_id among a member's
+conversations before it is created, and messages carry fixed client_msg_ids.
 """
 
 import argparse
@@ -22,11 +34,58 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 USER_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+# The demo's people: the page lists the same ones (client/demo/app.js).
+DEMO_USERS = {
+    "alice": "client", "carol": "client",
+    "bob": "freelancer", "dave": "freelancer", "erin": "freelancer",
+}
+
+# The platform's subject for its service token; system messages show it.
+SERVICE_SUBJECT = "platform"
+
+# The gigs the demo starts with. `messages` are (sender, body); sender None
+# is a system message posted by the service token.
+GIGS = [
+    {
+        "gig_id": "gig-101", "kind": "direct", "members": ["alice", "bob"],
+        "title": "Logo for a bakery", "budget": 300, "currency": "USD",
+        "status": "in_progress", "client": "alice",
+        "messages": [
+            (None, "Contract started: Logo for a bakery ($300)"),
+            ("bob", "Hi Alice! Thanks for hiring me. Which colours does the bakery use?"),
+            ("alice", "Warm brown and cream. I can send a photo of the old sign."),
+            ("bob", "Perfect — **first sketches** by Friday."),
+        ],
+    },
+    {
+        "gig_id": "gig-102", "kind": "direct", "members": ["carol", "dave"],
+        "title": "Product photos for a shop", "budget": 450, "currency": "USD",
+        "status": "offer", "client": "carol",
+        "messages": [
+            (None, "Offer sent: Product photos for a shop ($450)"),
+            ("dave", "I can shoot 40 products on a white background next week."),
+        ],
+    },
+    {
+        "gig_id": "gig-103", "kind": "group", "members": ["carol", "dave", "erin"],
+        "title": "React dashboard build", "budget": 2400, "currency": "USD",
+        "status": "in_progress", "client": "carol",
+        "messages": [
+            (None, "Contract started: React dashboard build ($2,400)"),
+            ("carol", "Welcome both! Dave takes the charts, Erin the sign-in pages."),
+            ("erin", "Sounds good. Is there a design file I can start from?"),
+        ],
+    },
+]
 
 
 def b64url(data):
@@ -43,13 +102,14 @@ def read_secret(path):
     return secret
 
 
-def make_token(secret, user, ttl):
+def make_token(secret, user, ttl, role="user"):
+    """role "service" makes the platform's own token (PROTOCOL §1, §11)."""
     now = int(time.time())
     header = {"alg": "HS256", "typ": "JWT"}
     claims = {
         "sub": user,
         "name": user.capitalize(),
-        "role": "user",
+        "role": role,
         "iat": now,
         "exp": now + ttl,
     }
@@ -60,6 +120,126 @@ def make_token(secret, user, ttl):
     )
     sig = hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest()
     return signing_input + "." + b64url(sig)
+
+
+class ChatAPIError(Exception):
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class Seeder:
+    """Creates the demo gigs once; safe to call from many threads and again
+    after a failure (the chat may start after this server)."""
+
+    RETRY_AFTER = 5.0  # s between attempts while the chat is not reachable
+
+    def __init__(self, chat_url, secret_path, timeout=5.0):
+        self.chat_url = chat_url.rstrip("/")
+        self.secret_path = secret_path
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.result = None        # {gig_id: conversation id} once done
+        self.last_try = 0.0
+        self.last_error = None
+
+    def _call(self, method, path, user, body=None, role="user"):
+        secret = read_secret(self.secret_path)
+        tok = make_token(secret, user, 300, role=role)
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.chat_url + "/api" + path, data=data, method=method,
+            headers={"Authorization": "Bearer " + tok,
+                     "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read() or b"{}")
+            except ValueError:
+                detail = {}
+            raise ChatAPIError("%s %s -> %d %s" % (method, path, e.code, detail),
+                               status=e.code)
+
+    def _service(self, method, path, body=None):
+        return self._call(method, path, SERVICE_SUBJECT, body, role="service")
+
+    def _find_group(self, member, gig_id):
+        before = None
+        for _ in range(50):  # pages of 100: plenty for a demo user
+            q = "/conversations?limit=100" + ("&before=" + quote(before) if before else "")
+            _, body = self._call("GET", q, member)
+            for c in body.get("conversations") or []:
+                if (c.get("context") or {}).get("gig_id") == gig_id:
+                    return c
+            before = body.get("next")
+            if not before:
+                return None
+        return None
+
+    def _context(self, gig):
+        return {k: gig[k] for k in ("gig_id", "title", "budget", "currency",
+                                    "status", "client")}
+
+    def _seed_gig(self, gig):
+        ctx = self._context(gig)
+        if gig["kind"] == "direct":
+            _, body = self._service("POST", "/conversations", {
+                "kind": "direct", "members": gig["members"],
+                "title": gig["title"], "context": ctx})
+            conv = body["conversation"]
+        else:
+            conv = self._find_group(gig["members"][0], gig["gig_id"])
+            if conv is None:
+                _, body = self._service("POST", "/conversations", {
+                    "kind": "group", "members": gig["members"],
+                    "title": gig["title"], "context": ctx})
+                conv = body["conversation"]
+        cid = conv["id"]
+        # a direct conversation the two users opened before the seed (the
+        # old demo did) comes back without the gig: give it the gig
+        if (conv.get("context") or {}).get("gig_id") != gig["gig_id"]:
+            self._service("PATCH", "/conversations/%s" % quote(cid),
+                          {"title": gig["title"], "context": ctx})
+        for i, (sender, text) in enumerate(gig["messages"]):
+            cmid = "seed-%s-%d" % (gig["gig_id"], i)
+            path = "/conversations/%s/messages" % quote(cid)
+            if sender is None:
+                self._service("POST", path, {"client_msg_id": cmid, "body": text})
+            else:
+                self._call("POST", path, sender, {"client_msg_id": cmid, "body": text,
+                                                  "format": "markdown"})
+        return cid
+
+    def seed(self, force=False):
+        """{gig_id: conversation id}; raises while the chat cannot do it."""
+        with self.lock:
+            if self.result is not None:
+                return self.result
+            now = time.monotonic()
+            if not force and now - self.last_try < self.RETRY_AFTER and self.last_error:
+                raise ChatAPIError("seeding failed %.1f s ago: %s"
+                                   % (now - self.last_try, self.last_error))
+            self.last_try = now
+            out = {}
+            try:
+                for gig in GIGS:
+                    try:
+                        out[gig["gig_id"]] = self._seed_gig(gig)
+                    except ChatAPIError as e:
+                        # a refusal (say, one user blocked the other) will not
+                        # change by retrying: leave that gig out and go on
+                        if e.status is None or e.status >= 500 or e.status == 429:
+                            raise
+                        sys.stderr.write("demo: gig %s not seeded: %s\n"
+                                         % (gig["gig_id"], e))
+            except (OSError, ValueError, KeyError, ChatAPIError) as e:
+                self.last_error = str(e)
+                raise ChatAPIError(str(e))
+            self.result = out
+            self.last_error = None
+            return out
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -78,12 +258,31 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status, code, message):
         self._send(status, {"error": {"code": code, "message": message}})
 
+    def _seed(self, force):
+        seeder = self.server.seeder
+        if seeder is None:
+            return None
+        try:
+            return seeder.seed(force=force)
+        except ChatAPIError as e:
+            self.log_message("seeding: %s", e)
+            return None
+
     def do_GET(self):
         url = urlsplit(self.path)
-        if url.path.rstrip("/").endswith("/health"):
+        path = url.path.rstrip("/")
+        if path.endswith("/health"):
             return self._send(200, {"ok": True})
+        if path.endswith("/seed"):
+            if self.server.seeder is None:
+                return self._error(404, "not_found", "seeding is off (--no-seed)")
+            got = self._seed(force=True)
+            if got is None:
+                return self._error(503, "unavailable", "the chat could not be seeded "
+                                   "yet: %s" % self.server.seeder.last_error)
+            return self._send(200, {"seeded": got})
         if not url.path.endswith("/token"):
-            return self._error(404, "not_found", "only /token is served here")
+            return self._error(404, "not_found", "only /token and /seed are served here")
         users = parse_qs(url.query).get("user", [])
         user = users[0] if len(users) == 1 else ""
         if not USER_RE.match(user):
@@ -95,11 +294,17 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError) as e:
             self.log_message("cannot read secret: %s", e)
             return self._error(500, "internal", "token secret unavailable")
+        # a sign-in is the moment the demo data is needed; a chat that is
+        # not up yet only means a later sign-in tries again
+        self._seed(force=False)
         token = make_token(secret, user, self.server.ttl)
         self._send(200, {"token": token, "user": user,
-                         "expires_in": self.server.ttl})
+                         "expires_in": self.server.ttl,
+                         "name": user.capitalize(),
+                         "kind": DEMO_USERS.get(user, "guest")})
 
     do_HEAD = do_GET
+    do_POST = do_GET
 
     def log_message(self, fmt, *args):
         sys.stderr.write("%s demo: %s\n" % (
@@ -116,6 +321,11 @@ def main():
                     help="HS256 secret file (default: var/jwt_secret)")
     ap.add_argument("--ttl", type=int, default=3600, help="token lifetime, s")
     ap.add_argument("--pidfile", help="write the pid here once listening")
+    ap.add_argument("--chat-url", default="http://127.0.0.1:8080/chat",
+                    help="the chat location the demo data is seeded through "
+                         "(default: http://127.0.0.1:8080/chat, make run's)")
+    ap.add_argument("--no-seed", action="store_true",
+                    help="hand out tokens only; create no demo conversations")
     args = ap.parse_args()
 
     read_secret(args.secret)  # fail early on a missing or empty secret
@@ -123,6 +333,7 @@ def main():
     httpd.daemon_threads = True
     httpd.secret_path = args.secret
     httpd.ttl = args.ttl
+    httpd.seeder = None if args.no_seed else Seeder(args.chat_url, args.secret)
 
     def stop(signum, frame):
         raise KeyboardInterrupt

@@ -93,9 +93,11 @@ function waitState(page, state, transport, ms = T) {
 }
 
 function waitBody(page, cid, body, ms = T) {
+  // the time the message handler saw it (a background tab's timers are
+  // throttled; its event handlers are not)
   return ev(page, ({ cid, body, ms }) => T.waitFor(() => {
     const m = T.client.messages(cid).find((x) => x.body === body && x.seq != null);
-    return m ? Date.now() : null;
+    return m ? T.arrivals[body] || Date.now() : null;
   }, ms), { cid, body, ms });
 }
 
@@ -192,8 +194,8 @@ async function main() {
   // reloads the page with them in the outbox, the server comes back
   const s3 = {};
   await ask('stop');
-  await ev(alice, () => T.waitFor(() => ['retrying', 'offline'].includes(T.client.info.state)));
-  s3.banner = await ev(alice, () => T.client.info.text);
+  s3.banner = await ev(alice, () => T.waitFor(() =>
+    ['retrying', 'offline'].includes(T.client.info.state) && T.client.info.text));
   await ev(alice, (cid) => {
     for (const b of ['offline 1', 'offline 2', 'offline 3']) {
       T.client.send(cid, b).catch(() => {});
@@ -272,6 +274,35 @@ async function main() {
 
   // -------- close() leaves nothing behind
   out.steps.close = await closeCheck(ctxA);
+
+  // -------- tokens that live 6 s: refreshed on the open WebSocket; a
+  // refresh refused: closed 4001, and back once a token comes again
+  const s5 = {};
+  const ctxD = await b.newContext();
+  const dave = await ctxD.newPage();
+  await dave.goto(pageUrl + '?chat=' + encodeURIComponent(chatUrl));
+  await dave.waitForFunction(() => window.ready === true, { timeout: T });
+  await ev(dave, (secret) => { T.secret = secret; }, process.env.CHAT_TEST_SECRET);
+  await ev(dave, () => T.make('dave', { ttl: 6 }));
+  await waitState(dave, 'connected');
+  const gid = await ev(dave, async () =>
+    (await T.client.createConversation({ kind: 'group', members: ['alice'], title: 'tokens' })).id);
+  await sleep(15000);
+  s5.refresh = await ev(dave, () => ({ sockets: T.sockets, tokenCalls: T.tokenCalls,
+                                       states: T.states.map((x) => x[0]) }));
+  await ev(dave, (gid) => T.client.send(gid, 'after refreshes').then(() => true), gid);
+  // the provider now gives the token it has (about to expire) again
+  await ev(dave, () => T.client._token(false).then((t) => { T.frozen = t; }));
+  await ev(dave, () => T.waitFor(() => T.client.info.state === 'retrying', 20000));
+  s5.expired = await ev(dave, () => ({ info: T.client.info, states: T.states.map((x) => x[0]) }));
+  await ev(dave, (gid) => { T.client.send(gid, 'while expired'); return true; }, gid);
+  await ev(dave, () => { T.frozen = null; });
+  await waitState(dave, 'connected', null, 20000);
+  await ev(dave, (gid) => T.waitFor(() => T.client.messages(gid).some((m) =>
+    m.body === 'while expired' && m.seq != null), 15000), gid);
+  s5.after = await ev(dave, (gid) => ({ sockets: T.sockets, closes: T.closes,
+    bodies: T.client.messages(gid).map((m) => [m.body, m.state]) }), gid);
+  out.steps.auth = s5;
 
   out.log = log;
   await b.close();

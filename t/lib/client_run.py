@@ -12,7 +12,8 @@ import os
 import subprocess
 import time
 
-from chattest import (PgCluster, Nginx, bail_out, diag, done, free_port, hs_secret_file,
+from chattest import (PgCluster, Nginx, bail_out, diag, done, free_port, hs_secret,
+                      hs_secret_file,
                       http_raw, is_, ok, wait_for)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,7 +73,7 @@ def run(browser):
         # established connections are the long-lived ones (WebSocket, SSE,
         # held polls)
         chat = Nginx(pg, workers=2,
-                     http="chat_cors_origins %s;\n" % web_origin
+                     http="chat_jwt_leeway 0;\nchat_cors_origins %s;\n" % web_origin
                           + BLOCK_MAPS.format(ws=0, sse=0),
                      server="keepalive_timeout 0;", location=REFUSE)
         Nginx(None, workers=1, module=False, port=web_port, server="""
@@ -88,7 +89,8 @@ def run(browser):
         p = subprocess.Popen(["node", os.path.join(REPO, "t", "lib", "client_browser.js"),
                               browser, web_origin + "/t/client.html", chat_url],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, bufsize=1)
+                             stderr=subprocess.PIPE, text=True, bufsize=1,
+                             env=dict(os.environ, CHAT_TEST_SECRET=hs_secret().decode()))
         res = None
         asked = []
         for line in p.stdout:
@@ -117,7 +119,7 @@ def run(browser):
             elif cmd == "start":
                 chat.start()
             elif cmd == "block":
-                chat.reload(http="chat_cors_origins %s;\n" % web_origin
+                chat.reload(http="chat_jwt_leeway 0;\nchat_cors_origins %s;\n" % web_origin
                             + BLOCK_MAPS.format(ws=1 if m.get("ws") else 0,
                                                 sse=1 if m.get("sse") else 0))
             p.stdin.write(json.dumps(ans) + "\n")
@@ -147,7 +149,8 @@ def check(browser, res, pg, chat):
     B = browser
     ok("error" not in res, "%s: the driver ran every step%s" % (
         B, "" if "error" not in res else ": " + res["error"][:2000]))
-    for line in res.get("log") or []:
+    # (the outage and the refused transports make the browser log errors)
+    for line in (res.get("log") or [])[:8]:
         diag(line)
     steps = res.get("steps") or {}
 
@@ -226,6 +229,23 @@ def check(browser, res, pg, chat):
     is_(s.get("fetchesAfterClose"), 0, "%s: nothing is fetched after close()" % B)
     is_(s.get("locksHeld"), 0, "%s: the leader lock is released" % B)
     is_(s.get("state"), "closed", "%s: the client says closed" % B)
+
+    s = steps.get("auth") or {}
+    r = s.get("refresh") or {}
+    is_(r.get("sockets"), 1, "%s: tokens of 6 s are refreshed on one open WebSocket for 15 s" % B)
+    ok((r.get("tokenCalls") or 0) >= 3, "%s: the token provider was asked again before each "
+       "expiry (%s calls)" % (B, r.get("tokenCalls")))
+    is_([x for x in r.get("states") or [] if x != "connected" and x != "connecting"], [],
+        "%s: and the connection never dropped" % B)
+    e = s.get("expired") or {}
+    a = s.get("after") or {}
+    ok(4001 in (a.get("closes") or []), "%s: a token left to expire is closed 4001 (%s)" % (
+        B, a.get("closes")))
+    ok("retrying" in ((e.get("info") or {}).get("text") or ""),
+       "%s: the client says it retries: %r" % (B, (e.get("info") or {}).get("text")))
+    ok(["while expired", "sent"] in (a.get("bodies") or []) or
+       ["while expired", "delivered"] in (a.get("bodies") or []),
+       "%s: once a token comes again it reconnects and sends what waited" % B)
 
     # the store: every message once, in the order each sender typed it
     cid = res.get("cid")

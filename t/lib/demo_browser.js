@@ -1,70 +1,161 @@
-// Drives the demo page in Debian's Chromium: two users chat from two
-// windows.  Prints one JSON line with what each page showed and, per page
-// load, every WebSocket text frame the page received from the server and
-// sent to it -- recorded by an init script that wraps window.WebSocket
-// before the page's own code runs, so the test sees what the server sent,
-// not what the page's de-duplication left of it.
+// Drives the demo web app (client/demo/) in Debian's Chromium for
+// t/060-demo-browser.t: several people in separate browser contexts (each
+// its own storage, so its own connection), desktop (1280x800) and phone
+// (390x844) widths.  Prints one JSON line at the end with what it saw;
+// the test checks it and the database.
 //
-// The script: alice and bob come online; alice sends m1, bob m2; bob
-// reloads (the new page resumes with the cursor the old one stored);
-// alice sends m3 (live on bob's new connection); bob leaves the page
-// (about:blank), alice sends m4 meanwhile, bob comes back (m4 must come
-// in the catch-up from bob's cursor); alice sends m5 (live again).
+// Usage: node demo_browser.js <config.json>
+//   config: { base, convs: {gig_id: id}, big: id, shots: dir, png: base64,
+//             stamp }
+// The driver asks the test to stop and start nginx by printing "@@stop" /
+// "@@start" and waiting for a line on stdin (the connection banner is
+// shown while the server is really gone).
+//
+// Every step runs even when one before it failed (each wait has a short
+// timeout), so one run reports every broken thing; out.steps says which.
 'use strict';
+const fs = require('fs');
 const path = require('path');
+const readline = require('readline');
 const { chromium } = require(path.join(__dirname, '..', '..', 'client',
                                        'node_modules', 'playwright-core'));
 
-const base = process.argv[2];
-const T = 15000;
+const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+const base = cfg.base;
+const T = 10000;
+const DESK = { width: 1280, height: 800 };
+const PHONE = { width: 390, height: 844 };
+const XSS_IMG = '<img src=x onerror="window.__xss=1">';
+const XSS_SCRIPT = '<script>window.__xss=1</script>';
 
-// Runs in the page before any of its scripts, on every load.
-function recordFrames() {
-  const Native = window.WebSocket;
-  window.__frames = [];          // {conn, dir: 'in'|'out', data}
-  let next = 0;
-  class Recorded extends Native {
-    constructor(...args) {
-      super(...args);
-      const conn = next++;
-      Object.defineProperty(this, '__conn', { value: conn });
-      this.addEventListener('message', (ev) => {
-        window.__frames.push({ conn, dir: 'in',
-                               data: typeof ev.data === 'string' ? ev.data : '<binary>' });
-      });
-    }
-    send(data) {
-      window.__frames.push({ conn: this.__conn, dir: 'out', data: String(data) });
-      return super.send(data);
-    }
+const out = { steps: [], shots: [], errors: [], timing: {} };
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const lines = readline.createInterface({ input: process.stdin });
+const replies = [];
+let waiting = null;
+lines.on('line', (l) => {
+  if (waiting) {
+    const w = waiting;
+    waiting = null;
+    w(l);
+  } else {
+    replies.push(l);
   }
-  window.WebSocket = Recorded;
+});
+
+// asks the test for something (stop/start nginx) and waits for its "ok"
+function ask(what) {
+  process.stdout.write('@@' + what + '\n');
+  if (replies.length) return Promise.resolve(replies.shift());
+  return new Promise((resolve) => { waiting = resolve; });
 }
 
-// Waits until the page's connection(s) received the message.new event of
-// the message whose body is `body`.
-function gotEvent(page, body) {
-  return page.waitForFunction((b) => (window.__frames || []).some((f) => {
-    if (f.dir !== 'in') return false;
-    try {
-      const m = JSON.parse(f.data);
-      return m.type === 'event' && m.event && m.event.kind === 'message.new'
-             && m.event.message && m.event.message.body === b;
-    } catch (e) { return false; }
-  }), body, { timeout: T });
+async function step(name, fn) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    out.steps.push({ name, ok: true, ms: Date.now() - t0 });
+  } catch (e) {
+    out.steps.push({ name, ok: false, ms: Date.now() - t0, error: String(e.message || e).split('\n')[0] });
+  }
 }
 
-function frames(page) {
-  return page.evaluate(() => window.__frames || []);
+// Notifications are recorded, not shown: the page sees permission granted.
+function fakeNotifications() {
+  window.__notes = [];
+  class FakeNotification {
+    constructor(title, opts) { window.__notes.push({ title, body: opts && opts.body }); }
+    close() {}
+    static get permission() { return 'granted'; }
+    static requestPermission() { return Promise.resolve('granted'); }
+  }
+  window.Notification = FakeNotification;
 }
 
-async function online(page) {
-  await page.waitForSelector('#status:text("online")', { timeout: T });
+async function open(browser, who, user, query, viewport) {
+  const ctx = await browser.newContext({ viewport });
+  await ctx.addInitScript(fakeNotifications);
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => out.errors.push(`${who}: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) {
+      out.errors.push(`${who} console: ${m.text()}`);
+    }
+  });
+  page.on('dialog', (d) => d.accept());      // confirm() of delete / block
+  await page.goto(`${base}/demo/?user=${user}${query || ''}`);
+  if (user) await page.evaluate(() => window.demo.ready);
+  return { ctx, page, who };
 }
 
-async function say(page, body) {
-  await page.fill('#text', body);
-  await page.press('#text', 'Enter');
+async function shot(page, name) {
+  const vp = page.viewportSize();
+  const file = path.join(cfg.shots, `${String(out.shots.length + 1).padStart(2, '0')}-${name}-${vp.width}x${vp.height}.png`);
+  await page.screenshot({ path: file });
+  out.shots.push(file);
+}
+
+// the message rows in the DOM (the windowed list shows a part of them)
+function rows(page) {
+  return page.evaluate(() => [...document.querySelectorAll('#rows > .row')].map((r) => ({
+    key: r.dataset.key, id: r.dataset.id, seq: r.dataset.seq, sender: r.dataset.sender,
+    cls: r.className, body: (r.querySelector('.body') || {}).textContent || '',
+    tick: r.querySelector('.tick') ? r.querySelector('.tick').dataset.state : null,
+    text: r.innerText,
+  })));
+}
+
+function waitRow(page, text, timeout = T) {
+  return page.waitForFunction((t) => [...document.querySelectorAll('#rows > .row .body')]
+    .some((b) => b.textContent.includes(t)), text, { timeout, polling: 10 });
+}
+
+function waitTick(page, text, states, timeout = T) {
+  return page.waitForFunction(([t, s]) => [...document.querySelectorAll('#rows > .row')].some((r) => {
+    const b = r.querySelector('.body');
+    const k = r.querySelector('.tick');
+    return b && b.textContent.includes(t) && k && s.includes(k.dataset.state);
+  }), [text, states], { timeout, polling: 10 });
+}
+
+// the message id of the message whose body contains `text` (from the client)
+function idOf(page, text) {
+  return page.evaluate((t) => {
+    const c = window.demo.client;
+    for (const conv of c.conversations()) {
+      const m = c.messages(conv.id).find((x) => x.body && x.body.includes(t) && x.id);
+      if (m) return m.id;
+    }
+    return null;
+  }, text);
+}
+
+// Records the tick states one message goes through (set up before sending).
+function watchTicks(page, text) {
+  return page.evaluate((t) => {
+    window.__ticks = [];
+    const look = () => {
+      for (const r of document.querySelectorAll('#rows > .row')) {
+        const b = r.querySelector('.body');
+        const k = r.querySelector('.tick');
+        if (b && k && b.textContent.includes(t)) {
+          const s = k.dataset.state;
+          if (window.__ticks[window.__ticks.length - 1] !== s) window.__ticks.push(s);
+        }
+      }
+    };
+    new MutationObserver(look).observe(document.getElementById('rows'),
+                                       { subtree: true, childList: true, attributes: true });
+  }, text);
+}
+
+async function say(page, text) {
+  await page.fill('#composer-input', text);
+  await page.press('#composer-input', 'Enter');
+}
+
+async function countBody(page, text) {
+  return (await rows(page)).filter((r) => r.body.includes(text)).length;
 }
 
 async function main() {
@@ -72,76 +163,369 @@ async function main() {
     executablePath: '/usr/bin/chromium',
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
            '--disable-background-networking', '--disable-component-update',
-           '--disable-sync'],
+           '--disable-sync', '--disable-renderer-backgrounding',
+           '--disable-background-timer-throttling',
+           '--disable-backgrounding-occluded-windows'],
   });
-  const out = { loads: { alice: [], bob: [] }, bodies: [] };
-  const stamp = Date.now();
-  const text = ['', 'hello bob', 'hi alice', 'after the reload', 'while you were away',
-                'welcome back'];
-  const m = (i) => `m${i} ${text[i]} ${stamp}`;
+  const S = cfg.stamp;
+  const G1 = cfg.convs['gig-101'];
+  const G3 = cfg.convs['gig-103'];
+  const m = {
+    m1: `Hello Bob, the brief is ready ${S}`,
+    m2: `Did you get the brief? ${S}`,
+    m3: `Got it, thanks! ${S}`,
+    xss: `xss ${XSS_IMG} and ${XSS_SCRIPT} ${S}`,
+    files: `files for you ${S}`,
+    md: `**bold** and _italic_ and \`code\` [bad](javascript:alert(1)) https://example.com/a_b ${S}`,
+    m1edit: `Hello Bob, the brief v2 is ready ${S}`,
+    m4: `blocked and discarded ${S}`,
+    m5: `blocked then retried ${S}`,
+    off: `written while the server was down ${S}`,
+    group: `Dave, charts first please ${S}`,
+  };
+  out.bodies = m;
+  let a; let b; let carol; let dave;
   try {
-    const a = await browser.newPage();
-    const b = await browser.newPage();
-    await a.addInitScript(recordFrames);
-    await b.addInitScript(recordFrames);
-    await a.goto(`${base}/demo/?user=alice`);
-    await b.goto(`${base}/demo/?user=bob`);
-    await online(a);
-    await online(b);
+    // ---- sign-in screen
+    await step('sign-in screen', async () => {
+      for (const vp of [DESK, PHONE]) {
+        const s = await open(browser, 'signin', '', '', vp);
+        await s.page.waitForSelector('.user-card', { timeout: T });
+        out.signin = await s.page.evaluate(() => [...document.querySelectorAll('.user-card')]
+          .map((c) => c.innerText.replace(/\s+/g, ' ').trim()));
+        await shot(s.page, 'sign-in');
+        await s.ctx.close();
+      }
+    });
 
-    out.bodies = [1, 2, 3, 4, 5].map(m);
+    // ---- alice and bob open their gig conversation
+    await step('alice and bob open gig-101', async () => {
+      a = await open(browser, 'alice', 'alice', '&gig=gig-101', DESK);
+      b = await open(browser, 'bob', 'bob', '&gig=gig-101', DESK);
+      out.openIds = [await a.page.evaluate(() => window.demo.openId),
+                     await b.page.evaluate(() => window.demo.openId)];
+      await a.page.waitForFunction(() => window.demo.client.info.state === 'connected', null, { timeout: T });
+      await b.page.waitForFunction(() => window.demo.client.info.state === 'connected', null, { timeout: T });
+      out.transport = await a.page.textContent('#transport');
+      out.systemRow = await b.page.evaluate(() => {
+        const r = document.querySelector('#rows > .row.system');
+        return r ? r.innerText : null;
+      });
+    });
 
-    await say(a, m(1));
-    await b.waitForSelector(`.msg:has-text("${m(1)}")`, { timeout: T });
+    // ---- typing, a message, its ticks
+    await step('typing and the first message', async () => {
+      await watchTicks(a.page, m.m1);
+      await a.page.click('#composer-input');
+      await a.page.keyboard.type(m.m1.slice(0, 12), { delay: 40 });
+      await b.page.waitForFunction(() => /Alice is typing/.test(document.getElementById('typing').textContent),
+                                   null, { timeout: T });
+      out.typingShown = await b.page.textContent('#typing');
+      await shot(b.page, 'conversation-typing');
+      await a.page.fill('#composer-input', m.m1);
+      const t0 = Date.now();
+      await a.page.press('#composer-input', 'Enter');
+      try {
+        await waitRow(b.page, m.m1, 10000);
+        out.timing.deliverMs = Date.now() - t0;
+      } catch (e) {
+        out.timing.deliverMs = null;
+        throw e;
+      }
+      const t1 = Date.now();
+      await b.page.waitForFunction(() => document.getElementById('typing').textContent === '', null, { timeout: T });
+      out.timing.typingClearMs = Date.now() - t1;
+      await waitTick(a.page, m.m1, ['read'], T);
+      out.ticksM1 = await a.page.evaluate(() => window.__ticks);
+      out.onceM1 = [await countBody(a.page, m.m1), await countBody(b.page, m.m1)];
+      await shot(a.page, 'conversation-ticks');
+    });
 
-    await b.fill('#text', m(2));
-    await b.click('button');
-    await a.waitForSelector(`.msg:has-text("${m(2)}")`, { timeout: T });
+    // ---- bob on the list: delivered, not read; unread badge; notification
+    await step('delivered while bob is on the list, read when he opens it', async () => {
+      await b.page.evaluate(() => window.demo.closeConversation());
+      await watchTicks(a.page, m.m2);
+      await say(a.page, m.m2);
+      await b.page.waitForFunction((id) => {
+        const x = document.querySelector(`.conv-item[data-id="${id}"] .badge`);
+        return x && x.textContent === '1';
+      }, G1, { timeout: T });
+      await waitTick(a.page, m.m2, ['delivered'], T);
+      await sleep(1000);    // bob does not read it while it is not in view
+      out.m2WhileAway = await a.page.evaluate((t) => {
+        const r = [...document.querySelectorAll('#rows > .row')].find((x) => (x.querySelector('.body') || {}).textContent === t);
+        return r && r.querySelector('.tick') ? r.querySelector('.tick').dataset.state : null;
+      }, m.m2);
+      out.bobTitle = await b.page.title();
+      out.bobNotes = await b.page.evaluate(() => window.__notes);
+      out.bobPreview = await b.page.textContent(`.conv-item[data-id="${G1}"] .preview`);
+      await shot(b.page, 'list-unread');
+      await b.page.click(`.conv-item[data-id="${G1}"]`);
+      await waitTick(a.page, m.m2, ['read'], T);
+      out.ticksM2 = await a.page.evaluate(() => window.__ticks);
+      await b.page.waitForFunction((id) => !document.querySelector(`.conv-item[data-id="${id}"] .badge`),
+                                   G1, { timeout: T });
+      out.bobTitleAfter = await b.page.title();
+      await say(b.page, m.m3);
+      await waitRow(a.page, m.m3);
+    });
 
-    // bob's page has the events of both (and stored the cursor of m2)
-    await gotEvent(b, m(1));
-    await gotEvent(b, m(2));
-    out.loads.bob.push(await frames(b));
+    // ---- markup in bodies and file names shows as text
+    await step('XSS attempts render as text', async () => {
+      await say(a.page, m.xss);
+      await a.page.setInputFiles('#file-input', [
+        { name: XSS_IMG + '.txt', mimeType: 'text/plain', buffer: Buffer.from('just text\n') },
+        { name: 'sketch.png', mimeType: 'image/png', buffer: Buffer.from(cfg.png, 'base64') },
+      ]);
+      await a.page.waitForFunction(() => document.querySelectorAll('#uploads li[data-state="done"]').length === 2,
+                                   null, { timeout: T });
+      await say(a.page, m.files);
+      await waitRow(b.page, m.xss);
+      await waitRow(b.page, m.files);
+      await b.page.waitForFunction((t) => {
+        const r = [...document.querySelectorAll('#rows > .row')].find((x) => (x.querySelector('.body') || {}).textContent === t);
+        const img = r && r.querySelector('.att-img img');
+        return img && img.complete && img.naturalWidth > 0;
+      }, m.files, { timeout: T });
+      out.xss = {};
+      for (const [who, p] of [['alice', a.page], ['bob', b.page]]) {
+        out.xss[who] = await p.evaluate(([xt, ft]) => {
+          const rowOf = (t) => [...document.querySelectorAll('#rows > .row')]
+            .find((x) => (x.querySelector('.body') || {}).textContent === t);
+          const fr = rowOf(ft);
+          const img = fr && fr.querySelector('.att-img img');
+          return {
+            flag: typeof window.__xss,
+            body: rowOf(xt) ? rowOf(xt).querySelector('.body').textContent : null,
+            fileName: fr && fr.querySelector('.att-file .fname') ? fr.querySelector('.att-file .fname').textContent : null,
+            imgSrc: img ? img.src.slice(0, 5) : null,
+            imgSize: img ? [img.naturalWidth, img.naturalHeight] : null,
+            strayImg: document.querySelectorAll('#rows img[src="x"], #conv-list img').length,
+            scripts: document.querySelectorAll('#rows script, #conv-list script').length,
+          };
+        }, [m.xss, m.files]);
+      }
+      // opening the file downloads it with the token (an object URL)
+      const dl = b.page.waitForEvent('download', { timeout: T });
+      await b.page.click(`#rows .att-file`);
+      const d = await dl;
+      out.download = d.suggestedFilename();
+      await shot(b.page, 'attachments');
+    });
 
-    // bob reloads: history comes back over REST, the stream resumes
-    await b.reload();
-    await online(b);
-    await b.waitForSelector(`.msg:has-text("${m(2)}")`, { timeout: T });
+    await step('markdown subset', async () => {
+      await say(a.page, m.md);
+      await waitRow(b.page, `example.com/a_b ${S}`);
+      out.md = await b.page.evaluate((stamp) => {
+        const r = [...document.querySelectorAll('#rows > .row')].find((x) => (x.querySelector('.body') || {}).textContent.endsWith(stamp)
+          && x.querySelector('strong'));
+        if (!r) return null;
+        const body = r.querySelector('.body');
+        return {
+          strong: (body.querySelector('strong') || {}).textContent,
+          em: (body.querySelector('em') || {}).textContent,
+          code: (body.querySelector('code') || {}).textContent,
+          links: [...body.querySelectorAll('a')].map((x) => [x.getAttribute('href'), x.rel, x.textContent]),
+          text: body.textContent,
+        };
+      }, S);
+    });
 
-    // live after the reload
-    await say(a, m(3));
-    await gotEvent(b, m(3));
-    await b.waitForSelector(`.msg:has-text("${m(3)}")`, { timeout: T });
-    out.loads.bob.push(await frames(b));
+    // ---- react, edit, delete through the message menu
+    await step('react, edit and delete', async () => {
+      const id1 = await idOf(a.page, m.m1);
+      const id2 = await idOf(a.page, m.m2);
+      out.ids = { m1: id1, m2: id2 };
+      await a.page.click(`#rows .row[data-id="${id1}"] .more`);
+      await a.page.click('#menu [data-menu="react"][data-emoji="👍"]');
+      await b.page.waitForSelector(`#rows .row[data-id="${id1}"] .chip`, { timeout: T });
+      out.reactionChip = await b.page.textContent(`#rows .row[data-id="${id1}"] .chip`);
+      await a.page.click(`#rows .row[data-id="${id1}"] .more`);
+      await a.page.click('#menu [data-menu="edit"]');
+      await a.page.fill('#composer-input', m.m1edit);
+      await a.page.press('#composer-input', 'Enter');
+      await waitRow(b.page, m.m1edit);
+      out.edited = await b.page.evaluate((id) => {
+        const r = document.querySelector(`#rows .row[data-id="${id}"]`);
+        return r ? [r.querySelector('.body').textContent, !!r.querySelector('.edited')] : null;
+      }, id1);
+      await a.page.click(`#rows .row[data-id="${id2}"] .more`);
+      await a.page.click('#menu [data-menu="delete"]');
+      await b.page.waitForFunction((id) => {
+        const r = document.querySelector(`#rows .row[data-id="${id}"]`);
+        return r && r.classList.contains('deleted');
+      }, id2, { timeout: T });
+      out.deleted = await b.page.textContent(`#rows .row[data-id="${id2}"] .body`);
+    });
 
-    // bob away while alice writes; back: caught up from his cursor
-    await b.goto('about:blank');
-    await say(a, m(4));
-    await gotEvent(a, m(4));
-    await b.goto(`${base}/demo/?user=bob`);
-    await online(b);
-    await b.waitForSelector(`.msg:has-text("${m(4)}")`, { timeout: T });
-    await gotEvent(b, m(4));
+    await step('report a message', async () => {
+      const id1 = out.ids.m1;
+      await b.page.click(`#rows .row[data-id="${id1}"] .more`);
+      await b.page.click('#menu [data-menu="report"]');
+      await b.page.selectOption('#report-reason', 'spam');
+      await b.page.fill('#report-note', `asks to pay outside the platform ${S}`);
+      await b.page.click('#report-form button[value="report"]');
+      await b.page.waitForFunction(() => /Thanks/.test(document.getElementById('toast').textContent),
+                                   null, { timeout: T });
+    });
 
-    await say(a, m(5));
-    await gotEvent(b, m(5));
-    await gotEvent(a, m(5));
-    await b.waitForSelector(`.msg:has-text("${m(5)}")`, { timeout: T });
-    // a moment for anything the server would (wrongly) send on top
-    await new Promise((r) => setTimeout(r, 500));
-    out.loads.bob.push(await frames(b));
-    out.loads.alice.push(await frames(a));
+    // ---- blocked: the send fails; Discard drops it, Retry sends it later
+    await step('failed send: discard and retry', async () => {
+      await b.page.click('#block-btn');          // "Block Alice" (confirm accepted)
+      await b.page.waitForFunction(() => /Unblock/.test(document.getElementById('block-btn').textContent),
+                                   null, { timeout: T });
+      await say(a.page, m.m4);
+      await waitTick(a.page, m.m4, ['failed'], T);
+      out.failedNote = await a.page.evaluate((t) => {
+        const r = [...document.querySelectorAll('#rows > .row')].find((x) => (x.querySelector('.body') || {}).textContent === t);
+        return r ? r.querySelector('.failed-note').innerText : null;
+      }, m.m4);
+      await shot(a.page, 'conversation-failed');
+      await a.page.click('#rows .row .failed-note [data-act="discard"]');
+      await a.page.waitForFunction((t) => ![...document.querySelectorAll('#rows > .row .body')]
+        .some((x) => x.textContent === t), m.m4, { timeout: T });
+      await say(a.page, m.m5);
+      await waitTick(a.page, m.m5, ['failed'], T);
+      await b.page.click('#block-btn');          // "Unblock Alice"
+      await b.page.waitForFunction(() => /^Block/.test(document.getElementById('block-btn').textContent),
+                                   null, { timeout: T });
+      await a.page.click('#rows .row .failed-note [data-act="retry"]');
+      await waitRow(b.page, m.m5);
+      await waitTick(a.page, m.m5, ['sent', 'delivered', 'read'], T);
+      out.m4Gone = await countBody(a.page, m.m4) === 0;
+    });
 
-    out.alice = await a.locator('.msg').allInnerTexts();
-    out.bob = await b.locator('.msg').allInnerTexts();
-    out.ok = true;
+    await step('search', async () => {
+      await b.page.fill('#search-input', 'brief');
+      await b.page.waitForSelector('#result-list .result-item', { timeout: T });
+      out.search = await b.page.evaluate(() => [...document.querySelectorAll('#result-list .result-item')]
+        .map((x) => [x.querySelector('.snippet').innerHTML.includes('<mark>'), x.innerText.replace(/\s+/g, ' ')]));
+      await b.page.evaluate(() => window.demo.closeConversation());
+      await b.page.click('#result-list .result-item');
+      await b.page.waitForFunction((id) => window.demo.openId === id, G1, { timeout: T });
+      out.searchOpened = true;
+      await b.page.click('#search-clear');
+    });
+
+    // ---- reload: every message once, in order
+    await step('bob reloads', async () => {
+      await b.page.reload();
+      await b.page.evaluate(() => window.demo.ready);
+      await waitRow(b.page, m.m5);
+      out.afterReload = {
+        bob: { seqs: await b.page.evaluate(() => window.demo.seqs()), rows: await rows(b.page) },
+        alice: { seqs: await a.page.evaluate(() => window.demo.seqs()), rows: await rows(a.page) },
+      };
+    });
+
+    // ---- carol and dave: lists with badges, a group with read-by names
+    await step('carol: lists, group read-by, typing on a phone', async () => {
+      const cd = await open(browser, 'carol-desk', 'carol', '', DESK);
+      await cd.page.waitForSelector('.conv-item .badge', { timeout: T });
+      await shot(cd.page, 'list-unread');
+      await cd.ctx.close();
+      carol = await open(browser, 'carol', 'carol', '', PHONE);
+      await carol.page.waitForSelector('.conv-item .badge', { timeout: T });
+      out.carolBadges = await carol.page.evaluate(() => [...document.querySelectorAll('.conv-item')]
+        .map((x) => [x.querySelector('.title').textContent, (x.querySelector('.badge') || {}).textContent || '']));
+      out.carolTitle = await carol.page.title();
+      await shot(carol.page, 'list-unread');
+      dave = await open(browser, 'dave', 'dave', '&gig=gig-103', DESK);
+      await carol.page.click(`.conv-item[data-id="${G3}"]`);
+      out.carolPhoneView = await carol.page.evaluate(() => [document.body.dataset.view,
+        getComputedStyle(document.getElementById('sidebar')).display]);
+      await say(carol.page, m.group);
+      await waitRow(dave.page, m.group);
+      await carol.page.waitForFunction(() => [...document.querySelectorAll('#rows .readby')]
+        .some((x) => /Dave/.test(x.textContent)), null, { timeout: T });
+      out.readBy = await carol.page.evaluate(() => [...document.querySelectorAll('#rows .readby')].map((x) => x.textContent));
+      await dave.page.click('#composer-input');
+      await dave.page.keyboard.type('On it', { delay: 40 });
+      await carol.page.waitForFunction(() => /Dave is typing/.test(document.getElementById('typing').textContent),
+                                       null, { timeout: T });
+      await shot(carol.page, 'conversation-typing');
+    });
+
+    // ---- the server goes away: banner, an outbox message, recovery
+    await step('connection banner while nginx is stopped', async () => {
+      await ask('stop');
+      for (const p of [a.page, carol.page]) {
+        await p.waitForFunction(() => {
+          const x = document.getElementById('banner');
+          return !x.hidden && /retrying|offline/.test(x.dataset.state || '');
+        }, null, { timeout: T });
+      }
+      out.banner = await a.page.evaluate(() => [document.getElementById('banner').dataset.state,
+                                                document.getElementById('banner').textContent]);
+      await say(a.page, m.off);
+      await waitTick(a.page, m.off, ['sending'], T);
+      await shot(a.page, 'banner-offline');
+      await shot(carol.page, 'banner-offline');
+      await ask('start');
+      // the browser coming back online makes the client try at once
+      for (const c of [a.ctx, carol.ctx, b.ctx, dave.ctx]) {
+        await c.setOffline(true);
+        await c.setOffline(false);
+      }
+      for (const p of [a.page, b.page]) {
+        await p.waitForFunction(() => window.demo.client.info.state === 'connected', null, { timeout: 30000 });
+      }
+      await waitRow(b.page, m.off, 15000);
+      await waitTick(a.page, m.off, ['sent', 'delivered', 'read'], T);
+      await a.page.waitForFunction(() => document.getElementById('banner').hidden, null, { timeout: T });
+      out.offOnce = [await countBody(a.page, m.off), await countBody(b.page, m.off)];
+    });
+
+    // ---- 10,000 messages: a windowed list
+    await step('a 10,000-message conversation', async () => {
+      const t0 = Date.now();
+      await a.page.evaluate((id) => window.demo.openConversation(id), cfg.big);
+      out.timing.openBigMs = Date.now() - t0;
+      const info = () => a.page.evaluate(() => ({
+        rows: window.demo.rows(), held: window.demo.held(), seqs: window.demo.seqs(),
+        atBottom: window.demo.atBottom(),
+        last: (document.querySelector('#rows > .row:last-child') || {}).dataset,
+      }));
+      const first = await info();
+      out.big = { first: { rows: first.rows, held: first.held, atBottom: first.atBottom,
+                           lastSeq: Math.max(...first.seqs) } };
+      await shot(a.page, 'conversation-10k');
+      const t1 = Date.now();
+      for (let i = 0; i < 4; i++) {
+        const held = await a.page.evaluate(() => window.demo.held());
+        await a.page.evaluate(() => window.demo.scrollToTop());
+        await a.page.waitForFunction((h) => window.demo.held() > h, held, { timeout: T });
+      }
+      out.timing.fourOlderPagesMs = Date.now() - t1;
+      const after = await info();
+      const seqs = after.seqs;
+      out.big.after = {
+        rows: after.rows, held: after.held, atBottom: after.atBottom,
+        contiguous: seqs.every((s, i) => i === 0 || s === seqs[i - 1] + 1),
+        min: seqs[0], max: seqs[seqs.length - 1],
+        domSeqs: (await rows(a.page)).map((r) => Number(r.seq)),
+      };
+      // a wheel scroll (a person) keeps loading too
+      await a.page.mouse.move(800, 400);
+      await a.page.evaluate(() => window.demo.scrollToBottom());
+      await a.page.mouse.wheel(0, -3000);
+      await sleep(300);
+      out.big.afterWheel = await a.page.evaluate(() => ({ rows: window.demo.rows(), atBottom: window.demo.atBottom() }));
+    });
+
+    out.finalXss = [];
+    for (const x of [a, b, carol, dave]) {
+      if (x) out.finalXss.push(await x.page.evaluate(() => typeof window.__xss));
+    }
+    out.ok = out.steps.every((s) => s.ok);
   } catch (e) {
     out.ok = false;
-    out.error = e.message;
+    out.error = String(e.message || e);
   } finally {
     await browser.close();
   }
-  console.log(JSON.stringify(out));
+  process.stdout.write(JSON.stringify(out) + '\n');
+  lines.close();
 }
 
 main();
