@@ -107,6 +107,10 @@ export interface ChatOptions {
   readDelayMs?: number;
   /** send presence 'away' while every tab is hidden (default true) */
   presence?: boolean;
+  /** a registration of client/chat-sw.js (served from the page's origin):
+   *  with Background Sync the browser sends the outbox when the network
+   *  returns, even after the tabs closed (Chromium; ignored elsewhere) */
+  serviceWorker?: ServiceWorkerRegistration | Promise<ServiceWorkerRegistration>;
 }
 
 export interface SendOptions {

@@ -691,6 +691,26 @@ class Db {
   }
 }
 
+// the service worker's list of outboxes (see client/chat-sw.js)
+function syncRegistry(op, key, value) {
+  return new Promise((resolve, reject) => {
+    const rq = indexedDB.open('ngx-chat-sync', 1);
+    rq.onupgradeneeded = () => rq.result.createObjectStore('outboxes');
+    rq.onerror = () => reject(rq.error);
+    rq.onsuccess = () => {
+      const db = rq.result;
+      const tx = db.transaction('outboxes', 'readwrite');
+      if (op === 'put') {
+        tx.objectStore('outboxes').put(value, key);
+      } else {
+        tx.objectStore('outboxes').delete(key);
+      }
+      tx.oncomplete = () => { db.close(); resolve(); };
+      tx.onerror = () => { db.close(); reject(tx.error); };
+    };
+  });
+}
+
 // ------------------------------------------------------------- transports
 
 // Every transport calls back the client the same way:
@@ -1112,6 +1132,9 @@ export class ChatClient {
     }
     this._attUrls.clear();
     await this._saveCache();
+    if (this.o.serviceWorker && this.db && (await this.db.outboxAll().catch(() => [])).length) {
+      await this._registerSync();
+    }
     if (this.db) {
       this.db.close();
     }
@@ -1514,7 +1537,9 @@ export class ChatClient {
       if (!d.opened && !d.noTicket) {
         this.transportName = order[0];     // none worked: start over, later
       }
-      if (healthy || code === 1001 || code === 4001) {
+      // only a connection that lived resets the backoff: a server that
+      // accepts and drops at once (whatever the code) is not hammered
+      if (healthy) {
         this.attempt = 0;
       }
       delay = this.attempt === 0 && d.opened ? 0
@@ -2013,6 +2038,9 @@ export class ChatClient {
     this.stopTyping(cid);
     this._showPending(entry);
     await this.db.outboxPut(entry);
+    if (this.info.state !== 'connected') {
+      this._registerSync();
+    }
     this._post({ t: 'sending', entry });
     if (this.leader) {
       this._flushOutbox();
@@ -2084,6 +2112,10 @@ export class ChatClient {
         if (!next) {
           if (this._flushAgain) {
             continue;
+          }
+          if (this._syncToken) {
+            this._syncToken = false;
+            syncRegistry('delete', this.db.name).catch(noop);
           }
           return;
         }
@@ -2198,6 +2230,25 @@ export class ChatClient {
       this.ev.emit('message', m);
     }
     this._resolveSend(cmid, null, chatError('closed', 'discarded'));
+  }
+
+  // Background Sync (client/chat-sw.js): the browser sends the outbox when
+  // the network is back, even with every tab closed.  The service worker
+  // needs the token: it is kept in IndexedDB only while messages wait.
+  async _registerSync() {
+    try {
+      const reg = await this.o.serviceWorker;
+      if (!reg || !reg.sync || !this.db.persistent) {
+        return;
+      }
+      const token = await this._token(false);
+      await syncRegistry('put', this.db.name, { db: this.db.name, url: this.base.href, token,
+                                                exp: Math.floor(this._tokExp / 1000) });
+      this._syncToken = true;
+      await reg.sync.register('ngx-chat-outbox');
+    } catch (e) {
+      // no Background Sync: the tabs send it
+    }
   }
 
   // ----------------------------------------------- message operations

@@ -304,8 +304,79 @@ async function main() {
     bodies: T.client.messages(gid).map((m) => [m.body, m.state]) }), gid);
   out.steps.auth = s5;
 
+  if (browserName === 'chromium') {
+    out.steps.bgsync = await backgroundSync(b);
+  }
+
   out.log = log;
   await b.close();
+}
+
+// Background Sync: frank types two messages while the chat server is down
+// and closes his only tab; the server comes back and the browser fires the
+// sync (here through the DevTools protocol, as it would when the network
+// returns): client/chat-sw.js sends them, no page of the chat open.
+async function backgroundSync(b) {
+  const r = {};
+  const ctx = await b.newContext();
+  const page = await ctx.newPage();
+  await page.goto(pageUrl + '?chat=' + encodeURIComponent(chatUrl));
+  await page.waitForFunction(() => window.ready === true, { timeout: T });
+  r.active = await ev(page, async () => {
+    const reg = await navigator.serviceWorker.register('/client/chat-sw.js');
+    await T.waitFor(() => reg.active, 10000);
+    T.reg = reg;
+    return !!reg.sync;
+  });
+  await ev(page, () => T.make('frank', { serviceWorker: T.reg }));
+  await waitState(page, 'connected');
+  const cid = await ev(page, async () =>
+    (await T.client.createConversation({ kind: 'group', members: ['alice'], title: 'bg' })).id);
+  r.cid = cid;
+  await ask('stop');
+  await ev(page, () => T.waitFor(() => T.client.info.state !== 'connected'));
+  await ev(page, async (cid) => {
+    T.client.send(cid, 'bg 1').catch(() => {});
+    T.client.send(cid, 'bg 2').catch(() => {});
+    await new Promise((res) => setTimeout(res, 500));
+  }, cid);
+  await page.close();
+  await ask('start');
+  const blank = await ctx.newPage();
+  await blank.goto(pageUrl);
+  const cdp = await ctx.newCDPSession(blank);
+  const regs = [];
+  cdp.on('ServiceWorker.workerRegistrationUpdated', (e) => regs.push(...e.registrations));
+  await cdp.send('ServiceWorker.enable');
+  for (let i = 0; i < 50 && !regs.some((x) => !x.isDeleted); i++) {
+    await sleep(100);
+  }
+  const reg = regs.find((x) => !x.isDeleted);
+  await cdp.send('ServiceWorker.dispatchSyncEvent', {
+    origin: new URL(pageUrl).origin, registrationId: reg.registrationId,
+    tag: 'ngx-chat-outbox', lastChance: false,
+  });
+  r.stored = (await ask('bodies', { cid, want: 2 })).bodies;
+  r.outboxLeft = await ev(blank, () => new Promise((resolve) => {
+    const dbs = indexedDB.databases ? indexedDB.databases() : Promise.resolve([]);
+    dbs.then(async (list) => {
+      let n = 0;
+      for (const d of list) {
+        if (!d.name.endsWith(':frank')) {
+          continue;
+        }
+        const db = await new Promise((ok) => { const q = indexedDB.open(d.name); q.onsuccess = () => ok(q.result); });
+        n += await new Promise((ok) => {
+          const q = db.transaction('outbox').objectStore('outbox').count();
+          q.onsuccess = () => ok(q.result);
+        });
+        db.close();
+      }
+      resolve(n);
+    });
+  }));
+  await ctx.close();
+  return r;
 }
 
 // A fresh page counts timers, listeners, sockets, channels and fetches

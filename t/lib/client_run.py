@@ -79,7 +79,7 @@ def run(browser):
         Nginx(None, workers=1, module=False, port=web_port, server="""
             types { text/html html; text/javascript js; }
             location = /favicon.ico { return 204; }
-            location = /client/chat.js { alias %s/client/chat.js; }
+            location /client/ { alias %s/client/; }
             location /t/ { alias %s/t/lib/www/; }
             location = /demo/token { proxy_pass http://127.0.0.1:%d/token; }
         """ % (REPO, REPO, demo_port))
@@ -118,6 +118,19 @@ def run(browser):
                 chat.stop()
             elif cmd == "start":
                 chat.start()
+            elif cmd == "bodies":
+                def stored():
+                    rows = pg.query("SELECT body FROM chat_messages WHERE "
+                                    "conversation_id::text = %s ORDER BY seq", m["cid"])
+                    return [r[0] for r in rows] if len(rows) >= m["want"] else None
+                try:
+                    wait_for(stored, 15)
+                except Exception:
+                    pass
+                time.sleep(0.5)
+                ans["bodies"] = [r[0] for r in pg.query(
+                    "SELECT body FROM chat_messages WHERE conversation_id::text = %s "
+                    "ORDER BY seq", m["cid"])]
             elif cmd == "block":
                 chat.reload(http="chat_jwt_leeway 0;\nchat_cors_origins %s;\n" % web_origin
                             + BLOCK_MAPS.format(ws=1 if m.get("ws") else 0,
@@ -246,6 +259,13 @@ def check(browser, res, pg, chat):
     ok(["while expired", "sent"] in (a.get("bodies") or []) or
        ["while expired", "delivered"] in (a.get("bodies") or []),
        "%s: once a token comes again it reconnects and sends what waited" % B)
+
+    if B == "chromium":
+        s = steps.get("bgsync") or {}
+        ok(s.get("active"), "%s: the service worker is active and has Background Sync" % B)
+        is_(s.get("stored"), ["bg 1", "bg 2"], "%s: with every tab closed, the sync stored the "
+            "two messages typed offline, once each, in order" % B)
+        is_(s.get("outboxLeft"), 0, "%s: and emptied the outbox" % B)
 
     # the store: every message once, in the order each sender typed it
     cid = res.get("cid")
