@@ -26,7 +26,8 @@ export interface StateInfo {
 }
 
 export interface ChatError {
-  code: string;             // PROTOCOL §2 codes, plus 'network', 'closed'
+  code: string;             // PROTOCOL §2 codes, plus 'network', 'closed', 'timeout',
+                            // 'going_away' (1001), 'slow' (4008)
   message: string;          // for a person
   retry_after_ms?: number;
   status?: number;          // HTTP status, REST only
@@ -196,7 +197,7 @@ export declare class ChatClient {
   rest(method: string, path: string, body?: any): Promise<any>;
 }
 
-/** backoff: full jitter in [0, min(cap, base·2^attempt)], never below base/4 */
+/** backoff: 0 for attempt 0, else full jitter in [base/4, min(cap, base·2^(attempt-1))] */
 export declare function backoffDelay(attempt: number, base: number, cap: number, rand?: () => number): number;
 /** a person's sentence for an error */
 export declare function errorText(err: ChatError): string;

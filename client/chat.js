@@ -83,6 +83,8 @@ const TEXTS = {
   timeout: 'The server did not answer in time',
   closed: 'The chat was closed',
   bad_request: 'The server could not accept that',
+  going_away: 'The chat server is restarting',
+  slow: 'The connection is too slow',
 };
 
 export function errorText(err) {
@@ -90,6 +92,13 @@ export function errorText(err) {
     return '';
   }
   return TEXTS[err.code] || err.message || 'Something went wrong';
+}
+
+// a WebSocket close code as an error a person can read
+function closeError(code, reason) {
+  const c = { 1001: 'going_away', 1008: 'unauthorized', 1009: 'too_large', 4001: 'token_expired',
+              4008: 'slow', 4029: 'rate_limited' }[code] || 'network';
+  return { code: c, message: reason || '', close_code: code };
 }
 
 function chatError(code, message, extra) {
@@ -119,7 +128,9 @@ function uuid() {
 function jwtClaims(token) {
   try {
     const p = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-    return JSON.parse(atob(p + '='.repeat((4 - p.length % 4) % 4)));
+    const bin = atob(p + '='.repeat((4 - p.length % 4) % 4));
+    // claims are UTF-8: a user id "zoë" must equal the server's sender
+    return JSON.parse(new TextDecoder().decode(Uint8Array.from(bin, (ch) => ch.charCodeAt(0))));
   } catch (e) {
     return {};
   }
@@ -213,8 +224,11 @@ export class ChatStore {
       merged.last_seq = oldSeq;
       merged.last_message = oldLast;
       if (typeof c.unread_count === 'number') {
-        merged.unread_count = c.unread_count + this.messages(c.id).filter((m) =>
-          m.seq > (c.last_seq || 0) && m.sender !== this.me && !m.deleted).length;
+        const read = this.readSeq(c.id, this.me);
+        const from = Math.max(c.last_seq || 0, read);
+        merged.unread_count = (read >= (c.last_seq || 0) ? 0 : c.unread_count)
+          + this.messages(c.id).filter((m) => m.seq > from && m.sender !== this.me
+                                              && !m.deleted).length;
       }
     }
     this.convs.set(c.id, merged);
@@ -347,6 +361,11 @@ export class ChatStore {
     } else {
       // an edit or a tombstone replaces the text; history carries reactions
       const reactions = msg.reactions;
+      const c = this.convs.get(cid);
+      if (sm.deleted && !msg.deleted && c && c.unread_count > 0 && msg.sender !== this.me
+          && msg.seq > this.readSeq(cid, this.me)) {
+        c.unread_count--;       // deleted messages are not unread
+      }
       Object.assign(msg, sm);
       if (!sm.reactions && reactions) {
         msg.reactions = reactions;
@@ -358,12 +377,19 @@ export class ChatStore {
 
     const c = this.convs.get(cid);
     if (c) {
+      const unread = msg.sender !== this.me && !msg.deleted
+                     && msg.seq > this.readSeq(cid, this.me);
       if (msg.seq > (c.last_seq || 0)) {
         c.last_seq = msg.seq;
-        if (opts.live && msg.sender !== this.me && !msg.deleted
-            && msg.seq > this.readSeq(cid, this.me)) {
+        if (opts.live && unread) {
           c.unread_count = (c.unread_count || 0) + 1;
         }
+        if (opts.live && msg.sender === this.me) {
+          c.unread_count = 0;   // sending reads everything before it
+        }
+      } else if (opts.gap && isNew && unread) {
+        // a gap's message: the event after it moved last_seq already
+        c.unread_count = (c.unread_count || 0) + 1;
       }
       if (!c.last_message || c.last_message.seq <= msg.seq) {
         c.last_message = msg;
@@ -373,9 +399,6 @@ export class ChatStore {
     if (opts.live && msg.sender) {
       // sending moves the sender's own positions (PROTOCOL §9)
       this._moveReceipt(this._receipts(cid), msg.sender, msg.seq, msg.seq);
-      if (msg.sender === this.me && c) {
-        c.unread_count = 0;
-      }
     }
 
     if (msg.sender === this.me) {
@@ -540,9 +563,27 @@ export class ChatStore {
       .filter((r) => r.user !== m.sender && r.read_seq >= m.seq).map((r) => r.user);
   }
 
+  // what snapshot() saved: conversations, receipts (the ticks), messages
+  restore(snap) {
+    for (const c of snap.convs || []) {
+      this.upsertConversation(c);
+    }
+    for (const cid of Object.keys(snap.receipts || {})) {
+      this.applyReceipts(cid, snap.receipts[cid]);
+    }
+    for (const cid of Object.keys(snap.msgs || {})) {
+      for (const m of snap.msgs[cid]) {
+        this.applyMessage(m, {});
+      }
+    }
+  }
+
   // the last messages of each conversation, for the cache
   snapshot(n) {
-    const out = { convs: [...this.convs.values()].map(stripConv), msgs: {} };
+    const out = { convs: [...this.convs.values()].map(stripConv), msgs: {}, receipts: {} };
+    for (const [cid, m] of this.receiptMap) {
+      out.receipts[cid] = [...m.values()];
+    }
     for (const [cid, b] of this.msgs) {
       if (b.list.length) {
         out.msgs[cid] = b.list.slice(-n);
@@ -1150,6 +1191,9 @@ export class ChatClient {
   }
 
   _later(fn, ms) {
+    if (this.closed) {
+      return null;
+    }
     const t = setTimeout(() => {
       this._timers.delete(t);
       if (!this.closed) {
@@ -1235,7 +1279,9 @@ export class ChatClient {
     }
     // a minute before expiry; a short-lived token at 80% of its life
     const left = this._tokExp - now();
-    const at = Math.max(1000, left > 300000 ? left - 60000 : left * 0.8);
+    // (setTimeout fires at once past 2^31-1 ms: a token of a month is
+    // looked at again in 24 days)
+    const at = Math.min(0x7fffffff, Math.max(1000, left > 300000 ? left - 60000 : left * 0.8));
     this._refreshTimer = this._later(async () => {
       try {
         const t = await this._token(true);
@@ -1483,7 +1529,7 @@ export class ChatClient {
     this._flushOutbox();
     this._flushReads();
     this._scheduleProbe();
-    if (this._staleAfterDrop) {
+    if (this._staleAfterDrop || !this._listLoaded) {
       // what changed while away (unread counts of conversations we do not
       // hold events for) comes with the list
       this._staleAfterDrop = false;
@@ -1511,7 +1557,7 @@ export class ChatClient {
     const order = this._order();
     const code = d.code;
     let delay;
-    let error = d.error ? plainError(d.error) : { code: String(code), message: d.reason || '' };
+    let error = d.error ? plainError(d.error) : closeError(code, d.reason);
 
     if (code === 4009) {
       // replaced by a newer connection of this device: another window of
@@ -1896,7 +1942,7 @@ export class ChatClient {
         return;
       }
       for (const m of list) {
-        this._emitMessage(this.store.applyMessage(m, {}).msg);
+        this._emitMessage(this.store.applyMessage(m, { gap: true }).msg);
         from = Math.max(from, m.seq);
       }
     }
@@ -1955,7 +2001,6 @@ export class ChatClient {
       this.store.upsertConversation(c);
       if (c.last_message) {
         this.store.applyMessage(c.last_message, {});
-        this.store.conversation(c.id).unread_count = c.unread_count || 0;
       }
     }
     for (const c of this.store.conversations()) {
@@ -1969,15 +2014,13 @@ export class ChatClient {
     }
     this._unread();
     this._saveCacheSoon();
+    this._listLoaded = true;
     return this.store.conversations();
   }
 
   async loadConversation(id) {
     const j = await this.rest('GET', '/conversations/' + encodeURIComponent(id));
     const c = this.store.upsertConversation(j.conversation);
-    if (typeof j.conversation.unread_count === 'number') {
-      c.unread_count = j.conversation.unread_count;
-    }
     for (const m of this.store.retick(id)) {
       this._emitMessage(m);
     }
@@ -2524,14 +2567,7 @@ export class ChatClient {
     if (!snap) {
       return;
     }
-    for (const c of snap.convs || []) {
-      this.store.upsertConversation(c);
-    }
-    for (const cid of Object.keys(snap.msgs || {})) {
-      for (const m of snap.msgs[cid]) {
-        this.store.applyMessage(m, {});
-      }
-    }
+    this.store.restore(snap);
     for (const c of this.store.conversations()) {
       this.ev.emit('conversation', c);
     }
