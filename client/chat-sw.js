@@ -75,9 +75,22 @@ async function sendOutbox(reg) {
         // no JSON
       }
       if (r.status !== 401 && PERMANENT.includes(err.code)) {
-        // the page shows it failed, with Retry and Discard
-        e.failed = { code: err.code, message: err.message || '', status: r.status };
-        await idb(store(db, 'outbox', 'readwrite').put(e));
+        // the page shows it failed, with Retry and Discard (unless it was
+        // discarded meanwhile: get and put in one transaction)
+        const failed = { code: err.code, message: err.message || '', status: r.status };
+        await new Promise((resolve, reject) => {
+          const tx = db.transaction('outbox', 'readwrite');
+          const st = tx.objectStore('outbox');
+          const rq = st.get(e.client_msg_id);
+          rq.onsuccess = () => {
+            if (rq.result) {
+              rq.result.failed = failed;
+              st.put(rq.result);
+            }
+          };
+          tx.oncomplete = resolve;
+          tx.onerror = () => reject(tx.error);
+        });
         continue;
       }
       if (r.status === 401) {
@@ -85,6 +98,7 @@ async function sendOutbox(reg) {
       }
       throw new Error('chat server answered ' + r.status);
     }
+    return true;              // sent what it could: the token is not needed
   } finally {
     db.close();
   }
@@ -99,7 +113,10 @@ async function sendAll() {
     reg.close();
   }
   for (const r of list) {
-    await sendOutbox(r);
+    if (await sendOutbox(r)) {
+      const reg2 = await openDb(REGISTRY, (d) => d.createObjectStore('outboxes'));
+      await idb(store(reg2, 'outboxes', 'readwrite').delete(r.db)).finally(() => reg2.close());
+    }
   }
 }
 

@@ -37,7 +37,8 @@ export interface Attachment { id: string; name: string; mime: string; size: numb
 
 export interface Reaction { emoji: string; count: number; me: boolean; }
 
-export type SendState = 'sending' | 'sent' | 'delivered' | 'read' | 'failed';
+/** 'discarded': the last event of a message discard() removed */
+export type SendState = 'sending' | 'sent' | 'delivered' | 'read' | 'failed' | 'discarded';
 
 export interface Message {
   id: string | null;               // null until the server stored it
@@ -117,7 +118,8 @@ export interface ChatOptions {
 export interface SendOptions {
   format?: 'text' | 'markdown';
   reply_to?: string;
-  attachments?: string[];
+  /** upload ids, or what upload() answered (shown while the message waits) */
+  attachments?: (string | Attachment)[];
   mentions?: string[];
 }
 
@@ -127,8 +129,9 @@ export interface ChatEvents {
   state: StateInfo;
   /** a message was added or changed (new, optimistic, acked, edited, deleted, reactions, state) */
   message: Message;
-  /** a conversation was added or changed (unread_count, last_message, members, title …) */
-  conversation: Conversation;
+  /** a conversation was added or changed (unread_count, last_message, members, title …);
+   *  `{ id, removed: true }` when the user left it or it is gone from the list */
+  conversation: Conversation | { id: string; removed: true };
   /** users typing in a conversation now (other than me) */
   typing: { conversation_id: string; users: string[] };
   presence: PresenceInfo;
@@ -139,7 +142,7 @@ export interface ChatEvents {
   resync: { reason: string };
   /** every raw server event (durable and ephemeral) */
   event: any;
-  error: ChatError;
+  /** this tab became the one that holds the connection */
   leader: { leader: boolean };
 }
 
@@ -188,7 +191,8 @@ export declare class ChatClient {
   upload(file: Blob, name?: string): Promise<Attachment>;
   /** a URL the page can use in <img src> / <a href> for an attachment (object URL) */
   attachmentUrl(att: Attachment): Promise<string>;
-  search(q: string, opts?: { conversation_id?: string; limit?: number; cursor?: string }): Promise<any>;
+  search(q: string, opts?: { conversation_id?: string; limit?: number; cursor?: string;
+                             mode?: 'newest' | 'rank' }): Promise<any>;
   block(user: string): Promise<void>;
   unblock(user: string): Promise<void>;
   blocks(): Promise<string[]>;

@@ -43,6 +43,12 @@ const TYPING_EXPIRE_MS = 12000;   // a peer's "start" without a "stop" (server: 
 const CACHE_MESSAGES = 50;
 const SEND_RETRY_BASE_MS = 1000;
 
+// a status without a JSON body (a proxy's page) as an error code
+const STATUS_CODES = {
+  401: 'unauthorized', 403: 'forbidden', 404: 'not_found', 408: 'unavailable',
+  413: 'too_large', 415: 'unsupported_type', 429: 'rate_limited',
+};
+
 // errors that retrying the same request cannot mend
 const PERMANENT = new Set([
   'bad_request', 'forbidden', 'not_found', 'blocked', 'archived', 'conflict',
@@ -198,6 +204,7 @@ export class ChatStore {
     this.byCmid = new Map();      // own client_msg_id -> message
     this.receiptMap = new Map();  // conversation id -> Map(user -> receipt)
     this.blocked = new Set();
+    this.gen = 0;                 // bumped by every change of a conversation
   }
 
   conversation(id) { return this.convs.get(id); }
@@ -238,6 +245,10 @@ export class ChatStore {
         this._moveReceipt(m, r.user, r.delivered_seq, r.read_seq);
       }
     }
+    if (this.me && this.readSeq(c.id, this.me) >= (merged.last_seq || 0)) {
+      merged.unread_count = 0;  // read here already: an older count is stale
+    }
+    merged._gen = ++this.gen;
     return merged;
   }
 
@@ -259,6 +270,27 @@ export class ChatStore {
       this.msgs.set(cid, b);
     }
     return b;
+  }
+
+  // forget stored messages before seq (unsent ones stay)
+  dropBefore(cid, seq) {
+    const b = this.msgs.get(cid);
+    if (!b) {
+      return;
+    }
+    const keep = [];
+    for (const m of b.list) {
+      if (m.seq < seq) {
+        this.byId.delete(m.id);
+        if (m.client_msg_id && this.byCmid.get(m.client_msg_id) === m) {
+          this.byCmid.delete(m.client_msg_id);
+        }
+      } else {
+        keep.push(m);
+      }
+    }
+    b.list = keep;
+    b.complete = false;
   }
 
   hasMessages(cid) {
@@ -377,6 +409,7 @@ export class ChatStore {
 
     const c = this.convs.get(cid);
     if (c) {
+      c._gen = ++this.gen;
       const unread = msg.sender !== this.me && !msg.deleted
                      && msg.seq > this.readSeq(cid, this.me);
       if (msg.seq > (c.last_seq || 0)) {
@@ -421,6 +454,16 @@ export class ChatStore {
     if (!m) {
       return null;
     }
+    // the same event twice (a replay, history racing the stream) counts once
+    const key = ev.user + '|' + ev.emoji;
+    const what = ev.kind === 'reaction.added' ? 'added' : 'removed';
+    if (!m._rx) {
+      Object.defineProperty(m, '_rx', { value: new Map(), enumerable: false });
+    }
+    if (m._rx.get(key) === what) {
+      return m;
+    }
+    m._rx.set(key, what);
     const list = m.reactions ? m.reactions.slice() : [];
     let r = list.find((x) => x.emoji === ev.emoji);
     const mine = ev.user === this.me;
@@ -631,6 +674,7 @@ class Db {
     this.name = name;
     this.mem = { outbox: new Map(), kv: new Map() };
     this.db = null;
+    this.wanted = false;        // opened once: IndexedDB, never memory again
   }
 
   async open() {
@@ -648,8 +692,10 @@ class Db {
         rq.onerror = () => reject(rq.error);
         rq.onblocked = () => reject(new Error('blocked'));
       });
-      // another tab upgrading: let it, we reopen on next use
+      this.wanted = true;
+      // another tab upgrading (or the browser closing it): reopen on next use
       this.db.onversionchange = () => { this.db.close(); this.db = null; };
+      this.db.onclose = () => { this.db = null; };
       return true;
     } catch (e) {
       this.db = null;
@@ -657,44 +703,92 @@ class Db {
     }
   }
 
-  get persistent() { return !!this.db; }
+  get persistent() { return this.wanted; }
 
-  _tx(store, mode, fn) {
+  async _ensure() {
+    if (!this.db && this.wanted && !this.closed) {
+      if (!(await this.open())) {
+        throw new Error('IndexedDB cannot be opened');
+      }
+    }
+    return this.db;
+  }
+
+  async _tx(store, mode, fn) {
+    const db = await this._ensure();
     return new Promise((resolve, reject) => {
-      const tx = this.db.transaction(store, mode);
+      const tx = db.transaction(store, mode);
       const st = tx.objectStore(store);
-      const rq = fn(st);
-      tx.oncomplete = () => resolve(rq ? rq.result : undefined);
+      let out;
+      fn(st, (v) => { out = v; });
+      tx.oncomplete = () => resolve(out);
       tx.onerror = () => reject(tx.error);
       tx.onabort = () => reject(tx.error);
     });
   }
 
   async outboxAll() {
-    if (!this.db) {
+    if (!this.wanted) {
       return [...this.mem.outbox.values()].sort((a, b) => a.order - b.order);
     }
-    const all = await this._tx('outbox', 'readonly', (st) => st.getAll());
+    const all = await this._tx('outbox', 'readonly', (st, set) => {
+      const rq = st.getAll();
+      rq.onsuccess = () => set(rq.result);
+    });
     return all.sort((a, b) => a.order - b.order);
   }
 
   async outboxGet(cmid) {
-    if (!this.db) {
+    if (!this.wanted) {
       return this.mem.outbox.get(cmid);
     }
-    return this._tx('outbox', 'readonly', (st) => st.get(cmid));
+    return this._tx('outbox', 'readonly', (st, set) => {
+      const rq = st.get(cmid);
+      rq.onsuccess = () => set(rq.result);
+    });
   }
 
   async outboxPut(e) {
-    if (!this.db) {
+    if (!this.wanted) {
       this.mem.outbox.set(e.client_msg_id, e);
       return;
     }
     await this._tx('outbox', 'readwrite', (st) => st.put(e));
   }
 
+  // Changes an entry only if it is still there, in one transaction: a
+  // message discarded while its send was in flight stays discarded.
+  async outboxUpdate(cmid, patch) {
+    const apply = (e) => {
+      for (const k of Object.keys(patch)) {
+        if (patch[k] === undefined) {
+          delete e[k];
+        } else {
+          e[k] = patch[k];
+        }
+      }
+      return e;
+    };
+    if (!this.wanted) {
+      const e = this.mem.outbox.get(cmid);
+      return e ? apply(e) : null;
+    }
+    return this._tx('outbox', 'readwrite', (st, set) => {
+      const rq = st.get(cmid);
+      rq.onsuccess = () => {
+        if (rq.result) {
+          const e = apply(rq.result);
+          st.put(e);
+          set(e);
+        } else {
+          set(null);
+        }
+      };
+    });
+  }
+
   async outboxDelete(cmid) {
-    if (!this.db) {
+    if (!this.wanted) {
       this.mem.outbox.delete(cmid);
       return;
     }
@@ -702,18 +796,21 @@ class Db {
   }
 
   async get(k) {
-    if (!this.db) {
+    if (!this.wanted) {
       return this.mem.kv.get(k);
     }
     try {
-      return await this._tx('kv', 'readonly', (st) => st.get(k));
+      return await this._tx('kv', 'readonly', (st, set) => {
+        const rq = st.get(k);
+        rq.onsuccess = () => set(rq.result);
+      });
     } catch (e) {
       return undefined;
     }
   }
 
   async put(k, v) {
-    if (!this.db) {
+    if (!this.wanted) {
       this.mem.kv.set(k, v);
       return;
     }
@@ -725,6 +822,7 @@ class Db {
   }
 
   close() {
+    this.closed = true;
     if (this.db) {
       this.db.close();
       this.db = null;
@@ -806,14 +904,35 @@ class WsTransport {
 
   // The server pings too, but a browser cannot see that: a dead path shows
   // only as our own ping going unanswered.
+  // A hidden tab's timers may run once a minute: what counts is whether
+  // the last ping was answered, not how long ago something came.
   _keepalive() {
-    this.timer = setInterval(() => {
-      if (now() - this.lastIn > PING_MS + PONG_TIMEOUT_MS) {
+    this.timer = setInterval(() => this._ping(PONG_TIMEOUT_MS), PING_MS);
+  }
+
+  _ping(wait) {
+    if (this.pingAt && this.lastIn < this.pingAt && now() - this.pingAt >= wait) {
+      this._end(4000, 'no answer');
+      return;
+    }
+    if (!this.pingAt || this.lastIn >= this.pingAt) {
+      this.pingAt = now();
+      this.send({ type: 'ping', id: 'p' + this.pingAt });
+    }
+  }
+
+  // the browser says the network went away: find out now, not in 35 s
+  check() {
+    if (!this.opened || this.done) {
+      return;
+    }
+    this._ping(0);
+    clearTimeout(this.checkTimer);
+    this.checkTimer = setTimeout(() => {
+      if (!this.done && this.lastIn < this.pingAt) {
         this._end(4000, 'no answer');
-        return;
       }
-      this.send({ type: 'ping', id: 'p' + now() });
-    }, PING_MS);
+    }, 3000);
   }
 
   send(obj) {
@@ -831,6 +950,7 @@ class WsTransport {
     this.done = true;
     clearTimeout(this.timer);
     clearInterval(this.timer);
+    clearTimeout(this.checkTimer);
     if (this.ws) {
       this.ws.onmessage = this.ws.onclose = this.ws.onerror = null;
       try {
@@ -849,6 +969,7 @@ class WsTransport {
     this.done = true;
     clearTimeout(this.timer);
     clearInterval(this.timer);
+    clearTimeout(this.checkTimer);
     if (this.ws) {
       this.ws.onmessage = this.ws.onclose = this.ws.onerror = null;
       try {
@@ -1040,6 +1161,7 @@ export class ChatClient {
     this._peersTyping = new Map();  // conversation id -> Map(user -> expiry timer)
     this._presence = new Map();
     this._reads = new Map();        // conversation id -> seq to send
+    this._myReads = new Map();      // follower: the reads this tab made
     this._attUrls = new Map();
     this._tabsVisible = new Map();  // leader: tab -> visible
     this._psubs = new Map();        // leader: tab -> [users]
@@ -1055,10 +1177,13 @@ export class ChatClient {
   get listenerCount() { return this._listeners.length + this._timers.size; }
 
   async start() {
-    if (this._started) {
-      return this._started;
+    if (!this._started) {
+      // a start that failed (no token: offline at page load) may be retried
+      this._started = this._start().catch((e) => {
+        this._started = null;
+        throw e;
+      });
     }
-    this._started = this._start();
     return this._started;
   }
 
@@ -1077,9 +1202,31 @@ export class ChatClient {
       db.close();
       return;
     }
-    this.deviceId = this.o.deviceId || this._deviceId(persistent);
+    // Web Locks exist in secure contexts only (https, localhost): on plain
+    // http every tab connects for itself, with a device id of its own
+    const share = this.o.shareConnection && persistent
+                  && typeof BroadcastChannel !== 'undefined'
+                  && typeof navigator !== 'undefined' && !!navigator.locks;
+    this.deviceId = this.o.deviceId || this._deviceId(share);
+
+    if (share) {
+      // listen before reading the cache: what the leader relays meanwhile
+      // is applied after it, not lost
+      this._relayQueue = [];
+      this.bc = new BroadcastChannel('ngx-chat:' + key);
+      this.bc.onmessage = (ev) => {
+        if (this._relayQueue) {
+          this._relayQueue.push(ev.data);
+        } else {
+          this._onRelay(ev.data);
+        }
+      };
+    }
 
     await this._paintFromCache();
+    if (this.closed) {
+      return;
+    }
 
     this._listen(globalThis, 'online', () => this._wake('online'));
     this._listen(globalThis, 'offline', () => this._offline());
@@ -1087,12 +1234,12 @@ export class ChatClient {
       this._listen(document, 'visibilitychange', () => this._visibility());
     }
 
-    const share = this.o.shareConnection && persistent
-                  && typeof BroadcastChannel !== 'undefined'
-                  && typeof navigator !== 'undefined' && navigator.locks;
     if (share) {
-      this.bc = new BroadcastChannel('ngx-chat:' + key);
-      this.bc.onmessage = (ev) => this._onRelay(ev.data);
+      const queued = this._relayQueue;
+      this._relayQueue = null;
+      for (const m of queued) {
+        this._onRelay(m);
+      }
       this._lockAbort = new AbortController();
       navigator.locks.request('ngx-chat:' + key, { signal: this._lockAbort.signal }, () => {
         if (this.closed) {
@@ -1211,12 +1358,17 @@ export class ChatClient {
     }
   }
 
-  _deviceId(persistent) {
-    // one device per browser when tabs share the connection; else per tab
-    // (two tabs with one device id would replace each other, 4009)
+  _deviceId(share) {
+    // one device per browser when tabs share the connection; else one per
+    // client (two tabs with one device id would replace each other, 4009;
+    // a duplicated tab copies sessionStorage, so not that either)
+    const fresh = () => 'web-' + uuid().replace(/-/g, '').slice(0, 20);
+    if (!share) {
+      return fresh();
+    }
     const k = 'ngx-chat-device';
     try {
-      const st = persistent && this.o.shareConnection ? localStorage : sessionStorage;
+      const st = localStorage;
       let d = st.getItem(k);
       if (!d) {
         d = 'web-' + uuid().replace(/-/g, '').slice(0, 20);
@@ -1258,8 +1410,13 @@ export class ChatClient {
           throw chatError('unauthorized', 'the token provider gave no token');
         }
         this._tok = t;
-        const exp = jwtClaims(t).exp;
-        this._tokExp = exp ? exp * 1000 : 0;
+        this._refreshFails = 0;
+        const cl = jwtClaims(t);
+        // the token's life on this browser's clock: a clock that is off
+        // must not make every token look expired
+        const life = cl.exp && cl.iat ? (cl.exp - cl.iat) * 1000
+                     : cl.exp ? cl.exp * 1000 - now() : 0;
+        this._tokExp = cl.exp ? now() + Math.max(life, 0) : 0;
         this._scheduleRefresh();
         return t;
       }, (e) => {
@@ -1281,7 +1438,7 @@ export class ChatClient {
     const left = this._tokExp - now();
     // (setTimeout fires at once past 2^31-1 ms: a token of a month is
     // looked at again in 24 days)
-    const at = Math.min(0x7fffffff, Math.max(1000, left > 300000 ? left - 60000 : left * 0.8));
+    const at = Math.min(0x7fffffff, Math.max(5000, left > 300000 ? left - 60000 : left * 0.8));
     this._refreshTimer = this._later(async () => {
       try {
         const t = await this._token(true);
@@ -1289,7 +1446,11 @@ export class ChatClient {
           this._request({ type: 'auth', token: t }).catch(noop);
         }
       } catch (e) {
-        this._scheduleRefresh();
+        // the provider failed: ask again, backing off
+        this._refreshFails = (this._refreshFails || 0) + 1;
+        this._cancel(this._refreshTimer);
+        this._refreshTimer = this._later(() => this._scheduleRefresh(),
+                                         backoffDelay(this._refreshFails, 2000, 60000));
       }
     }, at);
   }
@@ -1316,15 +1477,33 @@ export class ChatClient {
       payload = JSON.stringify(body);
       headers['Content-Type'] = 'application/json';
     }
+    // a request that hangs (a half-open connection) must not hold the
+    // outbox: every call has a deadline; a held poll gets its own
+    const ac = new AbortController();
+    const limit = path.startsWith('/poll') ? POLL_TIMEOUT_MS + 15000 : 20000;
+    let timedOut = false;
+    const timer = setTimeout(() => { timedOut = true; ac.abort(); }, limit);
+    const onAbort = () => ac.abort();
+    if (signal) {
+      signal.addEventListener('abort', onAbort);
+    }
     let r;
     try {
-      r = await fetch(this._url(path), { method, headers, body: payload, signal,
+      r = await fetch(this._url(path), { method, headers, body: payload, signal: ac.signal,
                                          cache: 'no-store' });
     } catch (e) {
+      if (timedOut) {
+        throw chatError('timeout');
+      }
       if (e.name === 'AbortError') {
         throw chatError('closed', 'aborted');
       }
       throw chatError('network', 'network error');
+    } finally {
+      clearTimeout(timer);
+      if (signal) {
+        signal.removeEventListener('abort', onAbort);
+      }
     }
     let j = null;
     const text = await r.text().catch(() => '');
@@ -1339,8 +1518,8 @@ export class ChatClient {
       return j || {};
     }
     const err = (j && j.error) || {};
-    const code = err.code || (r.status === 404 ? 'not_found' : r.status >= 500 ? 'unavailable'
-                              : 'bad_request');
+    const code = err.code || STATUS_CODES[r.status]
+                 || (r.status >= 500 ? 'unavailable' : 'bad_request');
     if (r.status === 401 && !retried) {
       await this._token(true);
       return this._fetchJson(method, path, body, signal, true);
@@ -1413,6 +1592,12 @@ export class ChatClient {
       case 'read':
         this._queueRead(m.conversation_id, m.seq);
         return;
+      case 'sending':
+        this._showPending(m.entry);
+        return;
+      case 'discarded':
+        this._discarded(m.cmid);
+        return;
       default:
         return;
       }
@@ -1424,6 +1609,9 @@ export class ChatClient {
       this._visibility();
       if (this._mySub) {
         this._post({ t: 'psub', tab: this.tabId, users: this._mySub });
+      }
+      for (const [cid, seq] of this._myReads) {
+        this._post({ t: 'read', conversation_id: cid, seq });
       }
       this._post({ t: 'flush' });
       return;
@@ -1590,6 +1778,10 @@ export class ChatClient {
       }
       delay = this.attempt === 0 && d.opened ? 0
               : backoffDelay(Math.max(1, this.attempt), this.o.backoffBase, this.o.backoffCap);
+      if (delay === 0 && code === 1001) {
+        // a reload closed every connection at once: come back spread
+        delay = Math.floor(Math.random() * 1000);
+      }
       this.attempt++;
       if (d.error && d.error.retry_after_ms) {
         delay = Math.max(delay, d.error.retry_after_ms);
@@ -1625,6 +1817,9 @@ export class ChatClient {
   }
 
   _offline() {
+    if (this.leader && this.transport && this.transport.check) {
+      this.transport.check();
+    }
     if (this.leader && !this.transport && this._retryTimer) {
       this._setState('offline', Object.assign({}, this.info, { state: 'offline',
                      text: 'Offline — retrying when the network is back' }));
@@ -1790,6 +1985,16 @@ export class ChatClient {
         // a conversation we have not listed yet: fetch it once
         this.loadConversation(e.conversation_id).catch(noop);
       }
+      if (e.kind !== 'message.new' && !s.byId.has(e.message.id)) {
+        // a change to a message not held: history shows it as it is now;
+        // only the list's preview may need it
+        const c = s.conversation(e.conversation_id);
+        if (c && c.last_message && c.last_message.id === e.message.id) {
+          c.last_message = e.message;
+          this._emitConv(c.id);
+        }
+        return;
+      }
       const r = s.applyMessage(e.message, { live: true });
       if (e.kind === 'message.new' && e.message.sender !== this.user.id) {
         this._peerStopped(e.conversation_id, e.message.sender);
@@ -1919,9 +2124,10 @@ export class ChatClient {
   async _resync(reason) {
     this.ev.emit('resync', { reason });
     await this.loadConversations().catch(noop);
+    // one request at a time: a resync of every tab must not flood the server
     for (const cid of [...this.store.msgs.keys()]) {
-      if (this.store.hasMessages(cid)) {
-        this.loadHistory(cid, {}).catch(noop);
+      if (this.store.hasMessages(cid) && !this.closed) {
+        await this.loadHistory(cid, {}).catch(noop);
       }
     }
   }
@@ -1984,6 +2190,7 @@ export class ChatClient {
   readBy(m) { return this.store.readBy(m); }
 
   async loadConversations() {
+    const g0 = this.store.gen;
     const all = [];
     let before = null;
     for (let i = 0; i < 50; i++) {
@@ -1999,12 +2206,10 @@ export class ChatClient {
     for (const c of all) {
       seen.add(c.id);
       this.store.upsertConversation(c);
-      if (c.last_message) {
-        this.store.applyMessage(c.last_message, {});
-      }
     }
     for (const c of this.store.conversations()) {
-      if (!seen.has(c.id)) {
+      // not one an event created or changed while the list was on its way
+      if (!seen.has(c.id) && !(c._gen > g0)) {
         this.store.removeConversation(c.id);
         this.ev.emit('conversation', { id: c.id, removed: true });
       }
@@ -2043,6 +2248,15 @@ export class ChatClient {
     }
     const j = await this.rest('GET', '/conversations/' + encodeURIComponent(cid) + '/messages' + q);
     const list = j.messages || [];
+    const held = this.store.range(cid);
+    if (!opts.beforeSeq && held && list.length) {
+      // what is held must stay one run of seqs (older pages are asked for
+      // before the first held): the newest page after a hole replaces it
+      const first = Math.min(...list.map((m) => m.seq));
+      if (held.last < first - 1) {
+        this.store.dropBefore(cid, first);
+      }
+    }
     const out = [];
     for (const m of list) {
       const r = this.store.applyMessage(m, {});
@@ -2072,15 +2286,28 @@ export class ChatClient {
       format: opts.format || 'text', order: now() * 1000 + (orderSeq = (orderSeq + 1) % 1000),
       created_at: new Date().toISOString(), attempts: 0,
     };
-    for (const k of ['reply_to', 'attachments', 'mentions']) {
+    for (const k of ['reply_to', 'mentions']) {
       if (opts[k] !== undefined) {
         entry[k] = opts[k];
       }
     }
+    if (opts.attachments) {
+      // ids go on the wire; what upload() answered shows while it waits
+      entry.attachments = opts.attachments.map((a) => (typeof a === 'string' ? a : a.id));
+      entry.shown_attachments = opts.attachments.map((a) => (typeof a === 'string'
+        ? { id: a, name: '', mime: '', size: 0, url: null } : a));
+    }
     const done = this._waitSent(entry.client_msg_id);
     this.stopTyping(cid);
     this._showPending(entry);
-    await this.db.outboxPut(entry);
+    try {
+      await this.db.outboxPut(entry);
+    } catch (e) {
+      // nowhere to keep it: say so rather than pretend it will be sent
+      this._failed(entry.client_msg_id, { code: 'storage', message: String(e && e.message) },
+                   true);
+      return done;
+    }
     if (this.info.state !== 'connected') {
       this._registerSync();
     }
@@ -2118,12 +2345,22 @@ export class ChatClient {
   }
 
   _showPending(entry) {
+    const state = entry.failed ? 'failed' : 'sending';
+    const old = this.store.byCmid.get(entry.client_msg_id);
+    if (old) {
+      // a retry in another tab, a failure the service worker recorded
+      const m = this.store.setPendingState(entry.client_msg_id, state, entry.failed || undefined);
+      if (m) {
+        this._emitMessage(m);
+      }
+      return;
+    }
     const m = this.store.addPending({
       client_msg_id: entry.client_msg_id, conversation_id: entry.conversation_id,
       body: entry.body, format: entry.format, reply_to: entry.reply_to || null,
       created_at: entry.created_at, sender: this.user.id,
-      state: entry.failed ? 'failed' : 'sending', error: entry.failed || undefined,
-      attachments: [],
+      state, error: entry.failed || undefined,
+      attachments: entry.shown_attachments || [],
     });
     this._emitMessage(m);
   }
@@ -2131,7 +2368,8 @@ export class ChatClient {
   async _restoreOutbox() {
     const all = await this.db.outboxAll().catch(() => []);
     for (const e of all) {
-      if (!this.store.byCmid.has(e.client_msg_id)) {
+      const m = this.store.byCmid.get(e.client_msg_id);
+      if (!m || (m.seq == null && (m.state === 'failed') !== !!e.failed)) {
         this._showPending(e);
       }
     }
@@ -2147,16 +2385,23 @@ export class ChatClient {
     try {
       for (;;) {
         this._flushAgain = false;
-        if (!this.transport || this.info.state !== 'connected') {
+        if (!this.transport || this.info.state !== 'connected' || this.closed) {
           return;
         }
         const all = await this.db.outboxAll();
+        for (const e of all) {
+          if (e.failed && this.store.byCmid.has(e.client_msg_id)
+              && this.store.byCmid.get(e.client_msg_id).state === 'sending') {
+            this._failed(e.client_msg_id, e.failed, false);  // the service worker's verdict
+          }
+        }
         const next = all.find((e) => !e.failed);
         if (!next) {
           if (this._flushAgain) {
             continue;
           }
-          if (this._syncToken) {
+          if (this._syncToken || (this.o.serviceWorker && this.db.persistent)) {
+            // nothing waits: the service worker needs no token any more
             this._syncToken = false;
             syncRegistry('delete', this.db.name).catch(noop);
           }
@@ -2166,6 +2411,10 @@ export class ChatClient {
           return;
         }
       }
+    } catch (e) {
+      // IndexedDB refused: try again a little later
+      this._cancel(this._sendRetryTimer);
+      this._sendRetryTimer = this._later(() => this._flushOutbox(), 5000);
     } finally {
       this._flushing = false;
     }
@@ -2194,15 +2443,17 @@ export class ChatClient {
       }
     } catch (err) {
       if (PERMANENT.has(err.code)) {
-        e.failed = plainError(err);
-        await this.db.outboxPut(e);
-        this._failed(e.client_msg_id, e.failed, false);
+        const failed = plainError(err);
+        // not if it was discarded meanwhile
+        if (await this.db.outboxUpdate(e.client_msg_id, { failed })) {
+          this._failed(e.client_msg_id, failed, false);
+        }
         return true;                    // the next one may go
       }
       // transient: keep it, try again later (in order: nothing after it
       // goes first)
       e.attempts = (e.attempts || 0) + 1;
-      await this.db.outboxPut(e).catch(noop);
+      await this.db.outboxUpdate(e.client_msg_id, { attempts: e.attempts }).catch(noop);
       const delay = Math.max(err.retry_after_ms || 0,
                              backoffDelay(Math.min(e.attempts, 6), SEND_RETRY_BASE_MS, 30000));
       this._cancel(this._sendRetryTimer);
@@ -2238,13 +2489,10 @@ export class ChatClient {
   }
 
   async retry(cmid) {
-    const e = await this.db.outboxGet(cmid);
+    const e = await this.db.outboxUpdate(cmid, { failed: undefined, attempts: 0 });
     if (!e) {
       throw chatError('not_found', 'nothing to retry');
     }
-    delete e.failed;
-    e.attempts = 0;
-    await this.db.outboxPut(e);
     const done = this._waitSent(cmid);
     const m = this.store.setPendingState(cmid, 'sending');
     if (m) {
@@ -2346,6 +2594,8 @@ export class ChatClient {
     if (this.leader) {
       this._queueRead(cid, seq);
     } else {
+      // kept: a leader that dies before sending it gets it from the next
+      this._myReads.set(cid, seq);
       this._post({ t: 'read', conversation_id: cid, seq });
     }
   }
@@ -2361,16 +2611,21 @@ export class ChatClient {
   }
 
   _flushReads() {
-    if (!this.leader || this._reads.size === 0) {
-      return;
+    if (!this.leader || this._reads.size === 0 || !this.transport
+        || this.info.state !== 'connected') {
+      return;                   // kept for the next connection
     }
-    const ws = this.transport && this.transport.name === 'websocket' ? this.transport : null;
+    const ws = this.transport.name === 'websocket' ? this.transport : null;
     for (const [cid, seq] of this._reads) {
       if (ws) {
         ws.send({ type: 'read', conversation_id: cid, seq });
       } else {
         this.rest('POST', '/conversations/' + encodeURIComponent(cid) + '/read', { seq })
-          .catch(noop);
+          .catch((e) => {
+            if (!PERMANENT.has(e.code) && !this.closed) {
+              this._queueRead(cid, seq);
+            }
+          });
       }
     }
     this._reads.clear();
@@ -2515,6 +2770,15 @@ export class ChatClient {
       })();
       p.catch(() => this._attUrls.delete(att.id));
       this._attUrls.set(att.id, p);
+      if (this._attUrls.size > 200) {
+        // the oldest blob goes (a page that still shows it fetches it again)
+        const [oldId, oldP] = this._attUrls.entries().next().value;
+        this._attUrls.delete(oldId);
+        oldP.then((u) => URL.revokeObjectURL(u), noop);
+      }
+    } else {
+      this._attUrls.delete(att.id);         // most recently used last
+      this._attUrls.set(att.id, p);
     }
     return p;
   }
@@ -2588,9 +2852,12 @@ export class ChatClient {
     if (!this.leader || !this.db) {
       return;
     }
-    if (this.cursor) {
-      await this.db.put('cursor', this.cursor);
-    }
+    // the cache first: a cursor saved ahead of it would skip events the
+    // cache does not hold (one behind it only replays, deduplicated)
+    const cursor = this.cursor;
     await this.db.put('cache', this.store.snapshot(CACHE_MESSAGES));
+    if (cursor) {
+      await this.db.put('cursor', cursor);
+    }
   }
 }

@@ -155,6 +155,7 @@ start_demo() {
     say "starting the demo token server on 127.0.0.1:$DEMO_PORT"
     nohup "$PY" "$REPO/client/demo/app.py" --host 127.0.0.1 --port "$DEMO_PORT" \
         --secret "$VAR/jwt_secret" --pidfile "$SOCK/demo.pid" \
+        --chat-url "http://127.0.0.1:$HTTP_PORT/chat" \
         >>"$LOGS/demo.log" 2>&1 < /dev/null &
     local i
     for ((i = 0; i < 50; i++)); do

@@ -1,161 +1,395 @@
 #!/usr/bin/python3
-# The demo page in real Chromium (Debian's, driven by playwright-core):
-# alice and bob chat from two windows through nginx + the module +
-# PostgreSQL; a reload brings the history back without duplicates.
-# What the server sent is checked under the page: t/lib/demo_browser.js
-# records every WebSocket frame each page load received and sent (an init
-# script wraps window.WebSocket), so "each message once" is the server's
-# doing, not the page's own de-duplication: each connection gets exactly
-# one message.new frame per message, in seq order, and a page that comes
-# back (reload; leaving and returning while a message is sent) resumes with
-# its cursor -- nothing before it again, nothing after it missing.
+# The demo web app (client/demo/: index.html, app.js on client/chat.js) in
+# real Chromium (Debian's, driven by playwright-core: t/lib/demo_browser.js)
+# through nginx + the module + PostgreSQL, with the demo's token server
+# (client/demo/app.py) seeding the gig conversations:
+#
+#  1. app.py seeds the gigs over the service API, idempotently (a second
+#     server process seeds the same conversations again: same ids, nothing
+#     new); system messages are format "system".
+#  2. alice and bob (two browser contexts) open their gig: typing shows in
+#     bob's page and clears when alice sends; the message reaches bob's page
+#     (the time is reported, not judged); alice's tick reaches "read".  With
+#     bob on the list the next message is delivered but not read (badge,
+#     title, notification); opening it reads it.
+#  3. Markup in a body and in a file name shows as text (window.__xss stays
+#     unset), the markdown subset renders, an image previews from an object
+#     URL, a file downloads; react, edit, delete, report, block: a send to a
+#     blocker fails, Discard drops it, Retry sends it once unblocked.
+#  4. Everything is stored once, in order (chat_messages), and every page,
+#     also after bob's reload, shows each message once, in seq order.
+#  5. A group shows who read ("Seen by Dave") and who types, on a phone.
+#  6. nginx stopped: the connection banner; a message written meanwhile is
+#     sent once when it is back.
+#  7. A 10,000-message conversation (sent through the REST API) opens with
+#     far fewer rows in the DOM than messages; scrolling up loads older
+#     pages and keeps the rows few.
+#
+# Screenshots of the key states (desktop 1280x800, phone 390x844) go to
+# $CHAT_SCREENSHOTS if set, else to the test's temp dir (kept with KEEP=1);
+# their paths are printed.
+import base64
+import http.client
 import json
 import os
+import queue
+import shutil
+import struct
 import subprocess
 import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from chattest import *  # noqa: E402,F403
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 if not os.path.exists("/usr/bin/chromium") or not os.path.isdir(
         os.path.join(REPO, "client", "node_modules", "playwright-core")):
     bail_out("Chromium or playwright-core is missing: run scripts/install-deps.sh")
+if not os.path.exists(os.path.join(REPO, "client", "chat.js")):
+    bail_out("client/chat.js is missing")
 
+T0 = time.monotonic()
 pg = PgCluster()
+FILES = os.path.join(tmpdir(), "files")
+os.mkdir(FILES)
+shutil.chown(FILES, "nobody")
+SHOTS = os.environ.get("CHAT_SCREENSHOTS") or os.path.join(tmpdir(), "screenshots")
+os.makedirs(SHOTS, exist_ok=True)
+SVC = token("platform", role="service")
+STAMP = str(int(time.time()))
+
 demo_port = free_port()
-app = subprocess.Popen(["/usr/bin/python3", os.path.join(REPO, "client", "demo", "app.py"),
-                        "--port", str(demo_port), "--secret", hs_secret_file()],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-try:
-    def token_server_up():
-        try:
-            return b" 200 " in http_raw(b"GET /token?user=x HTTP/1.0\r\n\r\n",
-                                        port=demo_port)
-        except OSError:
-            return False
+ng_port = free_port()
 
-    wait_for(token_server_up, 10, what="demo token server")
-    ng = Nginx(pg, workers=2, server="""
-        location /demo/ {
-            alias %s/client/demo/;
-        }
-        location = /demo/token {
-            proxy_pass http://127.0.0.1:%d/token;
-        }
-    """ % (REPO, demo_port))
 
-    out = subprocess.run(["node", os.path.join(REPO, "t", "lib", "demo_browser.js"),
-                          "http://127.0.0.1:%d" % ng.port],
-                         capture_output=True, text=True, timeout=120)
-    res = {}
+def start_app(port):
+    return subprocess.Popen(
+        ["/usr/bin/python3", os.path.join(REPO, "client", "demo", "app.py"),
+         "--port", str(port), "--secret", hs_secret_file(),
+         "--chat-url", "http://127.0.0.1:%d/chat" % ng_port],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmpdir(), "app-%d.log" % port), "w"))
+
+
+def app_get(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        diag("driver output:", out.stdout, out.stderr)
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        c.close()
 
-    ok(res.get("ok"), "both windows came online, exchanged messages, bob reloaded, left and "
-       "came back" + ("" if res.get("ok") else ": %s" % res.get("error")))
 
-    bodies = res.get("bodies") or []
-    alice = res.get("alice") or []
-    bob = res.get("bob") or []
-    ok(bodies and any(bodies[0] in m for m in bob), "bob's window shows alice's message")
-    ok(len(bodies) > 1 and any(bodies[1] in m for m in alice),
-       "alice's window shows bob's reply")
-    is_(len(bob), 5, "after the reload and the return bob's window shows each message once")
-    is_(len(alice), 5, "alice's window shows each message once (reply and event deduplicated)")
+def app_up(port):
+    try:
+        return app_get(port, "/health")[0] == 200
+    except OSError:
+        return False
 
-    rows = pg.query("SELECT m.id::text, m.seq, m.sender, m.body, e.gseq FROM chat_messages m "
-                    "JOIN chat_events e ON e.conversation_id = m.conversation_id "
-                    "AND e.kind = 'message.new' "
-                    "AND coalesce(e.message_id::text, e.payload::jsonb -> 'message' ->> 'id') = m.id::text "
-                    "ORDER BY m.seq")
-    is_([(r[2], r[3]) for r in rows],
-        list(zip(["alice", "bob", "alice", "alice", "alice"], bodies)) if bodies else [None],
-        "the store holds the five messages, in order")
-    dbid = {r[3]: r[0] for r in rows}           # body -> message id
-    ids = [dbid.get(b) for b in bodies]          # m1..m5
-    db_gseq = {r[0]: r[4] for r in rows}
 
-    # --- what the server sent, frame by frame (recorded under the page) ---
-    def conns(load):
-        """{conn index: {"in": [parsed frames], "out": [parsed frames]}}"""
-        out = {}
-        for f in load:
+def png(w, h):
+    """A small gradient PNG (stdlib only): the image attachment."""
+    raw = b"".join(b"\x00" + b"".join(bytes((x * 255 // w, y * 255 // h, 170)) for x in range(w))
+                   for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+app = start_app(demo_port)
+try:
+    wait_for(lambda: app_up(demo_port), 10, what="demo token server")
+    # seeding before the chat is up: refused, and the server stays up
+    st, body = app_get(demo_port, "/seed")
+    is_(st, 503, "seeding while the chat is down: 503, the token server carries on")
+    st, body = app_get(demo_port, "/token?user=alice")
+    ok(st == 200 and body.get("token"), "... and still hands out tokens")
+
+    ng = Nginx(pg, workers=2, port=ng_port,
+               http="chat_attachments %s; chat_attachment_max_size 1m;" % FILES,
+               server="""
+        types { text/html html; text/css css; text/javascript js; }
+        charset utf-8;
+        charset_types text/css text/javascript;
+        location /chat-files/ { internal; alias %(files)s/; }
+        location /demo/ { alias %(repo)s/client/demo/; index index.html; }
+        location = /client/chat.js { alias %(repo)s/client/chat.js; }
+        location = /client/chat-sw.js { alias %(repo)s/client/chat-sw.js; }
+        location = /demo/token { proxy_pass http://127.0.0.1:%(dp)d/token; }
+        location = /demo/seed { proxy_pass http://127.0.0.1:%(dp)d/seed; }
+    """ % {"files": FILES, "repo": REPO, "dp": demo_port})
+
+    # ---- 1. seeding
+    st, body = app_get(demo_port, "/seed")
+    is_(st, 200, "the demo server seeds the gigs once the chat is up")
+    convs = body.get("seeded") or {}
+    is_(sorted(convs), ["gig-101", "gig-102", "gig-103"], "... three gig conversations")
+    app2_port = free_port()
+    app2 = start_app(app2_port)
+    try:
+        wait_for(lambda: app_up(app2_port), 10, what="second demo server")
+        n_before = pg.query("SELECT count(*) FROM chat_messages")[0][0]
+        st, body2 = app_get(app2_port, "/seed")
+        is_((st, body2.get("seeded")), (200, convs),
+            "a second server process seeds again: the same conversations")
+        is_(pg.query("SELECT count(*) FROM chat_messages")[0][0], n_before, "... and no new messages")
+        is_(pg.query("SELECT count(*) FROM chat_conversations")[0][0], 3, "... nor conversations")
+    finally:
+        app2.terminate()
+        app2.wait(10)
+    rows = pg.query("SELECT id::text, kind, title, context->>'gig_id', context->>'status', "
+                    "(context->>'budget')::int, array(SELECT user_id FROM chat_members m "
+                    "WHERE m.conversation_id = c.id ORDER BY 1) FROM chat_conversations c ORDER BY id")
+    is_([(r[1], r[2], r[3], r[6]) for r in rows],
+        [("direct", "Logo for a bakery", "gig-101", ["alice", "bob"]),
+         ("direct", "Product photos for a shop", "gig-102", ["carol", "dave"]),
+         ("group", "React dashboard build", "gig-103", ["carol", "dave", "erin"])],
+        "the gigs: kind, title, context.gig_id, members")
+    sysrows = pg.query("SELECT conversation_id::text, seq, sender, body FROM chat_messages "
+                       "WHERE format = 'system' ORDER BY conversation_id, seq")
+    is_([(r[0], r[1], r[2]) for r in sysrows],
+        [(convs["gig-101"], 1, "platform"), (convs["gig-102"], 1, "platform"),
+         (convs["gig-103"], 1, "platform")],
+        "each gig starts with a system message from the platform")
+
+    # ---- the 10,000-message conversation, through the REST API
+    st, _, body = api("POST", "/chat/api/conversations", token=SVC,
+                      json={"kind": "direct", "members": ["alice", "erin"], "title": "Bookkeeping retainer",
+                            "context": {"gig_id": "gig-900", "title": "Bookkeeping retainer",
+                                        "budget": 1200, "currency": "USD", "status": "in_progress",
+                                        "client": "alice"}})
+    BIG = body["conversation"]["id"]
+    toks = {u: token(u, name=u.capitalize()) for u in ("alice", "erin")}
+    local = threading.local()
+
+    def post(i):
+        c = getattr(local, "c", None)
+        if c is None:
+            c = local.c = http.client.HTTPConnection("127.0.0.1", ng.port, timeout=30)
+        u = ("erin", "alice")[i % 2]
+        data = json.dumps({"client_msg_id": "bulk-%d" % i,
+                           "body": "Ledger line %d: invoice %d reconciled" % (i, 1000 + i)}).encode()
+        c.request("POST", "/chat/api/conversations/%s/messages" % BIG, body=data,
+                  headers={"Authorization": "Bearer " + toks[u], "Content-Type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        return r.status
+
+    t = time.monotonic()
+    with ThreadPoolExecutor(8) as ex:
+        statuses = list(ex.map(post, range(10000)))
+    diag("10,000 messages posted over REST in %.1f s" % (time.monotonic() - t))
+    is_(statuses.count(201), 10000, "10,000 messages sent through the REST API")
+    is_(pg.query("SELECT count(*), max(seq) FROM chat_messages WHERE conversation_id = %s", int(BIG))[0],
+        (10000, 10000), "... stored, seq 1..10000")
+
+    # ---- the browser
+    cfg = {"base": "http://127.0.0.1:%d" % ng.port, "convs": convs, "big": BIG, "shots": SHOTS,
+           "png": base64.b64encode(png(160, 100)).decode(), "stamp": STAMP}
+    cfg_path = write_file("demo_browser.json", json.dumps(cfg))
+    drv = subprocess.Popen(["node", os.path.join(REPO, "t", "lib", "demo_browser.js"), cfg_path],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=open(os.path.join(tmpdir(), "driver.log"), "w"), text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in drv.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    res = {}
+    deadline = time.monotonic() + 240
+    stopped_for = None
+    while True:
+        try:
+            line = lines.get(timeout=max(1, deadline - time.monotonic()))
+        except queue.Empty:
+            diag("the browser driver ran out of time")
+            drv.kill()
+            break
+        if line is None:
+            break
+        line = line.strip()
+        if line == "@@stop":
+            t = time.monotonic()
+            ng.stop()
+            stopped_for = t
+            drv.stdin.write("ok\n")
+            drv.stdin.flush()
+        elif line == "@@start":
+            diag("nginx was down for %.1f s" % (time.monotonic() - stopped_for))
+            ng.start()
+            drv.stdin.write("ok\n")
+            drv.stdin.flush()
+        elif line.startswith("{"):
             try:
-                m = json.loads(f["data"])
+                res = json.loads(line)
             except ValueError:
-                m = {"type": "_unparsed", "raw": f["data"]}
-            out.setdefault(f["conn"], {"in": [], "out": []})[f["dir"]].append(m)
-        return out
+                diag("driver output: " + line[:2000])
+    drv.wait(30)
+    if not res:
+        diag("driver log:", open(os.path.join(tmpdir(), "driver.log")).read()[-4000:])
 
-    def news(frames):
-        """(message id, cursor) of every message.new event frame, as received"""
-        return [((m.get("event") or {}).get("message", {}).get("id"), m.get("cursor"))
-                for m in frames if m.get("type") == "event"
-                and (m.get("event") or {}).get("kind") == "message.new"]
+    ok(res.get("ok"), "the browser driver ran every step" + ("" if res.get("ok") else ": %s" % res.get("error")))
+    for s in res.get("steps", []):
+        ok(s["ok"], "browser: %s (%d ms)%s" % (s["name"], s["ms"], "" if s["ok"] else ": " + s.get("error", "")))
+    is_(res.get("errors"), [], "no script errors in any page")
+    for f in res.get("shots", []):
+        diag("screenshot: %s" % f)
 
-    def durable(frames):
-        return [m.get("cursor") for m in frames if m.get("type") == "event" and "cursor" in m]
+    M = res.get("bodies") or {}
+    tm = res.get("timing") or {}
+    diag("alice -> bob: %s ms from Enter to bob's page; typing cleared %s ms after; "
+         "10k conversation opened in %s ms; 4 older pages in %s ms"
+         % (tm.get("deliverMs"), tm.get("typingClearMs"), tm.get("openBigMs"), tm.get("fourOlderPagesMs")))
 
-    def hello_cursor(c):
-        for m in c["out"]:
-            if m.get("type") == "hello":
-                return m.get("cursor")
-        return None
+    # sign-in
+    signin = res.get("signin") or []
+    is_(len(signin), 5, "the sign-in screen lists five demo people")
+    ok(any("Alice" in s and "Client" in s for s in signin)
+       and any("Bob" in s and "Freelancer" in s for s in signin), "... with their name and role")
 
-    loads = res.get("loads") or {}
-    a_loads = [conns(l) for l in loads.get("alice") or []]
-    b_loads = [conns(l) for l in loads.get("bob") or []]
-    is_([len(l) for l in a_loads], [1], "alice's page: one WebSocket connection")
-    is_([len(l) for l in b_loads], [1, 1, 1], "bob's three page loads: one WebSocket "
-        "connection each")
+    # 2. live
+    is_(res.get("openIds"), [convs["gig-101"]] * 2, "?gig=gig-101 opens the gig's conversation in both pages")
+    like(res.get("transport"), r"^WebSocket", "the transport indicator says WebSocket")
+    is_(res.get("swScope"), "/client/", "the outbox service worker (client/chat-sw.js) is registered")
+    like(res.get("systemRow"), r"Contract started: Logo for a bakery", "the system message is shown")
+    like(res.get("typingShown"), r"^Alice is typing", "bob's page shows alice typing")
+    ok(tm.get("deliverMs") is not None, "alice's message reached bob's page (in %s ms)" % tm.get("deliverMs"))
+    ticks = res.get("ticksM1") or []
+    order = ["sending", "sent", "delivered", "read"]
+    ok(ticks and ticks[-1] == "read" and all(order.index(a) < order.index(b) for a, b in zip(ticks, ticks[1:])),
+       "alice's tick only moves forward and ends at read: %s" % ticks)
+    is_(res.get("onceM1"), [1, 1], "the message shows once in each page")
+    is_(res.get("m2WhileAway"), "delivered", "with bob on the list, alice's next message is delivered, not read")
+    is_(res.get("bobTitle"), "(1) Chat", "bob's title counts the unread message")
+    notes = res.get("bobNotes") or []
+    ok(any(M.get("m2", "?") in (n.get("body") or "") for n in notes),
+       "bob gets a notification for it (conversation not in view)")
+    like(res.get("bobPreview"), r"Did you get the brief", "bob's list shows it as the last message")
+    is_(res.get("presenceDot"), "online", "... and alice's presence dot as online")
+    t2 = res.get("ticksM2") or []
+    ok(t2[-2:] == ["delivered", "read"], "its tick goes delivered, then read when bob opens it: %s" % t2)
+    is_(res.get("bobTitleAfter"), "Chat", "... and bob's title has no unread count")
 
-    # alice: one connection for the whole run
-    ac = a_loads[0][0] if a_loads and 0 in a_loads[0] else {"in": [], "out": []}
-    got = news(ac["in"])
-    is_([i for i, _ in got], ids, "alice's connection received exactly one message.new "
-        "frame per message, m1..m5 in seq order")
-    gs = [gseq(c) for c in durable(ac["in"])]
-    ok(gs and all(b > a for a, b in zip(gs, gs[1:])),
-       "... and no durable event twice (cursors strictly increasing)")
-    is_([gseq(c) for _, c in got], [db_gseq.get(i) for i in ids],
-        "... each with the cursor of its event in the store")
+    # 3. safety and message operations
+    xss = res.get("xss") or {}
+    for who in ("alice", "bob"):
+        x = xss.get(who) or {}
+        is_(x.get("flag"), "undefined", "%s's page: no markup ran (window.__xss unset)" % who)
+        is_(x.get("body"), M.get("xss"), "%s's page: the markup in the body shows as text" % who)
+        is_(x.get("fileName"), '<img src=x onerror="window.__xss=1">.txt',
+            "%s's page: the markup in the file name shows as text" % who)
+        is_((x.get("strayImg"), x.get("scripts")), (0, 0), "%s's page: no <img src=x> or <script> made" % who)
+        is_((x.get("imgSrc"), x.get("imgSize")), ("blob:", [160, 100]),
+            "%s's page: the image previews from an object URL" % who)
+    is_(res.get("finalXss"), ["undefined"] * 4, "no page ran the markup by the end")
+    # (Chromium replaces <, > and " in a download's name)
+    like(res.get("download"), r"^.img src=x onerror=.window\.__xss=1..\.txt$",
+         "the file downloads under its name")
+    md = res.get("md") or {}
+    is_((md.get("strong"), md.get("em"), md.get("code")), ("bold", "italic", "code"),
+        "markdown: **bold**, _italic_, `code`")
+    is_(md.get("links"), [["https://example.com/a_b", "noopener noreferrer nofollow", "https://example.com/a_b"]],
+        "only the https link is a link (rel noopener); the javascript: one is text")
+    like(md.get("text"), r"\[bad\]\(javascript:alert\(1\)\)", "... shown as typed")
+    like(res.get("reactionChip"), r"1$", "a reaction from alice's menu shows in bob's page")
+    is_(res.get("edited"), [M.get("m1edit"), True], "an edit shows in bob's page, marked edited")
+    is_(res.get("deleted"), "This message was deleted", "a delete shows as a tombstone")
+    is_(res.get("menuKeys"), [True, True, True],
+        "the message menu opens with Enter (focus inside) and Escape closes it (focus back)")
+    like(res.get("replyContext"), r"^Replying to Bob: Got it", "the composer says what it replies to")
+    like(res.get("replyQuote"), r"Bob: Got it, thanks!", "bob's page shows the reply with the quoted message")
+    like(res.get("failedNote"), r"(?s)Not sent.*Retry.*Discard", "a send to a blocker fails with Retry and Discard")
+    ok(res.get("m4Gone"), "Discard removes it")
 
-    # bob: each page load's connection gets exactly what came after its cursor
-    bc = [l.get(0, {"in": [], "out": []}) for l in b_loads] + \
-        [{"in": [], "out": []}] * (3 - len(b_loads))
-    want = [ids[0:2], ids[2:3], ids[3:5]]
-    what = ["first load (m1, m2 live)",
-            "after the reload (m3 live; m1, m2 not again)",
-            "after leaving and coming back (m4 caught up from the cursor, m5 live)"]
-    prev_last = None
-    for k in range(3):
-        got = news(bc[k]["in"])
-        if not is_([i for i, _ in got], want[k], "bob's connection, %s: exactly one "
-                   "message.new frame per message, in seq order" % what[k]):
-            diag("  seqs got: %s" % [{v: s for v, s in zip(ids, range(1, 6))}.get(i)
-                                     for i, _ in got])
-        gs = [gseq(c) for c in durable(bc[k]["in"])]
-        ok(all(b > a for a, b in zip(gs, gs[1:])),
-           "... no durable event twice on it (cursors strictly increasing)")
-        hc = hello_cursor(bc[k])
-        if k == 0:
-            is_(hc, None, "bob's first hello carries no cursor (starts live)")
-        else:
-            ok(hc is not None and hc == prev_last, "bob's hello after the %s resumes with "
-               "the last cursor the previous connection received (%s)"
-               % (("reload", "return")[k - 1], hc))
-            ok(prev_last is not None and all(g > gseq(prev_last) for g in gs),
-               "... and nothing at or before that cursor is delivered again")
-        dc = durable(bc[k]["in"])
-        prev_last = dc[-1] if dc else prev_last
-    every = [i for c in bc for i, _ in news(c["in"])]
-    is_(every, ids, "across bob's three connections: every message once, m1..m5 in seq order")
+    # the store
+    G1 = int(convs["gig-101"])
+    msgs = pg.query("SELECT seq, sender, body, deleted, format, client_msg_id, edited_at IS NOT NULL "
+                    "FROM chat_messages WHERE conversation_id = %s ORDER BY seq", G1)
+    is_([r[0] for r in msgs], list(range(1, len(msgs) + 1)), "gig-101: seqs 1..n, no gap")
+    is_(len({(r[1], r[5]) for r in msgs}), len(msgs), "... no client_msg_id stored twice")
+    live = [(r[1], r[2]) for r in msgs if r[0] > 4 and not r[3]]
+    want = [("alice", M.get("m1edit")), ("bob", M.get("m3")), ("alice", M.get("xss")),
+            ("alice", M.get("files")), ("alice", M.get("md")), ("alice", M.get("reply")),
+            ("alice", M.get("m5")),
+            ("alice", M.get("off"))]
+    is_(live, want, "the messages are stored once each, in the order sent (m2 deleted)")
+    ok(all(M.get("m4", "?") != r[2] for r in msgs), "the discarded message was never stored")
+    is_(pg.query("SELECT r.sender, r.body FROM chat_messages m JOIN chat_messages r ON r.id = m.reply_to "
+                 "WHERE m.conversation_id = %s AND m.body = %s", G1, M.get("reply", "?")),
+        [("bob", M.get("m3"))], "the reply is stored with reply_to the message it quotes")
+    ok(any(r[3] and r[2] == "" for r in msgs if r[0] > 4), "the deleted one is a tombstone in the store")
+    is_(pg.query("SELECT count(*) FROM chat_message_edits e JOIN chat_messages m ON m.id = e.message_id "
+                 "WHERE m.conversation_id = %s", G1)[0][0], 1, "one edit recorded")
+    is_(pg.query("SELECT r.user_id, r.emoji FROM chat_reactions r JOIN chat_messages m ON m.id = r.message_id "
+                 "WHERE m.conversation_id = %s", G1), [("alice", "👍")], "the reaction is stored")
+    is_(pg.query("SELECT reporter, sender, reason, note FROM chat_reports"),
+        [("bob", "alice", "spam", "asks to pay outside the platform %s" % STAMP)], "bob's report is stored")
+    is_(pg.query("SELECT count(*) FROM chat_blocks")[0][0], 0, "bob unblocked alice again")
+    is_(pg.query("SELECT name, mime, conversation_id FROM chat_attachments ORDER BY name"),
+        [('<img src=x onerror="window.__xss=1">.txt', "text/plain", G1), ("sketch.png", "image/png", G1)],
+        "both uploads are bound to the conversation")
+
+    # 4. every page shows each message once, in order: after bob's reload
+    # (everything but the last message, written later) and at the end
+    n = len(msgs)
+    for when, snap, upto in (("after bob's reload", res.get("afterReload") or {}, n - 1),
+                             ("at the end", res.get("final") or {}, n)):
+        for who in ("bob", "alice"):
+            v = snap.get(who) or {}
+            is_(v.get("seqs"), list(range(1, upto + 1)),
+                "%s, %s's list holds seq 1..%d once each, in order" % (when, who, upto))
+            keys = [r["key"] for r in v.get("rows") or []]
+            ok(keys and len(keys) == len(set(keys)), "%s, %s's page: no row twice in the DOM" % (when, who))
+            dom = [int(r["seq"]) for r in v.get("rows") or [] if r["seq"]]
+            ok(dom == sorted(dom) and len(dom) == len(set(dom)),
+               "%s, %s's page: rows in seq order" % (when, who))
+
+    # 5. group and phone
+    # carol: gig-102 the platform's notice and dave's message; gig-103 erin's
+    # (her own message moved her read position past the notice)
+    is_(dict(map(tuple, res.get("carolBadges") or [])),
+        {"Product photos for a shop": "2", "React dashboard build": "1"},
+        "carol's list shows the unread counts as badges")
+    is_(res.get("carolTitle"), "(3) Chat", "carol's title: (3) Chat")
+    is_(res.get("carolPhoneView"), ["conv", "none"], "on a phone the conversation replaces the list")
+    ok(any("Dave" in x for x in res.get("readBy") or []), "the group shows who read: %s" % res.get("readBy"))
+
+    # 6. the banner and the outbox
+    b = res.get("banner") or [None, ""]
+    ok(b[0] in ("retrying", "offline") and "retrying" in b[1].lower(),
+       "with nginx stopped the banner says so: %r" % (b,))
+    is_(res.get("offOnce"), [1, 1], "the message written meanwhile shows once in each page")
+
+    # 7. the windowed list
+    big = res.get("big") or {}
+    f = big.get("first") or {}
+    ok(f.get("rows") and f["rows"] < 200, "10,000 messages: %s rows in the DOM when opened" % f.get("rows"))
+    is_((f.get("lastSeq"), f.get("atBottom")), (10000, True), "... opened at the newest, at the bottom")
+    a_ = big.get("after") or {}
+    ok(a_.get("held", 0) >= f.get("held", 0) + 4 * 50, "scrolling up loaded older pages: %s -> %s messages held"
+       % (f.get("held"), a_.get("held")))
+    ok(a_.get("rows") and a_["rows"] < 200, "... still %s rows in the DOM" % a_.get("rows"))
+    ok(a_.get("contiguous") and a_.get("max") == 10000, "... a run without holes, %s..%s"
+       % (a_.get("min"), a_.get("max")))
+    ok(a_.get("domSeqs") and max(a_["domSeqs"]) < 10000 - 50,
+       "... the rows in the DOM are older ones (loading kept the view up there): %s..%s"
+       % (min(a_.get("domSeqs") or [0]), max(a_.get("domSeqs") or [0])))
+    is_(big.get("latePost"), 201, "erin posts while alice is scrolled up")
+    p = big.get("pill") or {}
+    like(p.get("text"), r"^1 new message", "alice's page shows a new-messages pill")
+    ok(p.get("scrollKept") and p.get("atBottom") is False, "... without moving the view (and the conversation stays unread)")
+    is_(big.get("pillAfter"), {"hidden": True, "atBottom": True},
+        "the pill scrolls to the bottom and goes away; the message is read (badge cleared)")
+    w = big.get("afterWheel") or {}
+    ok(w.get("rows") and w["rows"] < 200 and w.get("atBottom") is False,
+       "a wheel scroll up leaves the bottom with %s rows" % w.get("rows"))
 finally:
     app.terminate()
     app.wait(10)
 
+diag("the test took %.0f s" % (time.monotonic() - T0))
 done()

@@ -53,6 +53,16 @@ const SHORTCODES = { ':smile:': '😄', ':+1:': '👍', ':thumbsup:': '👍', ':
                      ':thinking:': '🤔', ':coffee:': '☕', ':moneybag:': '💰' };
 
 const $ = (id) => document.getElementById(id);
+
+// preferences survive reloads where storage is allowed (not in every
+// private window)
+function pref(key, value) {
+  try {
+    if (value === undefined) return localStorage.getItem(key);
+    localStorage.setItem(key, value);
+  } catch (e) { /* no storage: the setting lasts this page */ }
+  return value;
+}
 const params = new URLSearchParams(location.search);
 
 const S = {
@@ -67,6 +77,7 @@ const S = {
   loadingOlder: false,
   seenSeq: new Map(),      // conversation → highest seq seen (what is "new")
   readAsked: new Map(),    // conversation → newest seq markRead was called for
+  holdRead: new Set(),     // conversations being opened: no markRead yet
   typing: new Map(),       // conversation → users typing
   readBy: new Map(),       // own seq → names that read up to it (open group)
   blocks: new Set(),
@@ -76,10 +87,9 @@ const S = {
   pill: 0,
   searchSeq: 0,
   unreadTotal: null,
-  notifyOn: localStorage.getItem('chat-demo-notify') !== 'off',
-  sound: localStorage.getItem('chat-demo-sound') === 'on',
+  notifyOn: pref('chat-demo-notify') !== 'off',
+  sound: pref('chat-demo-sound') === 'on',
   audio: null,
-  urls: new Map(),         // attachment id → Promise<object URL>
 };
 
 // ---------------------------------------------------------------- helpers --
@@ -277,7 +287,11 @@ function appendRich(parent, text, markdown) {
 function plain(m) {
   if (!m) return '';
   if (m.deleted) return 'Message deleted';
-  let t = (m.body || '').replace(/\*\*(.+?)\*\*/g, '$1').replace(/`([^`]+)`/g, '$1');
+  let t = (m.body || '');
+  if (m.format === 'markdown') {
+    t = t.replace(/\*\*(.+?)\*\*/g, '$1').replace(/`([^`]+)`/g, '$1')
+      .replace(/(^|[^\w])_([^_\n]+?)_(?!\w)/g, '$1$2');
+  }
   t = emojify(t).replace(/\s+/g, ' ').trim();
   if (!t && m.attachments && m.attachments.length) {
     t = '📎 ' + m.attachments.map((a) => a.name).join(', ');
@@ -575,14 +589,9 @@ function estimate(m) {
   return h;
 }
 
+// the client fetches it once with the token and keeps the object URL
 function attachmentUrl(att) {
-  let p = S.urls.get(att.id);
-  if (!p) {
-    p = S.client.attachmentUrl(att);
-    S.urls.set(att.id, p);
-    p.catch(() => S.urls.delete(att.id));
-  }
-  return p;
+  return S.client.attachmentUrl(att);
 }
 
 function renderAttachment(att) {
@@ -879,6 +888,8 @@ function renderHeader() {
     const p = o ? S.client.presence(o) : null;
     let status = p ? p.status : 'offline';
     if (status === 'offline' && p && p.last_seen) status = 'last seen ' + timeLabel(p.last_seen);
+    // while this page is cut off, what it last heard may no longer be true
+    if (S.info && S.info.state !== 'connected') status = 'status unknown (not connected)';
     const k = kindOf(o);
     sub.textContent = `${nameOf(o)}${k ? ' (' + k + ')' : ''} · ${status}`;
   } else {
@@ -925,7 +936,7 @@ function updatePill() {
 // the conversation is being read: open, the page visible, scrolled to the end
 function maybeMarkRead() {
   const id = S.openId;
-  if (!id || document.visibilityState !== 'visible' || !S.list.atBottom()) return;
+  if (!id || S.holdRead.has(id) || document.visibilityState !== 'visible' || !S.list.atBottom()) return;
   let newest = 0;
   for (const m of S.list.items) if (m.seq != null && m.seq > newest) newest = m.seq;
   const c = S.client.conversation(id);
@@ -952,6 +963,7 @@ async function openConversation(id, { seq = null, focus = false } = {}) {
       return;
     }
   }
+  const first = !S.loaded.has(id);
   if (S.openId !== id) {
     S.openId = id;
     S.pill = 0;
@@ -969,26 +981,32 @@ async function openConversation(id, { seq = null, focus = false } = {}) {
   renderTyping();
   renderConvList();
   S.list.stick = seq == null;
-  refreshMessages();
-  if (!S.loaded.has(id)) {
+  if (first) {
+    // Once per page: the newest page, then receipts (ticks, read-by) and the
+    // unread count -- before this page marks anything read, because an
+    // answer the server made before our read reached it puts the old
+    // unread count back in the client (chat.js keeps the server's number)
+    S.holdRead.add(id);
     try {
-      const page = await client.loadHistory(id, { limit: 50 });
-      S.loaded.add(id);
-      S.hasMore.set(id, page.next != null && page.messages.length > 0);
-    } catch (e) {
-      toast('Could not load the messages: ' + errText(e));
-    }
-  } else if (!S.hasMore.has(id)) {
-    S.hasMore.set(id, true);
-  }
-  if (S.openId !== id) return;
-  refreshMessages();
-  client.loadConversation(id).then(() => {
-    if (S.openId === id) {
-      renderHeader();
       refreshMessages();
+      try {
+        const page = await client.loadHistory(id, { limit: 50 });
+        S.loaded.add(id);
+        S.hasMore.set(id, page.next != null && page.messages.length > 0);
+      } catch (e) {
+        toast('Could not load the messages: ' + errText(e));
+      }
+      if (S.openId !== id) return;
+      try {
+        await client.loadConversation(id);
+      } catch (e) { /* the list's copy will do */ }
+    } finally {
+      S.holdRead.delete(id);
     }
-  }, () => {});
+    if (S.openId !== id) return;
+  }
+  renderHeader();
+  refreshMessages();
   const members = others(client.conversation(id) || c);
   if (members.length) {
     client.fetchPresence(members.slice(0, 100)).then(() => {
@@ -1393,18 +1411,15 @@ function showBanner(info) {
       b.textContent = info.text || 'Connected';
       bannerTimer = setTimeout(() => {
         b.hidden = true;
-        document.body.classList.remove('has-banner');
       }, 1500);
     } else {
       b.hidden = true;
-      document.body.classList.remove('has-banner');
     }
     return;
   }
   b.dataset.state = info.state;
   b.textContent = info.text || cap(info.state);
   b.hidden = false;
-  document.body.classList.add('has-banner');
   // the client says "retrying in N s" once; count it down here
   if (info.state === 'retrying' && info.retryAt && /\bin \d+ ?s\b/.test(info.text || '')) {
     countdown = setInterval(() => {
@@ -1419,10 +1434,12 @@ const TRANSPORT_NAMES = { websocket: 'WebSocket', sse: 'SSE', poll: 'Long-poll' 
 
 function showTransport(info) {
   const t = $('transport');
-  const name = info && info.transport ? TRANSPORT_NAMES[info.transport] || info.transport : 'not connected';
-  const role = info && info.leader ? 'leader tab' : 'via another tab';
+  const up = info && info.state === 'connected' && info.transport;
+  const name = up ? TRANSPORT_NAMES[info.transport] || info.transport : 'not connected';
+  // the leader holds the connection; other tabs of this browser relay
+  const role = info && info.leader ? 'leader' : 'via another tab';
   t.textContent = `${name} · ${role}`;
-  t.dataset.transport = (info && info.transport) || '';
+  t.dataset.transport = up ? info.transport : '';
   t.dataset.leader = info && info.leader ? 'true' : 'false';
 }
 
@@ -1504,6 +1521,7 @@ function wireClient(client) {
     S.info = info;
     showBanner(info);
     showTransport(info);
+    if (S.openId) renderHeader();
   });
   client.on('leader', () => showTransport(client.info));
   client.on('conversation', (c) => {
@@ -1661,7 +1679,10 @@ function wireUI() {
   $('composer').addEventListener('submit', submitComposer);
   input.addEventListener('input', () => {
     autosize();
-    if (S.openId && input.value.trim() && !S.editing) S.client.typing(S.openId);
+    if (!S.openId || S.editing) return;
+    // typing is about a message on its way: an emptied box is none
+    if (input.value.trim()) S.client.typing(S.openId);
+    else S.client.stopTyping(S.openId);
   });
   input.addEventListener('keydown', (ev) => {
     if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
@@ -1744,12 +1765,12 @@ function wireUI() {
     } else if (Notification.permission === 'granted') {
       S.notifyOn = !S.notifyOn;
     }
-    localStorage.setItem('chat-demo-notify', S.notifyOn ? 'on' : 'off');
+    pref('chat-demo-notify', S.notifyOn ? 'on' : 'off');
     updateNotifyButton();
   });
   $('sound-btn').addEventListener('click', (ev) => {
     S.sound = !S.sound;
-    localStorage.setItem('chat-demo-sound', S.sound ? 'on' : 'off');
+    pref('chat-demo-sound', S.sound ? 'on' : 'off');
     ev.currentTarget.setAttribute('aria-pressed', String(S.sound));
     if (S.sound) beep();   // also unlocks audio, inside the gesture
   });
@@ -1769,12 +1790,22 @@ function wireUI() {
   });
 }
 
+// client/chat-sw.js: where the browser has Background Sync, messages written
+// offline go out when the network returns even if this tab was closed. It
+// only needs to be registered (from this origin), not to control the page.
+function outboxWorker() {
+  if (!('serviceWorker' in navigator) || !window.isSecureContext) return undefined;
+  return navigator.serviceWorker.register('/client/chat-sw.js', { scope: '/client/' })
+    .catch(() => null);
+}
+
 async function startChat(user) {
   $('app').hidden = false;
   wireUI();
   updateNotifyButton();
   showTransport(null);
-  const client = new ChatClient({ url: '/chat', token: tokenProvider(user), storage: 'chat-demo-' + user });
+  const client = new ChatClient({ url: '/chat', token: tokenProvider(user), storage: 'chat-demo-' + user,
+                                  serviceWorker: outboxWorker() });
   S.client = client;
   S.me = user;
   wireClient(client);

@@ -78,7 +78,9 @@ async function open(browser, who, user, query, viewport) {
   const page = await ctx.newPage();
   page.on('pageerror', (e) => out.errors.push(`${who}: ${e.message}`));
   page.on('console', (m) => {
-    if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) {
+    // network failures are logged by the browser itself (nginx is stopped
+    // on purpose below); only the page's own errors count
+    if (m.type() === 'error' && !/Failed to load resource|WebSocket connection to .* failed/.test(m.text())) {
       out.errors.push(`${who} console: ${m.text()}`);
     }
   });
@@ -133,6 +135,7 @@ function idOf(page, text) {
 // Records the tick states one message goes through (set up before sending).
 function watchTicks(page, text) {
   return page.evaluate((t) => {
+    if (window.__tickObserver) window.__tickObserver.disconnect();
     window.__ticks = [];
     const look = () => {
       for (const r of document.querySelectorAll('#rows > .row')) {
@@ -144,8 +147,9 @@ function watchTicks(page, text) {
         }
       }
     };
-    new MutationObserver(look).observe(document.getElementById('rows'),
-                                       { subtree: true, childList: true, attributes: true });
+    window.__tickObserver = new MutationObserver(look);
+    window.__tickObserver.observe(document.getElementById('rows'),
+                                  { subtree: true, childList: true, attributes: true });
   }, text);
 }
 
@@ -180,6 +184,8 @@ async function main() {
     m1edit: `Hello Bob, the brief v2 is ready ${S}`,
     m4: `blocked and discarded ${S}`,
     m5: `blocked then retried ${S}`,
+    reply: `Reply: yes, got it ${S}`,
+    late: `A late ledger line ${S}`,
     off: `written while the server was down ${S}`,
     group: `Dave, charts first please ${S}`,
   };
@@ -207,6 +213,10 @@ async function main() {
       await a.page.waitForFunction(() => window.demo.client.info.state === 'connected', null, { timeout: T });
       await b.page.waitForFunction(() => window.demo.client.info.state === 'connected', null, { timeout: T });
       out.transport = await a.page.textContent('#transport');
+      out.swScope = await a.page.evaluate(async () => {
+        const r = await navigator.serviceWorker.getRegistration('/client/');
+        return r ? new URL(r.scope).pathname : null;
+      });
       out.systemRow = await b.page.evaluate(() => {
         const r = document.querySelector('#rows > .row.system');
         return r ? r.innerText : null;
@@ -259,6 +269,7 @@ async function main() {
       out.bobTitle = await b.page.title();
       out.bobNotes = await b.page.evaluate(() => window.__notes);
       out.bobPreview = await b.page.textContent(`.conv-item[data-id="${G1}"] .preview`);
+      out.presenceDot = await b.page.getAttribute(`.conv-item[data-id="${G1}"] .dot`, 'data-status');
       await shot(b.page, 'list-unread');
       await b.page.click(`.conv-item[data-id="${G1}"]`);
       await waitTick(a.page, m.m2, ['read'], T);
@@ -282,11 +293,13 @@ async function main() {
       await say(a.page, m.files);
       await waitRow(b.page, m.xss);
       await waitRow(b.page, m.files);
-      await b.page.waitForFunction((t) => {
-        const r = [...document.querySelectorAll('#rows > .row')].find((x) => (x.querySelector('.body') || {}).textContent === t);
-        const img = r && r.querySelector('.att-img img');
-        return img && img.complete && img.naturalWidth > 0;
-      }, m.files, { timeout: T });
+      for (const p of [a.page, b.page]) {
+        await p.waitForFunction((t) => {
+          const r = [...document.querySelectorAll('#rows > .row')].find((x) => (x.querySelector('.body') || {}).textContent === t);
+          const img = r && r.querySelector('.att-img img');
+          return img && img.complete && img.naturalWidth > 0;
+        }, m.files, { timeout: T });
+      }
       out.xss = {};
       for (const [who, p] of [['alice', a.page], ['bob', b.page]]) {
         out.xss[who] = await p.evaluate(([xt, ft]) => {
@@ -356,6 +369,29 @@ async function main() {
         return r && r.classList.contains('deleted');
       }, id2, { timeout: T });
       out.deleted = await b.page.textContent(`#rows .row[data-id="${id2}"] .body`);
+
+      // the menu by keyboard: Enter opens it with the focus inside, Escape
+      // closes it and gives the focus back
+      const id3 = await idOf(a.page, m.m3);
+      await a.page.focus(`#rows .row[data-id="${id3}"] .more`);
+      await a.page.keyboard.press('Enter');
+      await a.page.waitForSelector('#menu:not([hidden])', { timeout: T });
+      out.menuKeys = [await a.page.evaluate(() => document.getElementById('menu').contains(document.activeElement))];
+      await a.page.keyboard.press('Escape');
+      out.menuKeys.push(await a.page.evaluate(() => document.getElementById('menu').hidden),
+                        await a.page.evaluate((id) => document.activeElement
+                          === document.querySelector(`#rows .row[data-id="${id}"] .more`), id3));
+      // a reply quotes the message it answers
+      await a.page.click(`#rows .row[data-id="${id3}"] .more`);
+      await a.page.click('#menu [data-menu="reply"]');
+      out.replyContext = await a.page.textContent('#composer-ctx-text');
+      await say(a.page, m.reply);
+      await waitRow(b.page, m.reply);
+      out.replyQuote = await b.page.evaluate((t) => {
+        const r = [...document.querySelectorAll('#rows > .row')].find((x) => (x.querySelector('.body') || {}).textContent === t);
+        return r && r.querySelector('.quote') ? r.querySelector('.quote').textContent : null;
+      }, m.reply);
+      out.ids.m3 = id3;
     });
 
     await step('report a message', async () => {
@@ -474,6 +510,10 @@ async function main() {
       await waitTick(a.page, m.off, ['sent', 'delivered', 'read'], T);
       await a.page.waitForFunction(() => document.getElementById('banner').hidden, null, { timeout: T });
       out.offOnce = [await countBody(a.page, m.off), await countBody(b.page, m.off)];
+      out.final = {
+        bob: { seqs: await b.page.evaluate(() => window.demo.seqs()), rows: await rows(b.page) },
+        alice: { seqs: await a.page.evaluate(() => window.demo.seqs()), rows: await rows(a.page) },
+      };
     });
 
     // ---- 10,000 messages: a windowed list
@@ -505,6 +545,30 @@ async function main() {
         min: seqs[0], max: seqs[seqs.length - 1],
         domSeqs: (await rows(a.page)).map((r) => Number(r.seq)),
       };
+      // scrolled up, a new message: a pill, no jump, not read
+      const tok = (await (await fetch(`${base}/demo/token?user=erin`)).json()).token;
+      const before = await a.page.evaluate(() => document.getElementById('viewport').scrollTop);
+      const r = await fetch(`${base}/chat/api/conversations/${cfg.big}/messages`, {
+        method: 'POST', headers: { Authorization: 'Bearer ' + tok, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ client_msg_id: 'late-' + S, body: m.late }),
+      });
+      out.big.latePost = r.status;
+      await a.page.waitForSelector('#pill:not([hidden])', { timeout: T });
+      await a.page.waitForFunction((id) => {
+        const x = document.querySelector(`.conv-item[data-id="${id}"] .badge`);
+        return x && x.textContent === '1';
+      }, cfg.big, { timeout: T });
+      out.big.pill = {
+        text: await a.page.textContent('#pill'),
+        scrollKept: Math.abs(await a.page.evaluate(() => document.getElementById('viewport').scrollTop) - before) < 2,
+        atBottom: await a.page.evaluate(() => window.demo.atBottom()),
+      };
+      await a.page.click('#pill');
+      await waitRow(a.page, m.late);
+      await a.page.waitForFunction((id) => !document.querySelector(`.conv-item[data-id="${id}"] .badge`),
+                                   cfg.big, { timeout: T });
+      out.big.pillAfter = { hidden: await a.page.evaluate(() => document.getElementById('pill').hidden),
+                            atBottom: await a.page.evaluate(() => window.demo.atBottom()) };
       // a wheel scroll (a person) keeps loading too
       await a.page.mouse.move(800, 400);
       await a.page.evaluate(() => window.demo.scrollToBottom());
