@@ -1273,6 +1273,92 @@ async function clientToken() {
 
 // ------------------------------------------------------------------ main
 
+// What the cold review of chat.js found, held down.
+async function clientReviewFixes() {
+  const { ChatStore } = chat;
+  const st = new ChatStore('alice');
+  st.applyMessage(smsg('c1', 1, 'bob', { id: 'rx' }), {});
+  const rev = (kind, user) => ({ kind, conversation_id: 'c1', message_id: 'rx', seq: 1, user,
+                                 emoji: '👍' });
+  st.reactionApplied(rev('reaction.added', 'bob'));
+  st.reactionApplied(rev('reaction.added', 'bob'));
+  is(st.byId.get('rx').reactions, [{ emoji: '👍', count: 1, me: false }],
+     'the same reaction event twice (a replay) counts once');
+  st.reactionApplied(rev('reaction.removed', 'bob'));
+  st.reactionApplied(rev('reaction.removed', 'bob'));
+  st.reactionApplied(rev('reaction.added', 'carol'));
+  is(st.byId.get('rx').reactions, [{ emoji: '👍', count: 1, me: false }],
+     'a removal replayed removes once');
+
+  const s2 = new ChatStore('alice');
+  s2.upsertConversation(sconv('c2', ['alice', 'bob'], { last_seq: 5, unread_count: 2 }));
+  s2.markReadLocal('c2', 5);
+  s2.upsertConversation(sconv('c2', ['alice', 'bob'], { last_seq: 5, unread_count: 2 }));
+  is(s2.conversation('c2').unread_count, 0,
+     'a list answer from before the read was stored does not bring the badge back');
+
+  const srv = new FakeServer();
+  srv.addConv('c1', ['alice', 'bob'], 1);
+  for (let i = 1; i <= 30; i++) {
+    srv.post('bob', 'c1', 'h' + i);
+  }
+  install(srv);
+  const c = newClient({ transports: ['poll'] });
+  try {
+    await c.start();
+    await waitFor(() => connected(c) && c.conversation('c1'), 2000);
+    is(c.messages('c1').length, 0, "the list's last message is a preview, not held history");
+    await c.loadHistory('c1', { limit: 5 });
+    is(seqs(c.messages('c1')), [26, 27, 28, 29, 30], 'the newest page');
+    // an edit of an old message not held: history will show it as it is
+    const old = srv.msgs.get('c1')[2];
+    old.body = 'h3 edited';
+    let cur = srv.publish({ kind: 'message.edited', conversation_id: 'c1', seq: old.seq,
+                           message: clone(old) });
+    await waitFor(() => c.cursor === cur, 2000);
+    is(seqs(c.messages('c1')), [26, 27, 28, 29, 30],
+       'an edit of a message not held does not insert it (no hole below the held run)');
+    const last = srv.msgs.get('c1')[29];
+    last.body = 'h30 edited';
+    cur = srv.publish({ kind: 'message.edited', conversation_id: 'c1', seq: 30,
+                       message: clone(last) });
+    await waitFor(() => c.cursor === cur, 2000);
+    is(c.conversation('c1').last_message.body, 'h30 edited', 'an edit of the last one: preview');
+    // many more while "away": the newest page no longer touches what is held
+    c.store.dropBefore('c1', 1000);           // (what a resync leaves: nothing held...)
+    await c.loadHistory('c1', { limit: 5 });
+    for (let i = 31; i <= 60; i++) {
+      srv.store('bob', 'c1', { client_msg_id: 'away-' + i, body: 'h' + i });
+    }
+    await c.loadHistory('c1', { limit: 5 });
+    is(seqs(c.messages('c1')), [56, 57, 58, 59, 60],
+       'a newest page after a hole replaces the held run: one run of seqs, older pages load before it');
+    await c.loadHistory('c1', { beforeSeq: 56, limit: 5 });
+    is(seqs(c.messages('c1')), [51, 52, 53, 54, 55, 56, 57, 58, 59, 60], 'and the next older page joins it');
+
+    // discard while its send is on the way and fails: it stays discarded
+    const g = srv.gate('POST', /\/messages$/);
+    srv.fail503 = 1;
+    const p = c.send('c1', 'regret');
+    p.catch(() => {});
+    await waitFor(() => srv.fetches('POST', /\/messages$/).length === 1, 2000);
+    const cmid = c.messages('c1').find((m) => m.body === 'regret').client_msg_id;
+    await c.discard(cmid);
+    g.open();
+    await rejectsWith(p, 'closed', 'send() of a discarded message rejects');
+    await sleep(300);
+    c._flushOutbox();
+    await sleep(300);
+    is(srv.fetches('POST', /\/messages$/).length, 1, 'a discarded message is not sent again');
+    is(srv.stored('c1').includes('regret'), false, 'and never stored');
+    is(c.messages('c1').filter((m) => m.seq == null).length, 0, 'nor shown');
+    await checkClosed(c, srv, 'review fixes');
+  } finally {
+    await c.close().catch(() => {});
+    uninstall();
+  }
+}
+
 async function main() {
   const guard = setTimeout(() => {
     ok(false, 'the unit tests finished within 25 s');
@@ -1300,6 +1386,7 @@ async function main() {
   await section("ChatClient: 'online' wakes the retry", clientOnlineWake);
   await section('ChatClient: close() with a send in flight', clientCloseInFlight);
   await section('ChatClient: token handling', clientToken);
+  await section('ChatClient: what the cold review found', clientReviewFixes);
 
   await sleep(20);
   is(unhandled.map((e) => String(e && e.stack || e)), [], 'no unhandled promise rejections');
