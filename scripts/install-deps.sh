@@ -18,6 +18,7 @@ PACKAGES=(
     python3-cryptography python3-wsproto
     chromium                        # browser tests (playwright-core drives it)
     firefox-esr                     # browser tests (puppeteer-core over WebDriver BiDi)
+    fonts-noto-color-emoji          # emoji in the demo's screenshots
 )
 
 # Node.js and npm: the machine image may ship its own; Debian's otherwise.

@@ -184,8 +184,9 @@ start() {
     cat <<MSG
 
   The chat demo is up:
-    open http://127.0.0.1:$HTTP_PORT/demo/?user=alice in one window
-    and  http://127.0.0.1:$HTTP_PORT/demo/?user=bob   in another.
+    open http://127.0.0.1:$HTTP_PORT/demo/ and sign in as a client (alice, carol)
+    or a freelancer (bob, dave, erin); e.g. ?user=alice in one window
+    and ?user=bob in another.
   Logs: var/logs/   Stop: make stop
 
 MSG
