@@ -857,24 +857,50 @@ function syncRegistry(op, key, value) {
 //   down({ code, reason, error, opened })  once, at its end.
 // request(obj) sends a WebSocket request; REST does it for the others.
 
-class WsTransport {
-  constructor(client, cb) {
-    this.name = 'websocket';
+class Transport {
+  constructor(name, client, cb) {
+    this.name = name;
     this.c = client;
     this.cb = cb;
-    this.ws = null;
     this.done = false;
     this.opened = false;
   }
 
-  async open(cursor) {
+  // a new ticket (single use) and the cursor, as a query; null once closed
+  async _query(fields, cursor) {
     const ticket = await this.c._ticket();
+    if (this.done) {
+      return null;
+    }
+    const q = new URLSearchParams(Object.assign({ ticket }, fields));
+    if (cursor) {
+      q.set('cursor', cursor);
+    }
+    return q;
+  }
+
+  // the end, told once
+  _end(code, reason, error) {
     if (this.done) {
       return;
     }
-    const q = new URLSearchParams({ ticket, device_id: this.c.deviceId });
-    if (cursor) {
-      q.set('cursor', cursor);
+    this.close(code);
+    this.cb.down({ code, reason, error, opened: this.opened });
+  }
+
+  send() { return false; }
+}
+
+class WsTransport extends Transport {
+  constructor(client, cb) {
+    super('websocket', client, cb);
+    this.ws = null;
+  }
+
+  async open(cursor) {
+    const q = await this._query({ device_id: this.c.deviceId }, cursor);
+    if (!q) {
+      return;
     }
     const ws = new WebSocket(this.c._wsUrl('/ws?' + q), 'chat.v1');
     this.ws = ws;
@@ -943,7 +969,9 @@ class WsTransport {
     return true;
   }
 
-  _end(code, reason) {
+  // our own ends say 1000 to the server; one the server or the network
+  // ended is closed without a code
+  close(code = 1000) {
     if (this.done) {
       return;
     }
@@ -959,45 +987,18 @@ class WsTransport {
         // already closing
       }
     }
-    this.cb.down({ code, reason, opened: this.opened });
-  }
-
-  close() {
-    if (this.done) {
-      return;
-    }
-    this.done = true;
-    clearTimeout(this.timer);
-    clearInterval(this.timer);
-    clearTimeout(this.checkTimer);
-    if (this.ws) {
-      this.ws.onmessage = this.ws.onclose = this.ws.onerror = null;
-      try {
-        this.ws.close(1000);
-      } catch (e) {
-        // already closing
-      }
-    }
   }
 }
 
-class SseTransport {
+class SseTransport extends Transport {
   constructor(client, cb) {
-    this.name = 'sse';
-    this.c = client;
-    this.cb = cb;
-    this.done = false;
-    this.opened = false;
+    super('sse', client, cb);
   }
 
   async open(cursor) {
-    const ticket = await this.c._ticket();
-    if (this.done) {
+    const q = await this._query({}, cursor);
+    if (!q) {
       return;
-    }
-    const q = new URLSearchParams({ ticket });
-    if (cursor) {
-      q.set('cursor', cursor);
     }
     const es = new EventSource(this.c._url('/events?' + q));
     this.es = es;
@@ -1042,16 +1043,6 @@ class SseTransport {
     });
   }
 
-  _end(code, reason, error) {
-    if (this.done) {
-      return;
-    }
-    this.close();
-    this.cb.down({ code, reason, error, opened: this.opened });
-  }
-
-  send() { return false; }
-
   close() {
     this.done = true;
     clearTimeout(this.timer);
@@ -1061,13 +1052,9 @@ class SseTransport {
   }
 }
 
-class PollTransport {
+class PollTransport extends Transport {
   constructor(client, cb) {
-    this.name = 'poll';
-    this.c = client;
-    this.cb = cb;
-    this.done = false;
-    this.opened = false;
+    super('poll', client, cb);
     this.abort = new AbortController();
   }
 
@@ -1108,16 +1095,6 @@ class PollTransport {
       }
     }
   }
-
-  _end(code, reason, error) {
-    if (this.done) {
-      return;
-    }
-    this.close();
-    this.cb.down({ code, reason, error, opened: this.opened });
-  }
-
-  send() { return false; }
 
   close() {
     this.done = true;

@@ -175,7 +175,15 @@ async function main() {
     return true;
   }, cid);
   await sleep(150);
-  await bobs[leaderIdx].close();
+  if (browserName === 'chromium') {
+    // the leader's renderer crashes (no unload, no goodbye on the channel)
+    const cdp = await ctxB.newCDPSession(bobs[leaderIdx]);
+    cdp.send('Page.crash').catch(() => {});
+    s2.leaderGone = 'crashed';
+  } else {
+    await bobs[leaderIdx].close();
+    s2.leaderGone = 'closed';
+  }
   await sending;
   for (const p of rest) {
     await waitBody(p, cid, 'switch 8', 20000);

@@ -184,7 +184,7 @@ def check(browser, res, pg, chat):
     is_(s.get("connections"), 2,
         "%s: the server holds two connections: alice's and one for bob's three tabs" % B)
     is_(sorted(s.get("afterLeaders") or []), [False, True],
-        "%s: when the leader tab closes another takes over" % B)
+        "%s: when the leader tab is %s another takes over" % (B, s.get("leaderGone")))
     want = ["tabs 1", "tabs 2", "tabs 3"] + ["switch %d" % i for i in range(1, 9)]
     for i, t in enumerate(s.get("tabs") or [{}, {}]):
         once_in_order(t.get("counts"), t.get("bodies"), want,
