@@ -14,16 +14,20 @@
 #     title, notification); opening it reads it.
 #  3. Markup in a body and in a file name shows as text (window.__xss stays
 #     unset), the markdown subset renders, an image previews from an object
-#     URL, a file downloads; react, edit, delete, report, block: a send to a
-#     blocker fails, Discard drops it, Retry sends it once unblocked.
+#     URL, a file downloads (as application/octet-stream); react (a chip
+#     pressed from the keyboard keeps the focus through the row's redraw),
+#     edit, delete, report, block: a send to a blocker fails, Discard drops
+#     it, Retry sends it once unblocked.
 #  4. Everything is stored once, in order (chat_messages), and every page,
 #     also after bob's reload, shows each message once, in seq order.
 #  5. A group shows who read ("Seen by Dave") and who types, on a phone.
 #  6. nginx stopped: the connection banner; a message written meanwhile is
-#     sent once when it is back.
+#     sent once when it is back (its attachment shows while it waits).
 #  7. A 10,000-message conversation (sent through the REST API) opens with
 #     far fewer rows in the DOM than messages; scrolling up loads older
 #     pages and keeps the rows few.
+#  8. Gig details (title, budget) show only for conversations the platform
+#     made: a user's made-up context does not; /token refuses "platform".
 #
 # Screenshots of the key states (desktop 1280x800, phone 390x844) go to
 # $CHAT_SCREENSHOTS if set, else to the test's temp dir (kept with KEEP=1);
@@ -110,6 +114,10 @@ try:
     is_(st, 503, "seeding while the chat is down: 503, the token server carries on")
     st, body = app_get(demo_port, "/token?user=alice")
     ok(st == 200 and body.get("token"), "... and still hands out tokens")
+    # the platform's own subject (the page trusts gig details it made) and
+    # names that only look like a user are never handed out
+    for bad in ("platform", "alice%0A", "Alice"):
+        is_(app_get(demo_port, "/token?user=" + bad)[0], 400, "GET /token?user=%s: 400" % bad)
 
     ng = Nginx(pg, workers=2, port=ng_port,
                http="chat_attachments %s; chat_attachment_max_size 1m;" % FILES,
@@ -289,6 +297,8 @@ try:
     # (Chromium replaces <, > and " in a download's name)
     like(res.get("download"), r"^.img src=x onerror=.window\.__xss=1..\.txt$",
          "the file downloads under its name")
+    is_(res.get("downloadType"), "application/octet-stream",
+        "... from an application/octet-stream object URL (never rendered in the page's origin)")
     md = res.get("md") or {}
     is_((md.get("strong"), md.get("em"), md.get("code")), ("bold", "italic", "code"),
         "markdown: **bold**, _italic_, `code`")
@@ -296,10 +306,12 @@ try:
         "only the https link is a link (rel noopener); the javascript: one is text")
     like(md.get("text"), r"\[bad\]\(javascript:alert\(1\)\)", "... shown as typed")
     like(res.get("reactionChip"), r"1$", "a reaction from alice's menu shows in bob's page")
+    is_(res.get("chipFocus"), [True, True],
+        "a reaction chip pressed with Enter (twice): the row is redrawn, the focus stays on its chip")
     is_(res.get("edited"), [M.get("m1edit"), True], "an edit shows in bob's page, marked edited")
     is_(res.get("deleted"), "This message was deleted", "a delete shows as a tombstone")
-    is_(res.get("menuKeys"), [True, True, True],
-        "the message menu opens with Enter (focus inside) and Escape closes it (focus back)")
+    is_(res.get("menuKeys"), [True, True, True, True],
+        "the message menu opens with Enter (focus inside); Escape, and Tab, close it (focus back on ⋯)")
     like(res.get("replyContext"), r"^Replying to Bob: Got it", "the composer says what it replies to")
     like(res.get("replyQuote"), r"Bob: Got it, thanks!", "bob's page shows the reply with the quoted message")
     like(res.get("failedNote"), r"(?s)Not sent.*Retry.*Discard", "a send to a blocker fails with Retry and Discard")
@@ -330,8 +342,9 @@ try:
         [("bob", "alice", "spam", "asks to pay outside the platform %s" % STAMP)], "bob's report is stored")
     is_(pg.query("SELECT count(*) FROM chat_blocks")[0][0], 0, "bob unblocked alice again")
     is_(pg.query("SELECT name, mime, conversation_id FROM chat_attachments ORDER BY name"),
-        [('<img src=x onerror="window.__xss=1">.txt', "text/plain", G1), ("sketch.png", "image/png", G1)],
-        "both uploads are bound to the conversation")
+        [('<img src=x onerror="window.__xss=1">.txt', "text/plain", G1), ("offline-plan.txt", "text/plain", G1),
+         ("sketch.png", "image/png", G1)],
+        "the three uploads are bound to the conversation")
 
     # 4. every page shows each message once, in order: after bob's reload
     # (everything but the last message, written later) and at the end
@@ -355,13 +368,16 @@ try:
         {"Product photos for a shop": "2", "React dashboard build": "1"},
         "carol's list shows the unread counts as badges")
     is_(res.get("carolTitle"), "(3) Chat", "carol's title: (3) Chat")
-    is_(res.get("carolPhoneView"), ["conv", "none"], "on a phone the conversation replaces the list")
+    is_(res.get("carolPhoneView"), ["conv", "none", "conv-title"],
+        "on a phone the conversation replaces the list; the focus moves from the hidden list to its title")
     ok(any("Dave" in x for x in res.get("readBy") or []), "the group shows who read: %s" % res.get("readBy"))
 
     # 6. the banner and the outbox
     b = res.get("banner") or [None, ""]
     ok(b[0] in ("retrying", "offline") and "retrying" in b[1].lower(),
        "with nginx stopped the banner says so: %r" % (b,))
+    is_(res.get("pendingFile"), ["offline-plan.txt", "5 B", "sending"],
+        "while it waits, its attachment shows with its name and size")
     is_(res.get("offOnce"), [1, 1], "the message written meanwhile shows once in each page")
 
     # 7. the windowed list
@@ -387,6 +403,15 @@ try:
     w = big.get("afterWheel") or {}
     ok(w.get("rows") and w["rows"] < 200 and w.get("atBottom") is False,
        "a wheel scroll up leaves the bottom with %s rows" % w.get("rows"))
+
+    # gig details only from the platform
+    fg = res.get("fakeGig") or {}
+    is_(fg.get("createdBy"), "alice", "alice made a group with a gig context of her own")
+    ok(fg.get("list") and "off-platform" not in fg["list"] and "$1" not in fg["list"],
+       "bob's list shows neither its title nor its budget: %r" % fg.get("list"))
+    is_((fg.get("title"), fg.get("bar")), ("Alice", ""),
+        "... its header is the members' names, with no gig bar")
+    is_(fg.get("forGig"), None, "... and ?gig= does not find it")
 finally:
     app.terminate()
     app.wait(10)

@@ -72,9 +72,10 @@ const S = {
   info: null,
   openId: null,
   list: null,              // the windowed message list
+  byId: new Map(),         // id → message of the open conversation's list
   loaded: new Set(),       // conversations whose newest page was loaded this session
   hasMore: new Map(),      // conversation → older history may exist
-  loadingOlder: false,
+  olderLoad: null,         // the promise of the older page being loaded
   seenSeq: new Map(),      // conversation → highest seq seen (what is "new")
   readAsked: new Map(),    // conversation → newest seq markRead was called for
   holdRead: new Set(),     // conversations being opened: no markRead yet
@@ -84,6 +85,7 @@ const S = {
   replyTo: null,           // message replied to
   editing: null,           // message being edited
   uploads: [],             // {name, state: uploading|done|error, att, error}
+  drafts: new Map(),       // conversation → {text, uploads, replyTo, editing} left there
   pill: 0,
   searchSeq: 0,
   unreadTotal: null,
@@ -325,6 +327,26 @@ function appendSnippet(parent, html) {
 // visible row stays where it was on screen; a list scrolled to the bottom
 // stays at the bottom.
 
+// the control of a redrawn row that stands for `old` (of the row it
+// replaced): the same action on the same emoji or file, else the same
+// action, else the row's ⋯ button, else the message list itself
+function refocus(row, old, fallback) {
+  const act = old.getAttribute('data-act');
+  const sel = [];
+  if (old.dataset.emoji) sel.push(`.chip[data-emoji="${CSS.escape(old.dataset.emoji)}"]`);
+  if (act && old.dataset.att) sel.push(`[data-act="${CSS.escape(act)}"][data-att="${CSS.escape(old.dataset.att)}"]`);
+  if (act) sel.push(`[data-act="${CSS.escape(act)}"]`);
+  sel.push('[data-act="menu"]');
+  for (const q of sel) {
+    const e = row.querySelector(q);
+    if (e) {
+      e.focus({ preventScroll: true });
+      return;
+    }
+  }
+  fallback.focus({ preventScroll: true });
+}
+
 class WindowedList {
   constructor(viewport, rows, { keyOf, sigOf, renderRow, estimate, onScroll, overscan = 600 }) {
     Object.assign(this, { vp: viewport, rows, keyOf, sigOf, renderRow, estimate, overscan });
@@ -366,6 +388,7 @@ class WindowedList {
   reset() {
     for (const m of this.mounted.values()) m.el.remove();
     this.mounted.clear();
+    this.heights.clear();
     this.items = [];
     this.keys = [];
     this.index = new Map();
@@ -469,7 +492,14 @@ class WindowedList {
       if (!m || m.sig !== sig) {
         const row = this.renderRow(item, ctx);
         row.dataset.key = key;
-        if (m) m.el.replaceWith(row);
+        if (m) {
+          // the keyboard user's place survives the redraw (a pressed chip,
+          // Retry, the ⋯ button): the same control in the new row
+          const focused = document.activeElement;
+          const had = focused && m.el.contains(focused) ? focused : null;
+          m.el.replaceWith(row);
+          if (had) refocus(row, had, this.vp);
+        }
         m = { el: row, sig };
         this.mounted.set(key, m);
       }
@@ -551,13 +581,12 @@ const TICKS = {
   read: ['✓✓', 'Read'], failed: ['!', 'Not sent'],
 };
 
+// the open conversation's messages by id (refreshMessages builds it): a
+// reply row finds what it quotes without a scan on every paint
 function findMessage(convId, id) {
-  if (!id) return null;
-  const i = S.list && S.list.items;
-  if (i && convId === S.openId) {
-    for (let k = i.length - 1; k >= 0; k--) if (i[k].id === id) return i[k];
-  }
-  return null;
+  if (!id || convId !== S.openId) return null;
+  const m = S.byId.get(id);
+  return m && m.conversation_id === convId ? m : null;
 }
 
 function quoteText(m) {
@@ -589,13 +618,38 @@ function estimate(m) {
   return h;
 }
 
-// the client fetches it once with the token and keeps the object URL
+const IMAGE_RE = /^image\/(png|jpeg|gif|webp)$/;
+
+// The client fetches an attachment once with the token and keeps an object
+// URL of what the server sent, typed as the server typed it. The server
+// sends anything but a plain image as a download (Content-Disposition,
+// nosniff, a sandboxing CSP); an object URL has none of that and would
+// render an HTML file in this page's origin if opened. So files are handed
+// out as application/octet-stream copies (only ever downloaded); images
+// keep their type (for <img>).
+const fileUrls = new Map();    // attachment id → Promise<object URL of the octet-stream copy>
+
 function attachmentUrl(att) {
-  return S.client.attachmentUrl(att);
+  if (IMAGE_RE.test(att.mime)) return S.client.attachmentUrl(att);
+  let p = fileUrls.get(att.id);
+  if (!p) {
+    p = S.client.attachmentUrl(att).then(async (u) => {
+      const blob = await (await fetch(u)).blob();
+      return URL.createObjectURL(new Blob([blob], { type: 'application/octet-stream' }));
+    });
+    p.catch(() => fileUrls.delete(att.id));
+    fileUrls.set(att.id, p);
+    if (fileUrls.size > 50) {
+      const [oldId, oldP] = fileUrls.entries().next().value;
+      fileUrls.delete(oldId);
+      oldP.then((u) => URL.revokeObjectURL(u), () => {});
+    }
+  }
+  return p;
 }
 
 function renderAttachment(att) {
-  if (/^image\/(png|jpeg|gif|webp)$/.test(att.mime)) {
+  if (IMAGE_RE.test(att.mime)) {
     // a fixed box: the row's height is known before the image loads
     const img = el('img', { alt: att.name || 'image', decoding: 'async' });
     attachmentUrl(att).then((u) => { img.src = u; }, () => { img.alt = 'Image unavailable: ' + att.name; });
@@ -745,6 +799,8 @@ function refreshMessages() {
   if (!S.openId) return;
   const items = shownMessages(S.client.messages(S.openId));
   S.list.items = items;             // computeReadBy reads the new items
+  S.byId = new Map();
+  for (const m of items) if (m.id) S.byId.set(m.id, m);
   computeReadBy(S.openId);
   S.list.update(items);
   afterScroll();
@@ -756,10 +812,22 @@ function others(c) {
   return (c.members || []).filter((m) => m !== S.me);
 }
 
+// The gig (title, budget, status, client) is what the platform says: a
+// conversation's context counts only when the platform's service token
+// made it. Anyone may create a conversation with any context and title;
+// those show as their members' names.
+function byPlatform(c) {
+  return !!c && SERVICE_NAMES.has(c.created_by);
+}
+
+function gigContext(c) {
+  return byPlatform(c) && c.context && typeof c.context === 'object' ? c.context : {};
+}
+
 function convTitle(c) {
-  const ctx = c.context && typeof c.context === 'object' ? c.context : {};
+  const ctx = gigContext(c);
   if (typeof ctx.title === 'string' && ctx.title) return ctx.title;
-  if (c.title) return c.title;
+  if (c.title && byPlatform(c)) return c.title;
   return others(c).map(nameOf).join(', ') || 'Just you';
 }
 
@@ -790,7 +858,7 @@ function typingText(users) {
 }
 
 function gigLine(c) {
-  const ctx = c.context && typeof c.context === 'object' ? c.context : {};
+  const ctx = gigContext(c);
   const parts = [];
   const who = others(c);
   parts.push(c.kind === 'direct' ? 'with ' + (who.map(nameOf).join(', ') || 'nobody')
@@ -853,7 +921,9 @@ function renderConvList() {
             el('span', { class: 'sr-only' }, ', ' + status)),
          el('span', { class: 'line' },
             el('span', { class: 'preview' + (typing && typing.length ? ' typing-now' : '') }, preview),
-            unread ? el('span', { class: 'badge', 'aria-label': `${unread} unread` }, String(unread)) : null)));
+            // (an aria-label on a plain span is not read: the words are text)
+            unread ? el('span', { class: 'badge' }, String(unread)) : null,
+            unread ? el('span', { class: 'sr-only' }, ' unread') : null)));
     const at = prev ? prev.nextSibling : ul.firstChild;
     if (li !== at) ul.insertBefore(li, at);
     prev = li;
@@ -897,7 +967,7 @@ function renderHeader() {
     sub.textContent = c.members.map((u) => (u === S.me ? 'You' : nameOf(u))).join(', ')
       + ` · ${online} online`;
   }
-  const ctx = c.context && typeof c.context === 'object' ? c.context : {};
+  const ctx = gigContext(c);
   const bar = $('gig-bar');
   bar.replaceChildren();
   if (ctx.gig_id) {
@@ -928,6 +998,8 @@ function updatePill() {
     pill.hidden = false;
     pill.textContent = S.pill === 1 ? '1 new message ↓' : `${S.pill} new messages ↓`;
   } else {
+    // a focused pill that goes away leaves the keyboard user on the messages
+    if (document.activeElement === pill) S.list.vp.focus({ preventScroll: true });
     pill.hidden = true;
     if (S.list.atBottom()) S.pill = 0;
   }
@@ -937,8 +1009,16 @@ function updatePill() {
 function maybeMarkRead() {
   const id = S.openId;
   if (!id || S.holdRead.has(id) || document.visibilityState !== 'visible' || !S.list.atBottom()) return;
+  // the items are in seq order, unsent ones last: the newest stored one
+  // is found from the end
   let newest = 0;
-  for (const m of S.list.items) if (m.seq != null && m.seq > newest) newest = m.seq;
+  const items = S.list.items;
+  for (let i = items.length - 1; i >= 0; i--) {
+    if (items[i].seq != null) {
+      newest = items[i].seq;
+      break;
+    }
+  }
   const c = S.client.conversation(id);
   if (!newest || ((S.readAsked.get(id) || 0) >= newest && !(c && c.unread_count))) return;
   S.readAsked.set(id, newest);
@@ -952,7 +1032,9 @@ function afterScroll() {
   if (S.list.vp.scrollTop < 400) loadOlder();
 }
 
-async function openConversation(id, { seq = null, focus = false } = {}) {
+// keepScroll: a reload of the open conversation (resync) leaves a reader
+// scrolled up in history where they are
+async function openConversation(id, { seq = null, focus = false, keepScroll = false } = {}) {
   const client = S.client;
   let c = client.conversation(id);
   if (!c) {
@@ -964,15 +1046,15 @@ async function openConversation(id, { seq = null, focus = false } = {}) {
     }
   }
   const first = !S.loaded.has(id);
-  if (S.openId !== id) {
+  const switching = S.openId !== id;
+  if (switching) {
+    saveDraft();
     S.openId = id;
     S.pill = 0;
     S.readBy = new Map();
-    clearComposerContext();
-    clearUploads();
-    $('composer-input').value = '';
-    autosize();
+    S.byId = new Map();
     S.list.reset();
+    restoreDraft(id);
   }
   document.body.dataset.view = 'conv';
   $('conv-empty').hidden = true;
@@ -980,7 +1062,12 @@ async function openConversation(id, { seq = null, focus = false } = {}) {
   renderHeader();
   renderTyping();
   renderConvList();
-  S.list.stick = seq == null;
+  // on a phone the list (and the button pressed) is hidden now
+  const active = document.activeElement;
+  if (active && $('sidebar').contains(active) && !active.getClientRects().length) {
+    $('conv-title').focus();
+  }
+  if (switching || seq != null || !keepScroll) S.list.stick = seq == null;
   if (first) {
     // Once per page: the newest page, then receipts (ticks, read-by) and the
     // unread count -- before this page marks anything read, because an
@@ -1019,44 +1106,55 @@ async function openConversation(id, { seq = null, focus = false } = {}) {
   if (focus) $('composer-input').focus();
 }
 
-function closeConversation() {
+// returnFocus: the person closed it (back button), so the focus goes back
+// to the conversation's button in the list; not when the server removed it
+function closeConversation({ returnFocus = true } = {}) {
+  const left = S.openId;
+  saveDraft();
   S.openId = null;
+  S.byId = new Map();
   S.list.reset();
   document.body.dataset.view = 'list';
   $('conv-main').hidden = true;
   $('conv-empty').hidden = false;
   renderConvList();
-  const li = document.querySelector('.conv-item[aria-current="true"], .conv-item');
-  if (li) li.focus();
+  const li = left && convButtons.get(left);
+  if (returnFocus && li) li.firstChild.focus();
 }
 
-async function loadOlder() {
+// one page at a time; a caller that comes while one loads (a jump to a
+// search result) gets that load's promise to wait for
+function loadOlder() {
+  if (S.olderLoad) return S.olderLoad;
   const id = S.openId;
-  if (!id || S.loadingOlder || !S.loaded.has(id) || S.hasMore.get(id) === false) return;
+  if (!id || !S.loaded.has(id) || S.hasMore.get(id) === false) return Promise.resolve();
   const oldest = oldestShownSeq(id);
   if (oldest <= 1 || oldest === Infinity) {
     S.hasMore.set(id, false);
-    return;
+    return Promise.resolve();
   }
-  S.loadingOlder = true;
   $('older').replaceChildren(el('span', null, 'Loading older messages…'));
-  try {
-    const page = await S.client.loadHistory(id, { beforeSeq: oldest, limit: 100 });
-    S.hasMore.set(id, page.next != null && page.messages.length > 0);
-    if (S.openId === id) refreshMessages();
-  } catch (e) {
-    toast('Could not load older messages: ' + errText(e));
-  } finally {
-    S.loadingOlder = false;
-    $('older').replaceChildren();
-  }
-  // still near the top (a fast scroll, a tall screen): the next page
-  if (S.openId === id && S.hasMore.get(id) && S.list.vp.scrollTop < 400) {
-    setTimeout(loadOlder, 0);
-  }
+  S.olderLoad = (async () => {
+    try {
+      const page = await S.client.loadHistory(id, { beforeSeq: oldest, limit: 100 });
+      S.hasMore.set(id, page.next != null && page.messages.length > 0);
+      if (S.openId === id) refreshMessages();
+    } catch (e) {
+      toast('Could not load older messages: ' + errText(e));
+    } finally {
+      S.olderLoad = null;
+      $('older').replaceChildren();
+    }
+    // still near the top (a fast scroll, a tall screen): the next page
+    if (S.openId === id && S.hasMore.get(id) && S.list.vp.scrollTop < 400) {
+      setTimeout(loadOlder, 0);
+    }
+  })();
+  return S.olderLoad;
 }
 
 async function jumpTo(id, seq) {
+  let stuck = 0;
   for (let n = 0; n < 200 && S.openId === id; n++) {
     const m = shownMessages(S.client.messages(id)).find((x) => x.seq === seq);
     if (m) {
@@ -1071,7 +1169,12 @@ async function jumpTo(id, seq) {
     }
     if (S.hasMore.get(id) === false) break;
     S.hasMore.set(id, true);
+    const before = oldestShownSeq(id);
+    const busy = !!S.olderLoad;
     await loadOlder();
+    // a load that could not add anything (it failed, the first page is not
+    // there yet) is not waited on forever; another load's end is no answer
+    if (!busy && oldestShownSeq(id) === before && ++stuck >= 3) break;
   }
   toast('That message is no longer available.');
   return false;
@@ -1104,15 +1207,48 @@ function startReply(m) {
   $('composer-input').focus();
 }
 
-function startEdit(m) {
+function startEdit(m, { text = m.body || '', focus = true } = {}) {
   clearComposerContext();
   S.editing = m;
   setComposerContext('Editing your message');
   $('send-btn').textContent = 'Save';
   const t = $('composer-input');
-  t.value = m.body || '';
+  t.value = text;
   autosize();
-  t.focus();
+  if (focus) t.focus();
+}
+
+// What was being written stays with its conversation: the text, the files
+// (finished or still uploading; failed ones are dropped), the reply or edit.
+function saveDraft() {
+  const id = S.openId;
+  if (!id) return;
+  const text = $('composer-input').value;
+  const uploads = S.uploads.filter((u) => u.state !== 'error');
+  if (text.trim() || uploads.length || S.replyTo || S.editing) {
+    S.drafts.set(id, { text, uploads, replyTo: S.replyTo, editing: S.editing });
+  } else {
+    S.drafts.delete(id);
+  }
+}
+
+function restoreDraft(id) {
+  const d = S.drafts.get(id);
+  S.drafts.delete(id);
+  clearComposerContext();
+  S.uploads = d ? d.uploads : [];
+  renderUploads();
+  const t = $('composer-input');
+  if (d && d.editing) {
+    startEdit(d.editing, { text: d.text, focus: false });
+    return;
+  }
+  t.value = d ? d.text : '';
+  autosize();
+  if (d && d.replyTo) {
+    S.replyTo = d.replyTo;
+    setComposerContext(`Replying to ${nameOf(d.replyTo.sender)}: ${plain(d.replyTo).slice(0, 80)}`);
+  }
 }
 
 function clearUploads() {
@@ -1162,6 +1298,14 @@ async function submitComposer(ev) {
       await S.client.edit(m.id, body);
     } catch (e) {
       toast('Could not edit: ' + errText(e));
+      // the text is not lost: back in the box, still an edit (or kept as
+      // that conversation's draft when the person has moved on)
+      if (S.openId === id && !input.value.trim() && !S.editing && !S.replyTo) {
+        const here = document.activeElement === input || document.activeElement === document.body;
+        startEdit(m, { text: body, focus: here });
+      } else if (S.openId !== id && !S.drafts.has(id)) {
+        S.drafts.set(id, { text: body, uploads: [], replyTo: null, editing: m });
+      }
     }
     return;
   }
@@ -1169,7 +1313,9 @@ async function submitComposer(ev) {
     toast('Wait for the upload to finish.');
     return;
   }
-  const atts = S.uploads.filter((u) => u.state === 'done').map((u) => u.att.id);
+  // what upload() answered (not just the ids): a message waiting to be
+  // sent shows its files' names and sizes
+  const atts = S.uploads.filter((u) => u.state === 'done').map((u) => u.att);
   if (!body && !atts.length) return;
   const opts = { format: 'markdown' };
   if (S.replyTo && S.replyTo.id) opts.reply_to = S.replyTo.id;
@@ -1205,7 +1351,12 @@ function closeMenu(returnFocus = true) {
   const menu = $('menu');
   if (menu.hidden) return;
   menu.hidden = true;
-  const btn = menuFor && menuFor.button;
+  let btn = menuFor && menuFor.button;
+  if (btn && !btn.isConnected && menuFor.key) {
+    // the row was redrawn while the menu was open: its new ⋯ button
+    const row = S.list.rowOf(menuFor.key);
+    btn = row && row.querySelector('[data-act="menu"]');
+  }
   if (btn) btn.setAttribute('aria-expanded', 'false');
   menuFor = null;
   if (returnFocus && btn && btn.isConnected) btn.focus();
@@ -1248,7 +1399,7 @@ function openMenu(m, button) {
   if (!items.length) return;
   menu.replaceChildren(...items);
   menu.hidden = false;
-  menuFor = { message: m, button };
+  menuFor = { message: m, button, key: keyOf(m) };
   button.setAttribute('aria-expanded', 'true');
   placePopup(menu, button);
   const first = menu.querySelector('button');
@@ -1420,11 +1571,19 @@ function showBanner(info) {
   b.dataset.state = info.state;
   b.textContent = info.text || cap(info.state);
   b.hidden = false;
-  // the client says "retrying in N s" once; count it down here
-  if (info.state === 'retrying' && info.retryAt && /\bin \d+ ?s\b/.test(info.text || '')) {
+  // the client says "retrying in N s" once; count it down here. The banner
+  // is a live region: the changing number is hidden from screen readers
+  // (they hear "retrying shortly" once per state, not a tick a second)
+  const when = /\bin \d+ ?s\b/;
+  const k = (info.text || '').search(when);
+  if (info.state === 'retrying' && info.retryAt && k >= 0) {
+    const len = info.text.match(when)[0].length;
+    const num = el('span', { 'aria-hidden': 'true' }, info.text.slice(k, k + len));
+    b.replaceChildren(info.text.slice(0, k), num, el('span', { class: 'sr-only' }, 'shortly'),
+                      info.text.slice(k + len));
     countdown = setInterval(() => {
       const s = Math.max(0, Math.ceil((info.retryAt - Date.now()) / 1000));
-      b.textContent = info.text.replace(/\bin \d+ ?s\b/, `in ${s} s`);
+      num.textContent = `in ${s} s`;
       if (!s) clearInterval(countdown);
     }, 1000);
   }
@@ -1462,14 +1621,22 @@ async function runSearch(q) {
   $('search-clear').hidden = false;
   list.replaceChildren(el('li', { class: 'result-empty' }, 'Searching…'));
   let res;
+  let blocked;
   try {
-    res = await S.client.search(q, { limit: 20 });
+    // the people this user blocks (asked again: another tab may have
+    // blocked someone) are not found either
+    [res, blocked] = await Promise.all([
+      S.client.search(q, { limit: 20 }),
+      S.client.blocks().catch(() => []),
+    ]);
   } catch (e) {
     if (seqNo === S.searchSeq) list.replaceChildren(el('li', { class: 'result-empty' }, errText(e)));
     return;
   }
   if (seqNo !== S.searchSeq) return;
-  const results = (res && (res.results || res)) || [];
+  blocked = new Set([...S.blocks, ...(blocked || [])]);
+  const results = ((res && (res.results || res)) || [])
+    .filter((r) => { const m = r.message || r; return m.sender === S.me || !blocked.has(m.sender); });
   if (!results.length) {
     list.replaceChildren(el('li', { class: 'result-empty' }, 'No messages match.'));
     return;
@@ -1527,7 +1694,8 @@ function wireClient(client) {
   client.on('conversation', (c) => {
     if (c.removed) {
       // left or removed from it: nothing of it may stay on screen
-      if (c.id === S.openId) closeConversation();
+      S.drafts.delete(c.id);
+      if (c.id === S.openId) closeConversation({ returnFocus: false });
       scheduleConvList();
       return;
     }
@@ -1569,7 +1737,7 @@ function wireClient(client) {
   client.on('resync', () => {
     S.loaded.clear();
     S.hasMore.clear();
-    if (S.openId) openConversation(S.openId);
+    if (S.openId) openConversation(S.openId, { keepScroll: true });
     client.loadConversations().then(scheduleConvList, () => {});
   });
 }
@@ -1589,7 +1757,7 @@ function wireUI() {
     const seq = b.dataset.seq ? Number(b.dataset.seq) : null;
     openConversation(b.dataset.conv, { seq });
   });
-  $('back-btn').addEventListener('click', closeConversation);
+  $('back-btn').addEventListener('click', () => closeConversation());
   $('pill').addEventListener('click', () => {
     S.pill = 0;
     S.list.scrollToBottom();
@@ -1654,7 +1822,9 @@ function wireUI() {
       ev.preventDefault();
       items[(i - 1 + items.length) % items.length].focus();
     } else if (ev.key === 'Tab') {
-      closeMenu(false);
+      // the menu is not in the page's tab order: Tab leaves it for its button
+      ev.preventDefault();
+      closeMenu();
     }
   });
   document.addEventListener('pointerdown', (ev) => {
@@ -1672,7 +1842,10 @@ function wireUI() {
     $('composer-input').focus();
   });
   $('emoji-pop').addEventListener('keydown', (ev) => {
-    if (ev.key === 'Escape') closeEmoji();
+    if (ev.key === 'Escape' || ev.key === 'Tab') {
+      ev.preventDefault();
+      closeEmoji();
+    }
   });
 
   const input = $('composer-input');
@@ -1837,7 +2010,7 @@ async function startChat(user) {
 }
 
 function conversationForGig(gigId) {
-  const c = S.client && S.client.conversations().find((x) => x.context && x.context.gig_id === gigId);
+  const c = S.client && S.client.conversations().find((x) => gigContext(x).gig_id === gigId);
   return c ? c.id : null;
 }
 

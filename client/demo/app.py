@@ -12,14 +12,19 @@ Standard library only.
     POST /seed (or GET)    ->  {"seeded": {"gig-101": "<conversation id>", ...}}
 
 nginx proxies /demo/token here, so any path ending in /token (and /seed,
-/health) is accepted. Demo users are any name matching ^[a-z][a-z0-9_]{0,31}$;
-the display name is the capitalized user name. There is no password: this is
-a demo, and the token endpoint must never be exposed in production.
+/health) is accepted. Demo users are any name matching ^[a-z][a-z0-9_]{0,31}$
+(the whole name: no trailing newline) except the reserved ones: "platform"
+is the platform's own service subject (the page trusts a conversation's gig
+details only when "platform" created it) and is never handed out as a user,
+nor are a few other names a person could pass for the platform with. The
+display name is the capitalized user name. There is no password: this is a
+demo, and the token endpoint must never be exposed in production.
 
-Seeding happens lazily: the first /token call (or a /seed call) creates the
-demo conversations over the chat's REST API (--chat-url) with a service
-token, so nothing runs at import or start, and a chat that is not up yet is
-simply tried again on a later call. Every step is idempotent: a direct
+Seeding happens lazily: the first /token call starts one background thread
+that creates the demo conversations over the chat's REST API (--chat-url)
+with a service token, and retries with backoff while the chat is not up;
+/token never waits for it. A /seed call seeds at once and answers with the
+result. Nothing runs at import or start. Every step is idempotent: a direct
 conversation between two users is unique (the server returns the existing
 one), a group is looked up by its context.gig_id among a member's
 conversations before it is created, and messages carry fixed client_msg_ids.
@@ -51,6 +56,11 @@ DEMO_USERS = {
 
 # The platform's subject for its service token; system messages show it.
 SERVICE_SUBJECT = "platform"
+
+# never minted as a user's token: the platform's subject (the page shows a
+# conversation's gig details only when it created it) and look-alikes
+RESERVED_USERS = frozenset({SERVICE_SUBJECT, "system", "admin", "root",
+                            "service", "support", "moderator", "chat"})
 
 # The gigs the demo starts with. `messages` are (sender, body); sender None
 # is a system message posted by the service token.
@@ -142,6 +152,8 @@ class Seeder:
         self.result = None        # {gig_id: conversation id} once done
         self.last_try = 0.0
         self.last_error = None
+        self.thread = None        # the background seeding, while it runs
+        self.thread_lock = threading.Lock()
 
     def _call(self, method, path, user, body=None, role="user"):
         secret = read_secret(self.secret_path)
@@ -234,12 +246,36 @@ class Seeder:
                             raise
                         sys.stderr.write("demo: gig %s not seeded: %s\n"
                                          % (gig["gig_id"], e))
-            except (OSError, ValueError, KeyError, ChatAPIError) as e:
-                self.last_error = str(e)
-                raise ChatAPIError(str(e))
+            except Exception as e:  # whatever went wrong, a later try may work
+                self.last_error = str(e) or e.__class__.__name__
+                raise ChatAPIError(self.last_error)
             self.result = out
             self.last_error = None
             return out
+
+    BACKOFF = (1.0, 60.0)  # s: the first wait between background tries, the longest
+
+    def seed_in_background(self):
+        """Starts seeding in a thread unless it is done or one runs: the
+        caller (a sign-in) never waits for the chat. Retries with backoff
+        until the seed succeeds."""
+        with self.thread_lock:
+            if self.result is not None or (self.thread and self.thread.is_alive()):
+                return
+            self.thread = threading.Thread(target=self._background, name="demo-seed",
+                                           daemon=True)
+            self.thread.start()
+
+    def _background(self):
+        wait = self.BACKOFF[0]
+        while self.result is None:
+            try:
+                self.seed(force=True)
+            except Exception as e:
+                sys.stderr.write("%s demo: seeding: %s (again in %.0f s)\n"
+                                 % (time.strftime("%Y-%m-%dT%H:%M:%S"), e, wait))
+                time.sleep(wait)
+                wait = min(wait * 2, self.BACKOFF[1])
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -264,7 +300,7 @@ class Handler(BaseHTTPRequestHandler):
             return None
         try:
             return seeder.seed(force=force)
-        except ChatAPIError as e:
+        except Exception as e:  # never the caller's failure
             self.log_message("seeding: %s", e)
             return None
 
@@ -285,18 +321,22 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, "not_found", "only /token and /seed are served here")
         users = parse_qs(url.query).get("user", [])
         user = users[0] if len(users) == 1 else ""
-        if not USER_RE.match(user):
+        if not USER_RE.fullmatch(user):
             return self._error(
                 400, "bad_request",
                 "user must match ^[a-z][a-z0-9_]{0,31}$")
+        if user in RESERVED_USERS:
+            return self._error(400, "bad_request",
+                               "%r is reserved (the platform's own name)" % user)
         try:
             secret = read_secret(self.server.secret_path)
         except (OSError, ValueError) as e:
             self.log_message("cannot read secret: %s", e)
             return self._error(500, "internal", "token secret unavailable")
-        # a sign-in is the moment the demo data is needed; a chat that is
-        # not up yet only means a later sign-in tries again
-        self._seed(force=False)
+        # a sign-in is the moment the demo data is needed: seeded in the
+        # background (retried while the chat is not up), never waited for
+        if self.server.seeder is not None:
+            self.server.seeder.seed_in_background()
         token = make_token(secret, user, self.server.ttl)
         self._send(200, {"token": token, "user": user,
                          "expires_in": self.server.ttl,

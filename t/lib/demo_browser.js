@@ -323,6 +323,12 @@ async function main() {
       await b.page.click(`#rows .att-file`);
       const d = await dl;
       out.download = d.suggestedFilename();
+      // the page's object URL of a file is an octet-stream copy: opened, it
+      // downloads; it never renders in the chat's origin
+      out.downloadType = await b.page.evaluate(async () => {
+        const x = document.querySelector('#rows .att-file');
+        return x && x.href.startsWith('blob:') ? (await (await fetch(x.href)).blob()).type : null;
+      });
       await shot(b.page, 'attachments');
     });
 
@@ -353,6 +359,25 @@ async function main() {
       await a.page.click('#menu [data-menu="react"][data-emoji="👍"]');
       await b.page.waitForSelector(`#rows .row[data-id="${id1}"] .chip`, { timeout: T });
       out.reactionChip = await b.page.textContent(`#rows .row[data-id="${id1}"] .chip`);
+      // a chip pressed from the keyboard: the row is redrawn, the focus
+      // stays on the chip (of the new row); pressed again, the same
+      const chip = `#rows .row[data-id="${id1}"] .chip`;
+      const onChip = () => b.page.evaluate((id) => {
+        const x = document.activeElement;
+        return !!x && x.classList.contains('chip') && !!x.closest(`#rows .row[data-id="${id}"]`)
+          && !x.__before;
+      }, id1);
+      out.chipFocus = [];
+      for (const want of ['2', '1']) {
+        await b.page.focus(chip);
+        await b.page.evaluate((sel) => { document.querySelector(sel).__before = true; }, chip);
+        await b.page.keyboard.press('Enter');
+        await b.page.waitForFunction(([sel, n]) => {
+          const x = document.querySelector(sel);
+          return x && x.textContent.endsWith(' ' + n) && !x.__before;
+        }, [chip, want], { timeout: T });
+        out.chipFocus.push(await onChip());
+      }
       await a.page.click(`#rows .row[data-id="${id1}"] .more`);
       await a.page.click('#menu [data-menu="edit"]');
       await a.page.fill('#composer-input', m.m1edit);
@@ -381,6 +406,13 @@ async function main() {
       out.menuKeys.push(await a.page.evaluate(() => document.getElementById('menu').hidden),
                         await a.page.evaluate((id) => document.activeElement
                           === document.querySelector(`#rows .row[data-id="${id}"] .more`), id3));
+      // Tab does not wander out of the menu into the page: it closes it,
+      // the focus back on ⋯
+      await a.page.keyboard.press('Enter');
+      await a.page.waitForSelector('#menu:not([hidden])', { timeout: T });
+      await a.page.keyboard.press('Tab');
+      out.menuKeys.push(await a.page.evaluate((id) => document.getElementById('menu').hidden
+        && document.activeElement === document.querySelector(`#rows .row[data-id="${id}"] .more`), id3));
       // a reply quotes the message it answers
       await a.page.click(`#rows .row[data-id="${id3}"] .more`);
       await a.page.click('#menu [data-menu="reply"]');
@@ -469,7 +501,7 @@ async function main() {
       dave = await open(browser, 'dave', 'dave', '&gig=gig-103', DESK);
       await carol.page.click(`.conv-item[data-id="${G3}"]`);
       out.carolPhoneView = await carol.page.evaluate(() => [document.body.dataset.view,
-        getComputedStyle(document.getElementById('sidebar')).display]);
+        getComputedStyle(document.getElementById('sidebar')).display, document.activeElement.id]);
       await say(carol.page, m.group);
       await waitRow(dave.page, m.group);
       await carol.page.waitForFunction(() => [...document.querySelectorAll('#rows .readby')]
@@ -484,6 +516,11 @@ async function main() {
 
     // ---- the server goes away: banner, an outbox message, recovery
     await step('connection banner while nginx is stopped', async () => {
+      // a file uploaded before: the message written offline carries it
+      await a.page.setInputFiles('#file-input', [
+        { name: 'offline-plan.txt', mimeType: 'text/plain', buffer: Buffer.from('plan\n') }]);
+      await a.page.waitForFunction(() => document.querySelectorAll('#uploads li[data-state="done"]').length === 1,
+                                   null, { timeout: T });
       await ask('stop');
       for (const p of [a.page, carol.page]) {
         await p.waitForFunction(() => {
@@ -495,6 +532,12 @@ async function main() {
                                                 document.getElementById('banner').textContent]);
       await say(a.page, m.off);
       await waitTick(a.page, m.off, ['sending'], T);
+      out.pendingFile = await a.page.evaluate((t) => {
+        const r = [...document.querySelectorAll('#rows > .row')].find((x) => (x.querySelector('.body') || {}).textContent === t);
+        const f = r && r.querySelector('.att-file');
+        return f ? [f.querySelector('.fname').textContent, f.querySelector('.fsize').textContent,
+                    r.querySelector('.tick').dataset.state] : null;
+      }, m.off);
       await shot(a.page, 'banner-offline');
       await shot(carol.page, 'banner-offline');
       await ask('start');
@@ -575,6 +618,26 @@ async function main() {
       await a.page.mouse.wheel(0, -3000);
       await sleep(300);
       out.big.afterWheel = await a.page.evaluate(() => ({ rows: window.demo.rows(), atBottom: window.demo.atBottom() }));
+    });
+
+    // ---- gig details come from the platform only: alice makes a group with
+    // a made-up gig context; bob's page shows none of it
+    await step('a gig context made by a user is not shown', async () => {
+      const fake = await a.page.evaluate(async () => (await window.demo.client.createConversation({
+        kind: 'group', members: ['bob'], title: 'Pay me off-platform',
+        context: { gig_id: 'gig-666', title: 'Pay me off-platform', budget: 1, currency: 'USD',
+                   status: 'in_progress', client: 'alice' },
+      })).id);
+      await b.page.evaluate((id) => window.demo.openConversation(id), fake);
+      await b.page.waitForSelector(`.conv-item[data-id="${fake}"]`, { timeout: T });
+      out.fakeGig = await b.page.evaluate((id) => ({
+        createdBy: (window.demo.client.conversation(id) || {}).created_by,
+        list: document.querySelector(`.conv-item[data-id="${id}"]`).innerText,
+        title: document.getElementById('conv-title').textContent,
+        bar: document.getElementById('gig-bar').textContent,
+        forGig: window.demo.conversationForGig('gig-666'),
+      }), fake);
+      await shot(b.page, 'user-made-context');
     });
 
     out.finalXss = [];
