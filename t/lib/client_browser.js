@@ -146,6 +146,23 @@ async function main() {
   s1.bobUnread = await ev(bob, (cid) => T.client.conversation(cid).unread_count, cid);
   await ev(bob, (cid) => T.client.send(cid, 'hi alice').then(() => true), cid);
   await waitBody(alice, cid, 'hi alice');
+
+  // presence: alice asks for bob's; bob's page is hidden (away), then shown
+  const setVisible = (v) => {
+    Object.defineProperty(document, 'visibilityState', { value: v ? 'visible' : 'hidden',
+                                                         configurable: true });
+    document.dispatchEvent(new Event('visibilitychange'));
+  };
+  const presenceIs = (status) => T.waitFor(() => {
+    const p = T.client.presence('bob');
+    return p && p.status === status;
+  }).then(() => true, () => false);
+  await ev(alice, () => T.client.subscribePresence(['bob']));
+  s1.online = await ev(alice, presenceIs, 'online');
+  await ev(bob, setVisible, false);
+  s1.away = await ev(alice, presenceIs, 'away');
+  await ev(bob, setVisible, true);
+  s1.back = await ev(alice, presenceIs, 'online');
   out.steps.chat = s1;
 
   // -------- three tabs of bob: one connection; the leader goes, nothing lost

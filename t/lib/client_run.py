@@ -177,6 +177,9 @@ def check(browser, res, pg, chat):
     ok(s.get("delivered"), "%s: alice's tick moves to delivered" % B)
     ok(s.get("read"), "%s: and to read once bob's page marks it read" % B)
     is_(s.get("bobUnread"), 0, "%s: bob's unread count is 0 after reading" % B)
+    ok(s.get("online"), "%s: alice's presence_sub shows bob online" % B)
+    ok(s.get("away"), "%s: bob's page hidden: alice sees him away" % B)
+    ok(s.get("back"), "%s: shown again: online" % B)
 
     s = steps.get("tabs") or {}
     is_(sorted(s.get("leaders") or []), [False, False, True],
