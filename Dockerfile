@@ -12,9 +12,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
 WORKDIR /opt/ngx_chat
 COPY . .
 
-# scripts/install-deps.sh installs only what is missing and keeps the
-# packages from starting system services while they install
-RUN bash scripts/install-deps.sh \
+# scripts/install-deps.sh installs only what is missing (--runtime: not the
+# test browsers) and keeps the packages from starting system services
+RUN bash scripts/install-deps.sh --runtime \
     && make NODEPS=1 build \
     && rm -rf /var/lib/apt/lists/*
 

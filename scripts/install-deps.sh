@@ -5,7 +5,15 @@
 #
 #   scripts/install-deps.sh            # install what is missing
 #   scripts/install-deps.sh --check    # exit 1 (and list them) if any is missing
+#   scripts/install-deps.sh --runtime  # only what building and running need
+#                                      # (no browsers, no npm packages: images)
 set -euo pipefail
+
+runtime=0
+if [ "${1:-}" = --runtime ]; then
+    runtime=1
+    shift
+fi
 
 PACKAGES=(
     build-essential dpkg-dev        # cc, make; dpkg-dev for `apt-get source`
@@ -16,18 +24,24 @@ PACKAGES=(
     openssl curl procps perl        # openssl rand, pgrep, prove
     python3 python3-websockets python3-psycopg2 python3-jwt
     python3-cryptography python3-wsproto
-    chromium                        # browser tests (playwright-core drives it)
-    firefox-esr                     # browser tests (puppeteer-core over WebDriver BiDi)
-    fonts-noto-color-emoji          # emoji in the demo's screenshots
 )
+# the browser tests' (and their npm packages, below)
+if [ "$runtime" = 0 ]; then
+    PACKAGES+=(
+        chromium                    # playwright-core drives it
+        firefox-esr                 # puppeteer-core, over WebDriver BiDi
+        fonts-noto-color-emoji      # emoji in the demo's screenshots
+    )
+fi
 
 # Node.js and npm: the machine image may ship its own; Debian's otherwise.
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+if [ "$runtime" = 0 ] && { ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; }; then
     PACKAGES+=(nodejs npm)
 fi
 
 # npm packages of the browser client and its tests (client/package-lock.json)
 npm_deps() {
+    [ "$runtime" = 0 ] || return 0
     local client
     client="$(cd "$(dirname "$0")/.." && pwd)/client"
     if [ ! -d "$client/node_modules/playwright-core" ] ||
