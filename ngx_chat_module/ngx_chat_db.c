@@ -939,6 +939,32 @@ ngx_chat_db_ready(void)
 }
 
 
+/* for /chat/ready */
+
+ngx_uint_t
+ngx_chat_db_alive_count(void)
+{
+    ngx_uint_t  i, n;
+
+    n = 0;
+
+    for (i = 0; i < ngx_chat_db.nconns; i++) {
+        if (ngx_chat_db_alive(&ngx_chat_db.conns[i])) {
+            n++;
+        }
+    }
+
+    return n;
+}
+
+
+ngx_uint_t
+ngx_chat_db_schema_behind(void)
+{
+    return ngx_chat_db.schema_behind;
+}
+
+
 ngx_msec_t
 ngx_chat_db_retry_after(void)
 {

@@ -74,6 +74,8 @@ ngx_int_t ngx_chat_db_literal(ngx_chat_buf_t *b, const u_char *data,
 ngx_int_t ngx_chat_db_ready(void);
 ngx_msec_t ngx_chat_db_retry_after(void);
 ngx_uint_t ngx_chat_db_busy(void);
+ngx_uint_t ngx_chat_db_alive_count(void);
+ngx_uint_t ngx_chat_db_schema_behind(void);
 
 
 #endif /* _NGX_CHAT_DB_H_INCLUDED_ */

@@ -17,6 +17,7 @@
 #include "ngx_chat_limit.h"
 #include "ngx_chat_attach.h"
 #include "ngx_chat_html.h"
+#include "ngx_chat_health.h"
 
 
 static ngx_int_t ngx_chat_handler(ngx_http_request_t *r);
@@ -460,6 +461,13 @@ ngx_module_t  ngx_chat_module = {
 static ngx_str_t  ngx_chat_zone_name = ngx_string("ngx_chat_module");
 
 
+#if (NGX_PCRE)
+#define ngx_chat_location_regex(clcf)  ((clcf)->regex != NULL)
+#else
+#define ngx_chat_location_regex(clcf)  0
+#endif
+
+
 static ngx_int_t
 ngx_chat_handler(ngx_http_request_t *r)
 {
@@ -469,7 +477,7 @@ ngx_chat_handler(ngx_http_request_t *r)
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
-    if (r->uri.len < clcf->name.len) {
+    if (!ngx_chat_location_regex(clcf) && r->uri.len < clcf->name.len) {
         return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
                                    "no such endpoint", 0);
     }
@@ -485,8 +493,24 @@ ngx_chat_handler(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    path.data = r->uri.data + clcf->name.len;
-    path.len = r->uri.len - clcf->name.len;
+    if (clcf->exact_match || ngx_chat_location_regex(clcf)) {
+        /*
+         * "location = /chat/ready { chat; allow ...; }": an endpoint of one
+         * segment (ready, health, ws, events, poll) in a location of its
+         * own, to give it its own access rules
+         */
+        path.data = r->uri.data + r->uri.len;
+
+        while (path.data > r->uri.data && path.data[-1] != '/') {
+            path.data--;
+        }
+
+        path.len = r->uri.data + r->uri.len - path.data;
+
+    } else {
+        path.data = r->uri.data + clcf->name.len;
+        path.len = r->uri.len - clcf->name.len;
+    }
 
     if (path.len && path.data[0] == '/') {
         path.data++;
@@ -495,6 +519,14 @@ ngx_chat_handler(ngx_http_request_t *r)
 
     if (path.len == 2 && ngx_strncmp(path.data, "ws", 2) == 0) {
         return ngx_chat_ws_handler(r);
+    }
+
+    if (path.len == 6 && ngx_strncmp(path.data, "health", 6) == 0) {
+        return ngx_chat_health_handler(r, 0);
+    }
+
+    if (path.len == 5 && ngx_strncmp(path.data, "ready", 5) == 0) {
+        return ngx_chat_health_handler(r, 1);
     }
 
     if (path.len == 6 && ngx_strncmp(path.data, "events", 6) == 0) {
