@@ -13,6 +13,7 @@
 #include "ngx_chat_store.h"
 #include "ngx_chat_bus.h"
 #include "ngx_chat_api.h"
+#include "ngx_chat_metrics.h"
 #include "ngx_chat_ops.h"
 #include "ngx_chat_json.h"
 #include "ngx_chat_live.h"
@@ -195,6 +196,8 @@ ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
     ngx_int_t         rc;
     ngx_chat_buf_t    b;
     ngx_table_elt_t  *h;
+
+    ngx_chat_metrics_error(code);
 
     ngx_memzero(&b, sizeof(ngx_chat_buf_t));
 

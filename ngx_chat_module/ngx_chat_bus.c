@@ -33,6 +33,7 @@
 #include "ngx_chat_db.h"
 #include "ngx_chat_store.h"
 #include "ngx_chat_bus.h"
+#include "ngx_chat_metrics.h"
 #include "ngx_chat_limit.h"
 #include "ngx_chat_transport.h"
 #include "ngx_chat_session.h"
@@ -330,6 +331,10 @@ ngx_chat_bus_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     sh->holder = ngx_chat_random_key();
 
     if (ngx_chat_live_init_zone(shpool, sh, cmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_chat_metrics_init_zone(shpool, sh) != NGX_OK) {
         return NGX_ERROR;
     }
 

@@ -11,6 +11,7 @@
 #include <ngx_event.h>
 #include "ngx_chat_module.h"
 #include "ngx_chat_db.h"
+#include "ngx_chat_metrics.h"
 #include "ngx_chat_store.h"
 #include "ngx_chat_json.h"
 
@@ -959,6 +960,13 @@ ngx_chat_db_alive_count(void)
 
 
 ngx_uint_t
+ngx_chat_db_queued(void)
+{
+    return ngx_chat_db.nqueued;
+}
+
+
+ngx_uint_t
 ngx_chat_db_schema_behind(void)
 {
     return ngx_chat_db.schema_behind;
@@ -1749,6 +1757,9 @@ ngx_chat_db_query_done(ngx_chat_db_conn_t *dbc)
 
     ngx_chat_db.keep_result = 0;
 
+    ngx_chat_metrics_query(q->sql ? NGX_CHAT_M_STMTS - 1 : q->stmt,
+                           ngx_current_msec - q->start);
+
     q->handler(q, res, rc);
 
     if (res && !ngx_chat_db.keep_result) {
@@ -2011,6 +2022,8 @@ ngx_chat_db_schedule(ngx_chat_db_conn_t *dbc)
     if (!ngx_chat_db.running) {
         return;
     }
+
+    ngx_chat_count(NGX_CHAT_MC_DB_RECONNECTS, 1);
 
     /* jitter keeps the workers from reconnecting in lockstep */
 

@@ -76,6 +76,7 @@ ngx_msec_t ngx_chat_db_retry_after(void);
 ngx_uint_t ngx_chat_db_busy(void);
 ngx_uint_t ngx_chat_db_alive_count(void);
 ngx_uint_t ngx_chat_db_schema_behind(void);
+ngx_uint_t ngx_chat_db_queued(void);
 
 
 #endif /* _NGX_CHAT_DB_H_INCLUDED_ */

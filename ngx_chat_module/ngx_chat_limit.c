@@ -14,6 +14,7 @@
 
 #include "ngx_chat_module.h"
 #include "ngx_chat_limit.h"
+#include "ngx_chat_metrics.h"
 
 
 struct ngx_chat_limit_addr_s {
@@ -312,6 +313,8 @@ ngx_chat_rate_check(ngx_uint_t kind, ngx_str_t *user, ngx_str_t *addr,
                       "%ui refused in a row", ngx_chat_rate_kinds[kind],
                       per == NGX_CHAT_RATE_USER ? "user" : "address", &k, n);
     }
+
+    ngx_chat_count(NGX_CHAT_MC_RATE_LIMITED + kind, 1);
 
     return NGX_BUSY;
 }

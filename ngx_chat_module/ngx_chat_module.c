@@ -18,6 +18,7 @@
 #include "ngx_chat_attach.h"
 #include "ngx_chat_html.h"
 #include "ngx_chat_health.h"
+#include "ngx_chat_metrics.h"
 
 
 static ngx_int_t ngx_chat_handler(ngx_http_request_t *r);
@@ -527,6 +528,10 @@ ngx_chat_handler(ngx_http_request_t *r)
 
     if (path.len == 5 && ngx_strncmp(path.data, "ready", 5) == 0) {
         return ngx_chat_health_handler(r, 1);
+    }
+
+    if (path.len == 7 && ngx_strncmp(path.data, "metrics", 7) == 0) {
+        return ngx_chat_metrics_handler(r);
     }
 
     if (path.len == 6 && ngx_strncmp(path.data, "events", 6) == 0) {
@@ -1088,6 +1093,10 @@ ngx_chat_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    if (ngx_chat_metrics_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     ngx_chat_worker.ready = 1;
 
     return NGX_OK;
@@ -1103,6 +1112,7 @@ ngx_chat_exit_process(ngx_cycle_t *cycle)
 
     ngx_chat_worker.ready = 0;
 
+    ngx_chat_metrics_exit_process();
     ngx_chat_db_exit_process();
     ngx_chat_notify_exit_process();
     ngx_chat_attach_exit_process();

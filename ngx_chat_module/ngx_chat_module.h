@@ -293,6 +293,8 @@ typedef struct {
 
 #define NGX_CHAT_MAX_WORKERS  256
 
+typedef struct ngx_chat_metrics_sh_s  ngx_chat_metrics_sh_t;
+
 /*
  * Positions handed out to a transaction that may still commit.  Readers
  * never pass lo - 1 while the entry is there (ngx_chat_bus.c).
@@ -334,6 +336,7 @@ typedef struct {
     ngx_chat_rate_sh_t         rate;             /* ngx_chat_limit.c */
     u_char                     html_key[32];     /* signs page sessions */
     ngx_chat_live_sh_t        *live;             /* ngx_chat_live.c */
+    ngx_chat_metrics_sh_t     *metrics;          /* ngx_chat_metrics.c */
 } ngx_chat_shctx_t;
 
 

@@ -32,6 +32,7 @@
 #include "ngx_chat_bus.h"
 #include "ngx_chat_transport.h"
 #include "ngx_chat_session.h"
+#include "ngx_chat_metrics.h"
 #include "ngx_chat_json.h"
 #include "ngx_chat_limit.h"
 #include "ngx_chat_live.h"
@@ -177,6 +178,11 @@ ngx_chat_session_create(ngx_chat_transport_t *t, void *tctx,
     }
 
     ngx_chat_session_set_timer(s);
+
+    ngx_chat_count(NGX_CHAT_MC_SESSIONS
+                   + ngx_chat_metrics_transport(&t->name), 1);
+    ngx_chat_gauge_add(NGX_CHAT_MG_CONNECTIONS
+                       + ngx_chat_metrics_transport(&t->name), 1);
 
     return s;
 }
@@ -1351,6 +1357,10 @@ ngx_chat_session_deliver(ngx_chat_session_t *s, ngx_chat_event_t *ev)
         s->cursor = ev->gseq;
         s->delivered = 1;
         ngx_chat_receipts_delivered(s, ev);
+        ngx_chat_count(NGX_CHAT_MC_DELIVERIES, 1);
+
+    } else {
+        ngx_chat_count(NGX_CHAT_MC_EPHEMERAL, 1);
     }
 
     return ngx_chat_session_sent(s, s->transport->send_event(s, ev));
@@ -1648,6 +1658,10 @@ ngx_chat_session_closed(ngx_chat_session_t *s)
     s->transport_gone = 1;
     s->state = NGX_CHAT_SESSION_CLOSED;
 
+    ngx_chat_gauge_add(NGX_CHAT_MG_CONNECTIONS
+                       + ngx_chat_metrics_transport(&s->transport->name),
+                       -1);
+
     if (s->timer.timer_set) {
         ngx_del_timer(&s->timer);
     }
@@ -1794,6 +1808,7 @@ ngx_chat_session_close(ngx_chat_session_t *s, ngx_uint_t code,
     }
 
     s->pending_close = 1;
+    ngx_chat_metrics_close(code);
     s->transport->close(s, code, reason);
 }
 
@@ -1840,6 +1855,8 @@ ngx_chat_reply_error(ngx_chat_session_t *s, u_char *id, size_t idlen,
     const char *code, const char *msg, ngx_msec_t retry)
 {
     ngx_chat_buf_t  *b;
+
+    ngx_chat_metrics_error(code);
 
     b = &ngx_chat_reply_buf;
     b->len = 0;

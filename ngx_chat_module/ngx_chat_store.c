@@ -24,6 +24,7 @@
 #include "ngx_chat_module.h"
 #include "ngx_chat_db.h"
 #include "ngx_chat_store.h"
+#include "ngx_chat_metrics.h"
 #include "ngx_chat_bus.h"
 #include "ngx_chat_live.h"
 #include "ngx_chat_json.h"
@@ -678,6 +679,7 @@ ngx_chat_store_send(ngx_chat_send_t *snd)
         return NGX_DECLINED;
     }
 
+    snd->start = ngx_current_msec;
     snd->deadline = ngx_current_msec
                     + ngx_chat_worker.cmcf->db_statement_timeout;
 
@@ -1807,6 +1809,9 @@ static void
 ngx_chat_store_finish(ngx_chat_send_t *snd)
 {
     (void) ngx_chat_store_sender(snd, -1);
+
+    ngx_chat_metrics_send(ngx_current_msec - snd->start, snd->rc,
+                          snd->duplicate);
 
     snd->handler(snd);
     ngx_free(snd);

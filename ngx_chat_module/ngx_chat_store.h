@@ -69,6 +69,7 @@ struct ngx_chat_send_s {
     ngx_str_t                  mentions;         /* JSON array or empty */
     ngx_msec_t                 deadline;         /* give up "busy" retries */
     ngx_msec_t                 busy_since;       /* first found busy */
+    ngx_msec_t                 start;            /* queued (metrics) */
     unsigned                   alone:1;          /* in a batch of its own */
     unsigned                   counted:1;        /* in its sender's share */
 
