@@ -20,7 +20,7 @@
 const TAG = 'ngx-chat-outbox';
 const REGISTRY = 'ngx-chat-sync';
 const PERMANENT = ['bad_request', 'forbidden', 'not_found', 'blocked', 'archived', 'conflict',
-                   'too_large', 'limit'];
+                   'too_large', 'unsupported_type', 'limit'];
 
 function idb(rq) {
   return new Promise((resolve, reject) => {
@@ -90,6 +90,7 @@ async function sendOutbox(reg) {
           };
           tx.oncomplete = resolve;
           tx.onerror = () => reject(tx.error);
+          tx.onabort = () => reject(tx.error);
         });
         continue;
       }
@@ -114,8 +115,21 @@ async function sendAll() {
   }
   for (const r of list) {
     if (await sendOutbox(r)) {
+      // unless a page put a new row (new messages, a new token) meanwhile
       const reg2 = await openDb(REGISTRY, (d) => d.createObjectStore('outboxes'));
-      await idb(store(reg2, 'outboxes', 'readwrite').delete(r.db)).finally(() => reg2.close());
+      await new Promise((resolve, reject) => {
+        const tx = reg2.transaction('outboxes', 'readwrite');
+        const st = tx.objectStore('outboxes');
+        const rq = st.get(r.db);
+        rq.onsuccess = () => {
+          if (rq.result && rq.result.token === r.token) {
+            st.delete(r.db);
+          }
+        };
+        tx.oncomplete = resolve;
+        tx.onerror = () => reject(tx.error);
+        tx.onabort = () => reject(tx.error);
+      }).finally(() => reg2.close());
     }
   }
 }

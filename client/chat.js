@@ -56,6 +56,8 @@ const PERMANENT = new Set([
 ]);
 
 const now = () => Date.now();
+// intervals are measured on a clock that never steps back
+const mono = () => (globalThis.performance ? performance.now() : Date.now());
 const noop = () => {};
 
 // ---------------------------------------------------------------- helpers
@@ -392,6 +394,9 @@ export class ChatStore {
       insertBySeq(b.list, msg);
     } else {
       // an edit or a tombstone replaces the text; history carries reactions
+      if (sm.reactions && msg._rx) {
+        msg._rx.clear();
+      }
       const reactions = msg.reactions;
       const c = this.convs.get(cid);
       if (sm.deleted && !msg.deleted && c && c.unread_count > 0 && msg.sender !== this.me
@@ -458,7 +463,8 @@ export class ChatStore {
     const key = ev.user + '|' + ev.emoji;
     const what = ev.kind === 'reaction.added' ? 'added' : 'removed';
     if (!m._rx) {
-      Object.defineProperty(m, '_rx', { value: new Map(), enumerable: false });
+      Object.defineProperty(m, '_rx', { value: new Map(), enumerable: false, writable: true,
+                                        configurable: true });
     }
     if (m._rx.get(key) === what) {
       return m;
@@ -495,6 +501,9 @@ export class ChatStore {
     const m = this.byId.get(messageId);
     if (m) {
       m.reactions = reactions;
+      if (m._rx) {
+        m._rx.clear();          // the server's count from here on
+      }
     }
     return m;
   }
@@ -694,8 +703,22 @@ class Db {
       });
       this.wanted = true;
       // another tab upgrading (or the browser closing it): reopen on next use
-      this.db.onversionchange = () => { this.db.close(); this.db = null; };
-      this.db.onclose = () => { this.db = null; };
+      const db = this.db;
+      db.onversionchange = () => {
+        db.close();
+        if (this.db === db) {
+          this.db = null;
+        }
+      };
+      db.onclose = () => {
+        if (this.db === db) {
+          this.db = null;
+        }
+      };
+      if (this.closed) {
+        db.close();
+        this.db = null;
+      }
       return true;
     } catch (e) {
       this.db = null;
@@ -706,9 +729,16 @@ class Db {
   get persistent() { return this.wanted; }
 
   async _ensure() {
-    if (!this.db && this.wanted && !this.closed) {
-      if (!(await this.open())) {
-        throw new Error('IndexedDB cannot be opened');
+    if (this.closed) {
+      throw chatError('closed');
+    }
+    if (!this.db && this.wanted) {
+      // one reopen for every caller that finds the database gone
+      if (!this._opening) {
+        this._opening = this.open().finally(() => { this._opening = null; });
+      }
+      if (!(await this._opening) || !this.db) {
+        throw chatError('unavailable', 'IndexedDB cannot be opened');
       }
     }
     return this.db;
@@ -812,12 +842,13 @@ class Db {
   async put(k, v) {
     if (!this.wanted) {
       this.mem.kv.set(k, v);
-      return;
+      return true;
     }
     try {
       await this._tx('kv', 'readwrite', (st) => st.put(v, k));
+      return true;
     } catch (e) {
-      // the cache is an optimization
+      return false;             // the cache is an optimization
     }
   }
 
@@ -917,7 +948,7 @@ class WsTransport extends Transport {
     } catch (e) {
       return;
     }
-    this.lastIn = now();
+    this.awaiting = false;
     if (m.type === 'welcome' && !this.opened) {
       this.opened = true;
       clearTimeout(this.timer);
@@ -937,14 +968,15 @@ class WsTransport extends Transport {
   }
 
   _ping(wait) {
-    if (this.pingAt && this.lastIn < this.pingAt && now() - this.pingAt >= wait) {
-      this._end(4000, 'no answer');
+    if (this.awaiting) {
+      if (mono() - this.pingAt >= wait) {
+        this._end(4000, 'no answer');
+      }
       return;
     }
-    if (!this.pingAt || this.lastIn >= this.pingAt) {
-      this.pingAt = now();
-      this.send({ type: 'ping', id: 'p' + this.pingAt });
-    }
+    this.awaiting = true;       // cleared by anything the server sends
+    this.pingAt = mono();
+    this.send({ type: 'ping', id: 'p' + now() });
   }
 
   // the browser says the network went away: find out now, not in 35 s
@@ -952,10 +984,12 @@ class WsTransport extends Transport {
     if (!this.opened || this.done) {
       return;
     }
-    this._ping(0);
+    if (!this.awaiting) {
+      this._ping(0);
+    }
     clearTimeout(this.checkTimer);
     this.checkTimer = setTimeout(() => {
-      if (!this.done && this.lastIn < this.pingAt) {
+      if (!this.done && this.awaiting) {
         this._end(4000, 'no answer');
       }
     }, 3000);
@@ -1158,6 +1192,18 @@ export class ChatClient {
       // a start that failed (no token: offline at page load) may be retried
       this._started = this._start().catch((e) => {
         this._started = null;
+        if (this.bc) {
+          this.bc.close();
+          this.bc = null;
+        }
+        if (this.db) {
+          this.db.close();
+          this.db = null;
+        }
+        for (const [target, ev, fn] of this._listeners) {
+          target.removeEventListener(ev, fn);
+        }
+        this._listeners = [];
         throw e;
       });
     }
@@ -1391,8 +1437,11 @@ export class ChatClient {
         const cl = jwtClaims(t);
         // the token's life on this browser's clock: a clock that is off
         // must not make every token look expired
-        const life = cl.exp && cl.iat ? (cl.exp - cl.iat) * 1000
-                     : cl.exp ? cl.exp * 1000 - now() : 0;
+        // (a cached token has less left than exp - iat: the smaller one
+        // counts, unless this clock is so far off that it says expired)
+        const left = cl.exp ? cl.exp * 1000 - now() : 0;
+        const full = cl.exp && cl.iat ? (cl.exp - cl.iat) * 1000 : left;
+        const life = left > 0 ? Math.min(full, left) : full;
         this._tokExp = cl.exp ? now() + Math.max(life, 0) : 0;
         this._scheduleRefresh();
         return t;
@@ -1457,17 +1506,24 @@ export class ChatClient {
     // a request that hangs (a half-open connection) must not hold the
     // outbox: every call has a deadline; a held poll gets its own
     const ac = new AbortController();
-    const limit = path.startsWith('/poll') ? POLL_TIMEOUT_MS + 15000 : 20000;
+    // an upload may take long on a slow uplink: a second per 64 KB more
+    const limit = (path.startsWith('/poll') ? POLL_TIMEOUT_MS + 15000 : 20000)
+                  + (body instanceof Blob ? Math.ceil(body.size / 65536) * 1000 : 0);
     let timedOut = false;
     const timer = setTimeout(() => { timedOut = true; ac.abort(); }, limit);
     const onAbort = () => ac.abort();
     if (signal) {
       signal.addEventListener('abort', onAbort);
+      if (signal.aborted) {
+        ac.abort();             // closed while the token was on its way
+      }
     }
     let r;
+    let text;
     try {
       r = await fetch(this._url(path), { method, headers, body: payload, signal: ac.signal,
                                          cache: 'no-store' });
+      text = await r.text();    // under the same deadline: a body can hang too
     } catch (e) {
       if (timedOut) {
         throw chatError('timeout');
@@ -1483,7 +1539,6 @@ export class ChatClient {
       }
     }
     let j = null;
-    const text = await r.text().catch(() => '');
     if (text) {
       try {
         j = JSON.parse(text);
@@ -1492,6 +1547,11 @@ export class ChatClient {
       }
     }
     if (r.ok) {
+      if (text && (j === null || typeof j !== 'object')) {
+        // a 200 that is not ours (a captive portal's login page)
+        throw chatError('unavailable', 'the answer was not the chat server\'s',
+                        { status: r.status });
+      }
       return j || {};
     }
     const err = (j && j.error) || {};
@@ -1533,6 +1593,10 @@ export class ChatClient {
     }
     this.leader = true;
     this._tabsVisible.set(this.tabId, this._visible());
+    for (const [cid, seq] of this._myReads) {
+      this._queueRead(cid, seq);      // the old leader may have died with them
+    }
+    this._myReads.clear();
     this._post({ t: 'leader', tab: this.tabId });
     this.ev.emit('leader', { leader: true });
     this._restoreOutbox().then(() => this._connect());
@@ -1567,7 +1631,14 @@ export class ChatClient {
         this._typingOut(m.conversation_id, m.state);
         return;
       case 'read':
-        this._queueRead(m.conversation_id, m.seq);
+        if (m.seq > this.store.readSeq(m.conversation_id, this.user.id)) {
+          // the server does not echo a read to the connection that sent it:
+          // this tab's badge learns it here
+          this.store.markReadLocal(m.conversation_id, m.seq);
+          this._emitConv(m.conversation_id);
+          this._post({ t: 'readlocal', conversation_id: m.conversation_id, seq: m.seq });
+          this._queueRead(m.conversation_id, m.seq);
+        }
         return;
       case 'sending':
         this._showPending(m.entry);
@@ -1614,6 +1685,13 @@ export class ChatClient {
       return;
     case 'discarded':
       this._discarded(m.cmid);
+      return;
+    case 'readlocal':
+      // read in another tab: the server tells no tab of this connection
+      if (m.seq > this.store.readSeq(m.conversation_id, this.user.id)) {
+        this.store.markReadLocal(m.conversation_id, m.seq);
+        this._emitConv(m.conversation_id);
+      }
       return;
     default:
       return;
@@ -1966,6 +2044,11 @@ export class ChatClient {
         // a change to a message not held: history shows it as it is now;
         // only the list's preview may need it
         const c = s.conversation(e.conversation_id);
+        if (c && e.kind === 'message.deleted' && e.message.sender !== this.user.id
+            && e.message.seq > s.readSeq(c.id, this.user.id) && c.unread_count > 0) {
+          c.unread_count--;             // deleted messages are not unread
+          this._emitConv(c.id);
+        }
         if (c && c.last_message && c.last_message.id === e.message.id) {
           c.last_message = e.message;
           this._emitConv(c.id);
@@ -1998,6 +2081,10 @@ export class ChatClient {
       const changed = s.applyReceipts(e.conversation_id, e.receipts || []);
       for (const m of changed) {
         this._emitMessage(m);
+      }
+      if (this._myReads.has(e.conversation_id)
+          && s.readSeq(e.conversation_id, this.user.id) >= this._myReads.get(e.conversation_id)) {
+        this._myReads.delete(e.conversation_id);     // it arrived
       }
       const c = s.conversation(e.conversation_id);
       if (c && c.stale) {
@@ -2418,6 +2505,9 @@ export class ChatClient {
         msg = (await this.rest('POST', '/conversations/' + encodeURIComponent(e.conversation_id)
                                + '/messages', b)).message;
       }
+      if (!msg || !msg.id) {
+        throw chatError('unavailable', 'the answer carried no message');
+      }
     } catch (err) {
       if (PERMANENT.has(err.code)) {
         const failed = plainError(err);
@@ -2569,6 +2659,7 @@ export class ChatClient {
       this._emitConv(cid);
     }
     if (this.leader) {
+      this._post({ t: 'readlocal', conversation_id: cid, seq });
       this._queueRead(cid, seq);
     } else {
       // kept: a leader that dies before sending it gets it from the next
@@ -2577,13 +2668,13 @@ export class ChatClient {
     }
   }
 
-  _queueRead(cid, seq) {
+  _queueRead(cid, seq, delay) {
     this._reads.set(cid, Math.max(seq, this._reads.get(cid) || 0));
     if (!this._readTimer) {
       this._readTimer = this._later(() => {
         this._readTimer = null;
         this._flushReads();
-      }, this.o.readDelayMs);
+      }, delay === undefined ? this.o.readDelayMs : delay);
     }
   }
 
@@ -2598,9 +2689,12 @@ export class ChatClient {
         ws.send({ type: 'read', conversation_id: cid, seq });
       } else {
         this.rest('POST', '/conversations/' + encodeURIComponent(cid) + '/read', { seq })
-          .catch((e) => {
-            if (!PERMANENT.has(e.code) && !this.closed) {
-              this._queueRead(cid, seq);
+          .then(() => { this._readFails = 0; }, (e) => {
+            if (!PERMANENT.has(e.code) && e.code !== 'unauthorized' && !this.closed) {
+              // later, and later again: not at the read pace
+              this._readFails = (this._readFails || 0) + 1;
+              this._queueRead(cid, seq, Math.max(e.retry_after_ms || 0,
+                backoffDelay(Math.min(this._readFails, 6), 2000, 60000)));
             }
           });
       }
@@ -2808,7 +2902,13 @@ export class ChatClient {
     if (!snap) {
       return;
     }
-    this.store.restore(snap);
+    try {
+      this.store.restore(snap);
+    } catch (e) {
+      // a cache this version cannot read: start without it
+      this.store = new ChatStore(this.user.id);
+      return;
+    }
     for (const c of this.store.conversations()) {
       this.ev.emit('conversation', c);
     }
@@ -2832,8 +2932,7 @@ export class ChatClient {
     // the cache first: a cursor saved ahead of it would skip events the
     // cache does not hold (one behind it only replays, deduplicated)
     const cursor = this.cursor;
-    await this.db.put('cache', this.store.snapshot(CACHE_MESSAGES));
-    if (cursor) {
+    if (await this.db.put('cache', this.store.snapshot(CACHE_MESSAGES)) && cursor) {
       await this.db.put('cursor', cursor);
     }
   }

@@ -206,6 +206,19 @@ async function main() {
     await waitBody(p, cid, 'switch 8', 20000);
   }
   s2.afterLeaders = await Promise.all(rest.map((p) => ev(p, () => T.client.leader)));
+  // a read in one tab clears the badge in the others (the server does not
+  // echo a read to the connection that sent it) and reaches alice
+  s2.unreadBefore = await Promise.all(rest.map((p) => ev(p, (cid) =>
+    T.client.conversation(cid).unread_count, cid)));
+  const reader = s2.afterLeaders.indexOf(false);
+  await ev(rest[reader], (cid) => T.client.markRead(cid), cid);
+  s2.unreadAfter = await Promise.all(rest.map((p) => ev(p, (cid) => T.waitFor(() =>
+    T.client.conversation(cid).unread_count === 0, 5000).then(() => 0,
+    () => T.client.conversation(cid).unread_count), cid)));
+  s2.aliceRead = await ev(alice, (cid) => T.waitFor(() => {
+    const m = T.client.messages(cid).find((x) => x.body === 'switch 8');
+    return m && m.state === 'read';
+  }).then(() => true, () => false), cid);
   s2.tabs = await Promise.all(rest.map((p) => ev(p, (cid) => ({
     counts: T.newCounts(cid), bodies: T.bodies(cid),
   }), cid)));

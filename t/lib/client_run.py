@@ -192,6 +192,10 @@ def check(browser, res, pg, chat):
     for i, t in enumerate(s.get("tabs") or [{}, {}]):
         once_in_order(t.get("counts"), t.get("bodies"), want,
                       "%s: bob's tab %d across the leader change" % (B, i + 1))
+    ok(all((u or 0) > 0 for u in s.get("unreadBefore") or [0]),
+       "%s: both tabs count alice's messages unread (%s)" % (B, s.get("unreadBefore")))
+    is_(s.get("unreadAfter"), [0, 0], "%s: a read in the follower tab clears both tabs' badges" % B)
+    ok(s.get("aliceRead"), "%s: and alice's ticks move to read" % B)
     is_(s.get("connectionsAfter"), 2,
         "%s: still one connection for bob's two tabs after the change" % B)
 
