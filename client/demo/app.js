@@ -1985,9 +1985,11 @@ async function startChat(user) {
   await client.start();
   S.me = (client.user && client.user.id) || user;
   const kind = S.kind || kindOf(S.me);
-  $('me').replaceChildren(avatar(S.me, { small: true }),
-                          el('span', null, nameOf(S.me)),
-                          kind ? el('span', { class: 'role role-' + kind }, cap(kind)) : null);
+  // (replaceChildren would print a null as the text "null")
+  $('me').replaceChildren(...[avatar(S.me, { small: true }),
+                              el('span', null, nameOf(S.me)),
+                              kind ? el('span', { class: 'role role-' + kind }, cap(kind)) : null]
+    .filter(Boolean));
   const convs = await client.loadConversations();
   for (const c of convs) if (!S.seenSeq.has(c.id)) S.seenSeq.set(c.id, c.last_seq || 0);
   renderConvList();

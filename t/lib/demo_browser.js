@@ -6,7 +6,9 @@
 //
 // Usage: node demo_browser.js <config.json>
 //   config: { base, convs: {gig_id: id}, big: id, shots: dir, png: base64,
-//             stamp }
+//             stamp, evil: {conv, ids, tokens, first} }
+//   (evil: a group of alice and two user ids that are markup, the tokens
+//   of those two, the body of the message the first one wrote)
 // The driver asks the test to stop and start nginx by printing "@@stop" /
 // "@@start" and waiting for a line on stdin (the connection banner is
 // shown while the server is really gone).
@@ -72,9 +74,20 @@ function fakeNotifications() {
   window.Notification = FakeNotification;
 }
 
-async function open(browser, who, user, query, viewport) {
+// token: sign in with this token instead of /demo/token's (which signs
+// only plain demo names): the test signs it, for a user id /demo/token
+// would refuse
+async function open(browser, who, user, query, viewport, token) {
   const ctx = await browser.newContext({ viewport });
   await ctx.addInitScript(fakeNotifications);
+  if (token) {
+    await ctx.route((url) => url.pathname === '/demo/token', (route) => route.fulfill({
+      status: 200, contentType: 'application/json', headers: { 'Cache-Control': 'no-store' },
+      // (kind: app.py always sends one; without it the page would show
+      // "null" after the name, client/demo/app.js startChat)
+      body: JSON.stringify({ token, user, expires_in: 3600, kind: 'guest' }),
+    }));
+  }
   const page = await ctx.newPage();
   page.on('pageerror', (e) => out.errors.push(`${who}: ${e.message}`));
   page.on('console', (m) => {
@@ -186,11 +199,14 @@ async function main() {
     m5: `blocked then retried ${S}`,
     reply: `Reply: yes, got it ${S}`,
     late: `A late ledger line ${S}`,
+    evil2: `The second markup id writes ${S}`,
+    evil3: `The first markup id writes from the page ${S}`,
+    evilAlice: `Alice answers the markup ids ${S}`,
     off: `written while the server was down ${S}`,
     group: `Dave, charts first please ${S}`,
   };
   out.bodies = m;
-  let a; let b; let carol; let dave;
+  let a; let b; let carol; let dave; let evil;
   try {
     // ---- sign-in screen
     await step('sign-in screen', async () => {
@@ -640,10 +656,93 @@ async function main() {
       await shot(b.page, 'user-made-context');
     });
 
+    // ---- user ids that are markup (the names the page shows come from
+    // ids): a group the platform made with alice and two such ids, no
+    // title; the first one wrote before (REST), the second writes now
+    // (REST), then the first signs in to the demo itself (its token has a
+    // name claim with markup too), types and writes; alice answers and the
+    // first one reads it ("Seen by").
+    await step('user ids that are markup show as text', async () => {
+      const E = cfg.evil;
+      const [E1] = E.ids;
+      const ev = out.evil = {};
+      const rowOf = (p, t) => p.evaluate((t) => {
+        const r = [...document.querySelectorAll('#rows > .row')]
+          .find((x) => (x.querySelector('.body') || {}).textContent === t);
+        return r ? {
+          sender: r.dataset.sender, cls: r.className,
+          shown: (r.querySelector('.meta .sender') || {}).textContent || null,
+          more: r.querySelector('.more') ? r.querySelector('.more').getAttribute('aria-label') : null,
+        } : null;
+      }, t);
+      const header = (p) => p.evaluate(() => ({
+        title: document.getElementById('conv-title').textContent,
+        sub: document.getElementById('conv-sub').textContent,
+      }));
+      const listItem = (p) => p.evaluate((id) => {
+        const x = document.querySelector(`.conv-item[data-id="${id}"]`);
+        return x ? { title: x.querySelector('.title').textContent, preview: x.querySelector('.preview').textContent,
+                     avatar: x.querySelector('.avatar').firstChild.textContent } : null;
+      }, E.conv);
+      // nothing parsed: no element with an on* attribute anywhere, no <img>
+      // but an image attachment's, no <svg> but the page's icons
+      const parsed = (p) => p.evaluate(() => ({
+        flag: typeof window.__xss,
+        onAttrs: [...document.querySelectorAll('*')].filter((e) => [...e.attributes]
+          .some((x) => /^on/i.test(x.name))).length,
+        imgs: [...document.querySelectorAll('img')].filter((e) => !e.closest('.att-img')).length,
+        svgs: [...document.querySelectorAll('svg')].filter((e) => !e.classList.contains('ico')).length,
+      }));
+
+      await a.page.waitForSelector(`.conv-item[data-id="${E.conv}"]`, { timeout: T });
+      ev.list = await listItem(a.page);
+      await a.page.click(`.conv-item[data-id="${E.conv}"]`);
+      await waitRow(a.page, E.first);
+      ev.header = await header(a.page);
+      ev.first = await rowOf(a.page, E.first);
+      const r = await fetch(`${base}/chat/api/conversations/${E.conv}/messages`, {
+        method: 'POST', headers: { Authorization: 'Bearer ' + E.tokens[1], 'Content-Type': 'application/json' },
+        body: JSON.stringify({ client_msg_id: 'evil2-' + S, body: m.evil2 }),
+      });
+      ev.post2 = r.status;
+      await waitRow(a.page, m.evil2);
+      ev.second = await rowOf(a.page, m.evil2);
+
+      evil = await open(browser, 'evil', 'mallory', `&conv=${E.conv}`, DESK, E.tokens[0]);
+      ev.own = await evil.page.evaluate(() => ({
+        user: window.demo.user, openId: window.demo.openId,
+        me: [...document.getElementById('me').childNodes].map((e) => e.textContent),
+      }));
+      ev.ownFirst = await rowOf(evil.page, E.first);
+      await evil.page.click('#composer-input');
+      await evil.page.keyboard.type('Hello', { delay: 40 });
+      await a.page.waitForFunction((n) => document.getElementById('typing').textContent.startsWith(n),
+                                   E1, { timeout: T });
+      ev.typing = await a.page.textContent('#typing');
+      ev.typingList = (await listItem(a.page)).preview;
+      await say(evil.page, m.evil3);
+      await waitRow(a.page, m.evil3);
+      ev.third = await rowOf(a.page, m.evil3);
+      await say(a.page, m.evilAlice);
+      await waitRow(evil.page, m.evilAlice);
+      ev.ownAlice = await rowOf(evil.page, m.evilAlice);
+      await evil.page.waitForFunction(() => / 1 online$/.test(document.getElementById('conv-sub').textContent),
+                                      null, { timeout: T }).catch(() => {});
+      ev.ownHeader = await header(evil.page);
+      await a.page.waitForFunction((n) => [...document.querySelectorAll('#rows .readby')]
+        .some((x) => x.textContent.includes(n)), E1, { timeout: T });
+      ev.readBy = await a.page.evaluate(() => [...document.querySelectorAll('#rows .readby')].map((x) => x.textContent));
+      ev.listAfter = await listItem(a.page);
+      ev.pages = { alice: await parsed(a.page), evil: await parsed(evil.page) };
+      await shot(a.page, 'markup-user-ids');
+      await shot(evil.page, 'markup-user-own-page');
+    });
+
     out.finalXss = [];
     for (const x of [a, b, carol, dave]) {
       if (x) out.finalXss.push(await x.page.evaluate(() => typeof window.__xss));
     }
+    out.evilXss = evil ? await evil.page.evaluate(() => typeof window.__xss) : null;
     out.ok = out.steps.every((s) => s.ok);
   } catch (e) {
     out.ok = false;
