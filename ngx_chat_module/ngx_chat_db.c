@@ -1977,6 +1977,9 @@ ngx_chat_db_fail(ngx_chat_db_conn_t *dbc, const char *detail)
     ngx_chat_db_schedule(dbc);
 
     if (q) {
+        /* the slowest statements end here: they count too */
+        ngx_chat_metrics_query(q->sql ? NGX_CHAT_M_STMTS - 1 : q->stmt,
+                               ngx_current_msec - q->start);
         q->handler(q, NULL, NGX_DECLINED);
     }
 

@@ -31,10 +31,14 @@ ngx_chat_metrics_slot_t  *ngx_chat_metrics;
 
 static ngx_event_t        ngx_chat_metrics_tick_ev;
 
+/* nginx's debug log reads a timer's data as a connection (its fd) */
+static ngx_connection_t   ngx_chat_metrics_dumb;
+
+static void ngx_chat_metrics_claim(ngx_log_t *log);
 static void ngx_chat_metrics_tick(ngx_event_t *ev);
 static void ngx_chat_metrics_publish(void);
 static void ngx_chat_metrics_observe(ngx_chat_hist_t *h, ngx_msec_t ms);
-static ngx_int_t ngx_chat_metrics_alive(ngx_pid_t pid);
+static ngx_int_t ngx_chat_metrics_live(ngx_chat_metrics_slot_t *slot);
 static ngx_int_t ngx_chat_metrics_render(ngx_chat_buf_t *b);
 static ngx_int_t ngx_chat_metrics_family(ngx_chat_buf_t *b, const char *name,
     const char *type, const char *help);
@@ -42,23 +46,23 @@ static ngx_int_t ngx_chat_metrics_hist(ngx_chat_buf_t *b, const char *name,
     const char *label, ngx_chat_hist_t *h);
 
 
-static const char  *ngx_chat_m_transports[] = {
+static const char  *ngx_chat_m_transports[NGX_CHAT_M_TRANSPORTS] = {
     "websocket", "sse", "poll"
 };
 
 /* the close codes a server sends (PROTOCOL §4); the last is "other" */
-static ngx_uint_t   ngx_chat_m_close_codes[] = {
+static ngx_uint_t   ngx_chat_m_close_codes[NGX_CHAT_M_CLOSE_CODES] = {
     1000, 1001, 1008, 1009, 1011, 4001, 4008, 4009, 4029, 0
 };
 
 /* PROTOCOL §2 and §11 error codes; the last is "other" */
-static const char  *ngx_chat_m_errors[] = {
+static const char  *ngx_chat_m_errors[NGX_CHAT_M_ERRORS] = {
     "bad_request", "unauthorized", "token_expired", "forbidden", "not_found",
     "blocked", "conflict", "too_large", "rate_limited", "unavailable",
     "internal", "archived", "unsupported_type", "limit", "erased", "other"
 };
 
-static const char  *ngx_chat_m_rate_kinds[] = {
+static const char  *ngx_chat_m_rate_kinds[NGX_CHAT_RATE_KINDS] = {
     "send", "typing", "connect", "rest"
 };
 
@@ -83,52 +87,73 @@ ngx_chat_metrics_init_zone(ngx_slab_pool_t *shpool, ngx_chat_shctx_t *sh)
 ngx_int_t
 ngx_chat_metrics_init_process(ngx_cycle_t *cycle)
 {
-    ngx_uint_t                i;
-    ngx_atomic_uint_t         old;
-    ngx_chat_metrics_sh_t    *msh;
-    ngx_chat_metrics_slot_t  *slot;
-
     ngx_chat_metrics = NULL;
 
-    msh = ngx_chat_worker.sh ? ngx_chat_worker.sh->metrics : NULL;
-    if (msh == NULL || ngx_process != NGX_PROCESS_WORKER) {
+    if (ngx_chat_worker.sh == NULL || ngx_chat_worker.sh->metrics == NULL
+        || ngx_process != NGX_PROCESS_WORKER)
+    {
         return NGX_OK;
     }
 
-    for (i = 0; i < NGX_CHAT_METRICS_SLOTS; i++) {
-        slot = &msh->slot[i];
-        old = slot->pid;
-
-        if (old != 0 && ngx_chat_metrics_alive((ngx_pid_t) old)) {
-            continue;
-        }
-
-        if (!ngx_atomic_cmp_set(&slot->pid, old, (ngx_atomic_uint_t) ngx_pid))
-        {
-            continue;
-        }
-
-        /* counters go on from what the dead process counted; gauges not */
-        ngx_memzero((void *) slot->gauge, sizeof(slot->gauge));
-        ngx_chat_metrics = slot;
-        break;
-    }
+    ngx_chat_metrics_claim(cycle->log);
 
     if (ngx_chat_metrics == NULL) {
         ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
-                      "chat: no free metrics slot, this worker is not "
-                      "counted in /chat/metrics");
-        return NGX_OK;
+                      "chat: no free metrics slot yet, this worker is not "
+                      "counted in /chat/metrics until one frees");
     }
+
+    ngx_chat_metrics_dumb.fd = (ngx_socket_t) -1;
 
     ngx_chat_metrics_tick_ev.handler = ngx_chat_metrics_tick;
     ngx_chat_metrics_tick_ev.log = cycle->log;
-    ngx_chat_metrics_tick_ev.data = NULL;
+    ngx_chat_metrics_tick_ev.data = &ngx_chat_metrics_dumb;
     ngx_chat_metrics_tick_ev.cancelable = 1;
 
     ngx_add_timer(&ngx_chat_metrics_tick_ev, 1000);
 
     return NGX_OK;
+}
+
+
+/*
+ * A slot whose process is gone (or that names this very pid: a process
+ * that had it before died), or a free one.  Counters go on from what the
+ * dead process counted; gauges start at zero.
+ */
+static void
+ngx_chat_metrics_claim(ngx_log_t *log)
+{
+    ngx_uint_t                i, pass;
+    ngx_atomic_uint_t         old;
+    ngx_chat_metrics_sh_t    *msh;
+    ngx_chat_metrics_slot_t  *slot;
+
+    msh = ngx_chat_worker.sh->metrics;
+
+    for (pass = 0; pass < 2; pass++) {
+        for (i = 0; i < NGX_CHAT_METRICS_SLOTS; i++) {
+            slot = &msh->slot[i];
+            old = slot->pid;
+
+            if (pass == 0 ? old != (ngx_atomic_uint_t) ngx_pid
+                          : old != 0 && ngx_chat_metrics_live(slot))
+            {
+                continue;
+            }
+
+            if (!ngx_atomic_cmp_set(&slot->pid, old,
+                                    (ngx_atomic_uint_t) ngx_pid))
+            {
+                continue;
+            }
+
+            ngx_memzero((void *) slot->gauge, sizeof(slot->gauge));
+            slot->seen = ngx_time();
+            ngx_chat_metrics = slot;
+            return;
+        }
+    }
 }
 
 
@@ -143,6 +168,8 @@ ngx_chat_metrics_exit_process(void)
         /* a clean exit frees the slot at once */
         ngx_memzero((void *) ngx_chat_metrics->gauge,
                     sizeof(ngx_chat_metrics->gauge));
+        (void) ngx_atomic_cmp_set(&ngx_chat_metrics->pid,
+                                  (ngx_atomic_uint_t) ngx_pid, 0);
         ngx_chat_metrics = NULL;
     }
 }
@@ -151,11 +178,14 @@ ngx_chat_metrics_exit_process(void)
 static void
 ngx_chat_metrics_tick(ngx_event_t *ev)
 {
+    if (ngx_chat_metrics == NULL) {
+        ngx_chat_metrics_claim(ev->log);
+    }
+
     ngx_chat_metrics_publish();
 
-    if (!ngx_exiting) {
-        ngx_add_timer(ev, 1000);
-    }
+    /* also while exiting (it says the slot is live); cancelable */
+    ngx_add_timer(ev, 1000);
 }
 
 
@@ -172,6 +202,7 @@ ngx_chat_metrics_publish(void)
         return;
     }
 
+    m->seen = ngx_time();
     m->gauge[NGX_CHAT_MG_DB_ALIVE] = ngx_chat_db_alive_count();
     m->gauge[NGX_CHAT_MG_DB_BUSY] = ngx_chat_db_busy();
     m->gauge[NGX_CHAT_MG_DB_QUEUED] = ngx_chat_db_queued();
@@ -200,6 +231,29 @@ ngx_chat_metrics_transport(ngx_str_t *name)
     }
 
     return 0;
+}
+
+
+/* a session opened (n = 1) or closed (n = -1); 1 if it was counted */
+
+ngx_uint_t
+ngx_chat_metrics_session(ngx_str_t *transport, ngx_int_t n)
+{
+    ngx_uint_t  t;
+
+    if (ngx_chat_metrics == NULL) {
+        return 0;
+    }
+
+    t = ngx_chat_metrics_transport(transport);
+
+    if (n > 0) {
+        ngx_chat_count(NGX_CHAT_MC_SESSIONS + t, 1);
+    }
+
+    ngx_chat_gauge_add(NGX_CHAT_MG_CONNECTIONS + t, n);
+
+    return 1;
 }
 
 
@@ -279,11 +333,27 @@ ngx_chat_metrics_observe(ngx_chat_hist_t *h, ngx_msec_t ms)
 }
 
 
+/*
+ * Its process exists and ticked lately: a pid another process took after
+ * the worker died does not keep a dead worker's gauges alive.
+ */
 static ngx_int_t
-ngx_chat_metrics_alive(ngx_pid_t pid)
+ngx_chat_metrics_live(ngx_chat_metrics_slot_t *slot)
 {
+    ngx_pid_t  pid;
+
+    pid = (ngx_pid_t) slot->pid;
+
+    if (pid == 0) {
+        return 0;
+    }
+
     if (pid == ngx_pid) {
-        return 1;
+        return slot == ngx_chat_metrics;
+    }
+
+    if (ngx_time() - (time_t) slot->seen > 5) {
+        return 0;
     }
 
     return kill(pid, 0) == 0 || ngx_errno != NGX_ESRCH;
@@ -298,6 +368,8 @@ ngx_chat_metrics_handler(ngx_http_request_t *r)
     ngx_table_elt_t  *h;
 
     static ngx_str_t  type = ngx_string("text/plain; version=0.0.4");
+
+    /* the length without the parameter: nginx's type tests (gzip_types) */
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
         return ngx_chat_http_error(r, NGX_HTTP_NOT_ALLOWED, "bad_request",
@@ -332,7 +404,8 @@ ngx_chat_metrics_handler(ngx_http_request_t *r)
     ngx_str_set(&h->key, "Cache-Control");
     ngx_str_set(&h->value, "no-store");
 
-    rc = ngx_chat_http_send(r, NGX_HTTP_OK, &type, type.len, b.data, b.len);
+    rc = ngx_chat_http_send(r, NGX_HTTP_OK, &type, sizeof("text/plain") - 1,
+                            b.data, b.len);
 
     ngx_chat_buf_free(&b);
 
@@ -342,11 +415,13 @@ ngx_chat_metrics_handler(ngx_http_request_t *r)
 
 /* one line: name{labels} value */
 #define ngx_chat_m_line(b, fmt, ...)                                          \
-    if (ngx_chat_buf_reserve(b, 256) != NGX_OK) {                             \
-        return NGX_ERROR;                                                     \
-    }                                                                         \
-    (b)->len = ngx_snprintf((b)->data + (b)->len, 256, fmt "\n",              \
-                            __VA_ARGS__) - (b)->data
+    do {                                                                      \
+        if (ngx_chat_buf_reserve(b, 256) != NGX_OK) {                         \
+            return NGX_ERROR;                                                 \
+        }                                                                     \
+        (b)->len = ngx_snprintf((b)->data + (b)->len, 256, fmt "\n",          \
+                                __VA_ARGS__) - (b)->data;                     \
+    } while (0)
 
 
 static ngx_int_t
@@ -366,7 +441,7 @@ ngx_chat_metrics_render(ngx_chat_buf_t *b)
 
     for (i = 0; i < NGX_CHAT_METRICS_SLOTS; i++) {
         s = &msh->slot[i];
-        live[i] = s->pid && ngx_chat_metrics_alive((ngx_pid_t) s->pid);
+        live[i] = ngx_chat_metrics_live(s);
 
         for (j = 0; j < NGX_CHAT_MC_N; j++) {
             c[j] += s->counter[j];
@@ -461,7 +536,7 @@ ngx_chat_metrics_render(ngx_chat_buf_t *b)
         return NGX_ERROR;
     }
 
-    for (i = 0; i < 10; i++) {
+    for (i = 0; i < NGX_CHAT_M_CLOSE_CODES; i++) {
         if (ngx_chat_m_close_codes[i]) {
             ngx_chat_m_line(b, "chat_closes_total{code=\"%ui\"} %uA",
                             ngx_chat_m_close_codes[i],
@@ -480,7 +555,7 @@ ngx_chat_metrics_render(ngx_chat_buf_t *b)
         return NGX_ERROR;
     }
 
-    for (i = 0; i < 16; i++) {
+    for (i = 0; i < NGX_CHAT_M_ERRORS; i++) {
         ngx_chat_m_line(b, "chat_errors_total{code=\"%s\"} %uA",
                         ngx_chat_m_errors[i], c[NGX_CHAT_MC_ERRORS + i]);
     }
@@ -492,7 +567,7 @@ ngx_chat_metrics_render(ngx_chat_buf_t *b)
         return NGX_ERROR;
     }
 
-    for (i = 0; i < 4; i++) {
+    for (i = 0; i < NGX_CHAT_RATE_KINDS; i++) {
         ngx_chat_m_line(b, "chat_rate_limited_total{kind=\"%s\"} %uA",
                         ngx_chat_m_rate_kinds[i],
                         c[NGX_CHAT_MC_RATE_LIMITED + i]);

@@ -18,6 +18,8 @@
  */
 
 #define NGX_CHAT_M_TRANSPORTS   3        /* websocket, sse, poll */
+#define NGX_CHAT_M_CLOSE_CODES  10       /* 9 codes and "other" */
+#define NGX_CHAT_M_ERRORS       16       /* 15 codes and "other" */
 
 enum {
     NGX_CHAT_MC_SESSIONS = 0,                            /* [transport] */
@@ -27,9 +29,9 @@ enum {
     NGX_CHAT_MC_DUPLICATES,
     NGX_CHAT_MC_SEND_ERRORS,
     NGX_CHAT_MC_CLOSES,                                  /* [close code] */
-    NGX_CHAT_MC_ERRORS = NGX_CHAT_MC_CLOSES + 10,        /* [error code] */
-    NGX_CHAT_MC_RATE_LIMITED = NGX_CHAT_MC_ERRORS + 16,  /* [kind] */
-    NGX_CHAT_MC_DB_RECONNECTS = NGX_CHAT_MC_RATE_LIMITED + 4,
+    NGX_CHAT_MC_ERRORS = NGX_CHAT_MC_CLOSES + NGX_CHAT_M_CLOSE_CODES,
+    NGX_CHAT_MC_RATE_LIMITED = NGX_CHAT_MC_ERRORS + NGX_CHAT_M_ERRORS,
+    NGX_CHAT_MC_DB_RECONNECTS = NGX_CHAT_MC_RATE_LIMITED + NGX_CHAT_RATE_KINDS,
     NGX_CHAT_MC_N
 };
 
@@ -53,13 +55,15 @@ typedef struct {
 
 typedef struct {
     ngx_atomic_t               pid;
+    ngx_atomic_t               seen;             /* ngx_time() of its tick */
     ngx_atomic_t               counter[NGX_CHAT_MC_N];
     ngx_atomic_t               gauge[NGX_CHAT_MG_N];
     ngx_chat_hist_t            send;             /* store: send -> answer */
     ngx_chat_hist_t            query[NGX_CHAT_M_STMTS];
 } ngx_chat_metrics_slot_t;
 
-#define NGX_CHAT_METRICS_SLOTS  64
+/* every worker of a generation, and the old one draining after a reload */
+#define NGX_CHAT_METRICS_SLOTS  128
 
 struct ngx_chat_metrics_sh_s {
     ngx_chat_metrics_slot_t    slot[NGX_CHAT_METRICS_SLOTS];
@@ -70,14 +74,18 @@ extern ngx_chat_metrics_slot_t  *ngx_chat_metrics;
 
 /* the hot path: one atomic add, nothing when metrics are off */
 #define ngx_chat_count(i, n)                                                  \
-    if (ngx_chat_metrics) {                                                   \
-        (void) ngx_atomic_fetch_add(&ngx_chat_metrics->counter[i], n);        \
-    }
+    do {                                                                      \
+        if (ngx_chat_metrics) {                                               \
+            (void) ngx_atomic_fetch_add(&ngx_chat_metrics->counter[i], n);    \
+        }                                                                     \
+    } while (0)
 
 #define ngx_chat_gauge_add(i, n)                                              \
-    if (ngx_chat_metrics) {                                                   \
-        (void) ngx_atomic_fetch_add(&ngx_chat_metrics->gauge[i], n);          \
-    }
+    do {                                                                      \
+        if (ngx_chat_metrics) {                                               \
+            (void) ngx_atomic_fetch_add(&ngx_chat_metrics->gauge[i], n);      \
+        }                                                                     \
+    } while (0)
 
 
 ngx_int_t ngx_chat_metrics_init_zone(ngx_slab_pool_t *shpool,
@@ -85,6 +93,7 @@ ngx_int_t ngx_chat_metrics_init_zone(ngx_slab_pool_t *shpool,
 ngx_int_t ngx_chat_metrics_init_process(ngx_cycle_t *cycle);
 void ngx_chat_metrics_exit_process(void);
 ngx_uint_t ngx_chat_metrics_transport(ngx_str_t *name);
+ngx_uint_t ngx_chat_metrics_session(ngx_str_t *transport, ngx_int_t n);
 void ngx_chat_metrics_close(ngx_uint_t code);
 void ngx_chat_metrics_error(const char *code);
 void ngx_chat_metrics_send(ngx_msec_t ms, ngx_int_t rc, ngx_uint_t duplicate);

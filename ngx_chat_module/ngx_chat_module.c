@@ -470,6 +470,28 @@ static ngx_str_t  ngx_chat_zone_name = ngx_string("ngx_chat_module");
 
 
 static ngx_int_t
+ngx_chat_single_endpoint(ngx_str_t *path)
+{
+    ngx_uint_t  i;
+
+    static ngx_str_t  names[] = {
+        ngx_string("ws"), ngx_string("events"), ngx_string("poll"),
+        ngx_string("health"), ngx_string("ready"), ngx_string("metrics")
+    };
+
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (path->len == names[i].len
+            && ngx_strncmp(path->data, names[i].data, path->len) == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+static ngx_int_t
 ngx_chat_handler(ngx_http_request_t *r)
 {
     ngx_int_t                  rc;
@@ -497,8 +519,9 @@ ngx_chat_handler(ngx_http_request_t *r)
     if (clcf->exact_match || ngx_chat_location_regex(clcf)) {
         /*
          * "location = /chat/ready { chat; allow ...; }": an endpoint of one
-         * segment (ready, health, ws, events, poll) in a location of its
-         * own, to give it its own access rules
+         * segment (ws, events, poll, health, ready, metrics) in a location
+         * of its own, to give it its own access rules; the API and the
+         * pages need the prefix location
          */
         path.data = r->uri.data + r->uri.len;
 
@@ -508,14 +531,30 @@ ngx_chat_handler(ngx_http_request_t *r)
 
         path.len = r->uri.data + r->uri.len - path.data;
 
+        if (!ngx_chat_single_endpoint(&path)) {
+            return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                       "no such endpoint here", 0);
+        }
+
     } else {
         path.data = r->uri.data + clcf->name.len;
         path.len = r->uri.len - clcf->name.len;
-    }
 
-    if (path.len && path.data[0] == '/') {
-        path.data++;
-        path.len--;
+        if (path.len && path.data[0] == '/') {
+
+            /*
+             * "location /chat" leaves the slash; after "location /chat/"
+             * it is a second one: "/chat//metrics" (merge_slashes off)
+             * must not reach what "location = /chat/metrics" guards
+             */
+            if (clcf->name.len && clcf->name.data[clcf->name.len - 1] == '/') {
+                return ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
+                                           "no such endpoint", 0);
+            }
+
+            path.data++;
+            path.len--;
+        }
     }
 
     if (path.len == 2 && ngx_strncmp(path.data, "ws", 2) == 0) {
@@ -775,6 +814,7 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     cmcf->rate_entries = ngx_max(cmcf->shm_size / 16 / 256, 256);
 
     if (cmcf->shm_size < 8 * ngx_pagesize + 64 * 1024
+        + sizeof(ngx_chat_metrics_sh_t)
         + cmcf->bus_slots * sizeof(ngx_chat_slot_t)
         + cmcf->live_slots * 3 * sizeof(uint64_t))
     {

@@ -179,10 +179,7 @@ ngx_chat_session_create(ngx_chat_transport_t *t, void *tctx,
 
     ngx_chat_session_set_timer(s);
 
-    ngx_chat_count(NGX_CHAT_MC_SESSIONS
-                   + ngx_chat_metrics_transport(&t->name), 1);
-    ngx_chat_gauge_add(NGX_CHAT_MG_CONNECTIONS
-                       + ngx_chat_metrics_transport(&t->name), 1);
+    s->metered = ngx_chat_metrics_session(&t->name, 1);
 
     return s;
 }
@@ -1658,9 +1655,9 @@ ngx_chat_session_closed(ngx_chat_session_t *s)
     s->transport_gone = 1;
     s->state = NGX_CHAT_SESSION_CLOSED;
 
-    ngx_chat_gauge_add(NGX_CHAT_MG_CONNECTIONS
-                       + ngx_chat_metrics_transport(&s->transport->name),
-                       -1);
+    if (s->metered) {
+        (void) ngx_chat_metrics_session(&s->transport->name, -1);
+    }
 
     if (s->timer.timer_set) {
         ngx_del_timer(&s->timer);

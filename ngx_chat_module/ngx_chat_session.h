@@ -91,6 +91,7 @@ struct ngx_chat_session_s {
     unsigned                   catchup_stale:1;
     unsigned                   delivered:1;      /* since start */
     unsigned                   unauth:1;         /* counted as such */
+    unsigned                   metered:1;        /* in chat_connections */
     unsigned                   present:1;        /* a device in the zone */
     unsigned                   acking:1;         /* the client sends acks */
     unsigned                   join_stale:1;     /* membership changed while

@@ -123,9 +123,10 @@ ng.stop()
 
 # ----------------------- their own locations, with their own access rules
 ng2 = Nginx(pg, workers=1, server="""
+    merge_slashes off;
     location = /chat/health { chat; allow 127.0.0.1; deny all; }
     location = /chat/ready { chat; deny all; }
-    location ~ ^/probe/(health)$ { chat; }
+    location ~ ^/probe/(health|api)$ { chat; }
 """)
 st, _, body = api("GET", "/chat/health", nginx=ng2)
 is_((st, (body or {}).get("status")), (200, "ok"),
@@ -136,5 +137,10 @@ st, _, body = api("GET", "/probe/health", nginx=ng2)
 is_((st, (body or {}).get("status")), (200, "ok"), "a regex location: its last segment")
 st, _, body = api("GET", "/chat/api/me", nginx=ng2, token=token("alice"))
 is_(st, 200, "the rest of /chat/ is unchanged")
+st, _, body = api("GET", "/probe/api", nginx=ng2)
+is_(st, 404, "a location of its own serves only an endpoint of one segment (not the API)")
+st, _, body = api("GET", "/chat//ready", nginx=ng2)
+is_(st, 404, "/chat//ready (merge_slashes off) does not reach what location = /chat/ready "
+    "guards")
 ng2.check_log()
 done()
