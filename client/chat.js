@@ -1192,18 +1192,11 @@ export class ChatClient {
       // a start that failed (no token: offline at page load) may be retried
       this._started = this._start().catch((e) => {
         this._started = null;
-        if (this.bc) {
-          this.bc.close();
-          this.bc = null;
-        }
+        this._release();
         if (this.db) {
           this.db.close();
           this.db = null;
         }
-        for (const [target, ev, fn] of this._listeners) {
-          target.removeEventListener(ev, fn);
-        }
-        this._listeners = [];
         throw e;
       });
     }
@@ -1306,21 +1299,10 @@ export class ChatClient {
     if (this._releaseLock) {
       this._releaseLock();
     }
-    if (this.bc) {
-      if (!this.leader) {
-        this._post({ t: 'bye', tab: this.tabId });
-      }
-      this.bc.close();
-      this.bc = null;
+    if (this.bc && !this.leader) {
+      this._post({ t: 'bye', tab: this.tabId });
     }
-    for (const t of this._timers) {
-      clearTimeout(t);
-    }
-    this._timers.clear();
-    for (const [target, ev, fn] of this._listeners) {
-      target.removeEventListener(ev, fn);
-    }
-    this._listeners = [];
+    this._release();
     for (const [, p] of this._pending) {
       clearTimeout(p.timer);
       p.reject(chatError('closed'));
@@ -1351,6 +1333,22 @@ export class ChatClient {
     }
     this._setState('closed', { text: 'Closed' });
     this.ev.clear();
+  }
+
+  // the channel, the timers and the listeners this client holds
+  _release() {
+    if (this.bc) {
+      this.bc.close();
+      this.bc = null;
+    }
+    for (const t of this._timers) {
+      clearTimeout(t);
+    }
+    this._timers.clear();
+    for (const [target, ev, fn] of this._listeners) {
+      target.removeEventListener(ev, fn);
+    }
+    this._listeners = [];
   }
 
   _listen(target, ev, fn) {

@@ -56,6 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from chattest import *  # noqa: E402,F403
+from demotest import app_get, app_up, start_app  # noqa: E402
 
 if not os.path.exists("/usr/bin/chromium") or not os.path.isdir(
         os.path.join(REPO, "client", "node_modules", "playwright-core")):
@@ -77,31 +78,6 @@ demo_port = free_port()
 ng_port = free_port()
 
 
-def start_app(port):
-    return subprocess.Popen(
-        ["/usr/bin/python3", os.path.join(REPO, "client", "demo", "app.py"),
-         "--port", str(port), "--secret", hs_secret_file(),
-         "--chat-url", "http://127.0.0.1:%d/chat" % ng_port],
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmpdir(), "app-%d.log" % port), "w"))
-
-
-def app_get(port, path):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, json.loads(r.read() or b"{}")
-    finally:
-        c.close()
-
-
-def app_up(port):
-    try:
-        return app_get(port, "/health")[0] == 200
-    except OSError:
-        return False
-
-
 def png(w, h):
     """A small gradient PNG (stdlib only): the image attachment."""
     raw = b"".join(b"\x00" + b"".join(bytes((x * 255 // w, y * 255 // h, 170)) for x in range(w))
@@ -114,7 +90,7 @@ def png(w, h):
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-app = start_app(demo_port)
+app = start_app(demo_port, ng_port)
 try:
     wait_for(lambda: app_up(demo_port), 10, what="demo token server")
     # seeding before the chat is up: refused, and the server stays up
@@ -160,7 +136,7 @@ try:
     convs = body.get("seeded") or {}
     is_(sorted(convs), ["gig-101", "gig-102", "gig-103"], "... three gig conversations")
     app2_port = free_port()
-    app2 = start_app(app2_port)
+    app2 = start_app(app2_port, ng_port)
     try:
         wait_for(lambda: app_up(app2_port), 10, what="second demo server")
         n_before = pg.query("SELECT count(*) FROM chat_messages")[0][0]

@@ -23,7 +23,6 @@
 #     the page is, Firefox pushes Send off screen: reported with diag).
 #  7. A desktop and a phone screenshot go to $CHAT_SCREENSHOTS if set, else
 #     to the test's temp dir (kept with KEEP=1); their paths are printed.
-import http.client
 import json
 import os
 import subprocess
@@ -32,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 from chattest import *  # noqa: E402,F403
+from demotest import app_get, app_up, start_app  # noqa: E402
 
 if not os.path.exists("/usr/bin/firefox-esr") or not os.path.isdir(
         os.path.join(REPO, "client", "node_modules", "puppeteer-core")):
@@ -49,28 +49,7 @@ demo_port = free_port()
 ng_port = free_port()
 
 
-def app_get(port, path):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, json.loads(r.read() or b"{}")
-    finally:
-        c.close()
-
-
-def app_up(port):
-    try:
-        return app_get(port, "/health")[0] == 200
-    except OSError:
-        return False
-
-
-app = subprocess.Popen(
-    ["/usr/bin/python3", os.path.join(REPO, "client", "demo", "app.py"),
-     "--port", str(demo_port), "--secret", hs_secret_file(),
-     "--chat-url", "http://127.0.0.1:%d/chat" % ng_port],
-    stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmpdir(), "app.log"), "w"))
+app = start_app(demo_port, ng_port, log="app.log")
 try:
     wait_for(lambda: app_up(demo_port), 10, what="demo token server")
     ng = Nginx(pg, workers=2, port=ng_port, server="""

@@ -21,9 +21,9 @@
 //      store check failed (time measured), screenshots; started again: it
 //      turns ready again.
 'use strict';
+const { asker, stepper } = require('./browser_util');
 const fs = require('fs');
 const path = require('path');
-const readline = require('readline');
 const { chromium } = require(path.join(__dirname, '..', '..', 'client',
                                        'node_modules', 'playwright-core'));
 
@@ -33,34 +33,9 @@ const DESK = { width: 1280, height: 800 };
 const PHONE = { width: 390, height: 844 };
 
 const out = { steps: [], shots: [], errors: [], timing: {} };
-const lines = readline.createInterface({ input: process.stdin });
-const replies = [];
-let waiting = null;
-lines.on('line', (l) => {
-  if (waiting) {
-    const w = waiting;
-    waiting = null;
-    w(l);
-  } else {
-    replies.push(l);
-  }
-});
+const ask = asker();
 
-function ask(what) {
-  process.stdout.write('@@' + what + '\n');
-  if (replies.length) return Promise.resolve(replies.shift());
-  return new Promise((resolve) => { waiting = resolve; });
-}
-
-async function step(name, fn) {
-  const t0 = Date.now();
-  try {
-    await fn();
-    out.steps.push({ name, ok: true, ms: Date.now() - t0 });
-  } catch (e) {
-    out.steps.push({ name, ok: false, ms: Date.now() - t0, error: String(e.message || e).split('\n')[0] });
-  }
-}
+const step = stepper(out.steps);
 
 async function open(browser, who, viewport, query) {
   const ctx = await browser.newContext({ viewport });

@@ -16,9 +16,9 @@
 // Every step runs even when one before it failed (each wait has a short
 // timeout), so one run reports every broken thing; out.steps says which.
 'use strict';
+const { asker, stepper } = require('./browser_util');
 const fs = require('fs');
 const path = require('path');
-const readline = require('readline');
 const { chromium } = require(path.join(__dirname, '..', '..', 'client',
                                        'node_modules', 'playwright-core'));
 
@@ -32,35 +32,9 @@ const XSS_SCRIPT = '<script>window.__xss=1</script>';
 
 const out = { steps: [], shots: [], errors: [], timing: {} };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const lines = readline.createInterface({ input: process.stdin });
-const replies = [];
-let waiting = null;
-lines.on('line', (l) => {
-  if (waiting) {
-    const w = waiting;
-    waiting = null;
-    w(l);
-  } else {
-    replies.push(l);
-  }
-});
+const ask = asker();
 
-// asks the test for something (stop/start nginx) and waits for its "ok"
-function ask(what) {
-  process.stdout.write('@@' + what + '\n');
-  if (replies.length) return Promise.resolve(replies.shift());
-  return new Promise((resolve) => { waiting = resolve; });
-}
-
-async function step(name, fn) {
-  const t0 = Date.now();
-  try {
-    await fn();
-    out.steps.push({ name, ok: true, ms: Date.now() - t0 });
-  } catch (e) {
-    out.steps.push({ name, ok: false, ms: Date.now() - t0, error: String(e.message || e).split('\n')[0] });
-  }
-}
+const step = stepper(out.steps);
 
 // Notifications are recorded, not shown: the page sees permission granted.
 function fakeNotifications() {

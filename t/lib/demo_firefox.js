@@ -13,6 +13,7 @@
 // Every step runs even when one before it failed (each wait has a short
 // timeout), so one run reports every broken thing; out.steps says which.
 'use strict';
+const { asker, stepper } = require('./browser_util');
 const fs = require('fs');
 const path = require('path');
 const puppeteer = require(path.join(__dirname, '..', '..', 'client', 'node_modules', 'puppeteer-core'));
@@ -25,15 +26,7 @@ const PHONE = { width: 390, height: 844 };
 
 const out = { steps: [], shots: [], errors: [], timing: {} };
 
-async function step(name, fn) {
-  const t0 = Date.now();
-  try {
-    await fn();
-    out.steps.push({ name, ok: true, ms: Date.now() - t0 });
-  } catch (e) {
-    out.steps.push({ name, ok: false, ms: Date.now() - t0, error: String(e.message || e).split('\n')[0] });
-  }
-}
+const step = stepper(out.steps);
 
 // Notifications are recorded, not shown; arrival times of message rows are
 // recorded by the page itself (a MutationObserver), so the latency is not

@@ -1,0 +1,45 @@
+// What the browser drivers of the tests share (t/lib/*_browser.js,
+// demo_firefox.js): a question to the test on stdout answered by a line on
+// stdin, and named steps that record how they ended instead of stopping
+// the run (the test asserts on them).
+'use strict';
+const readline = require('readline');
+
+// ask('stop') prints "@@stop" and resolves with the test's answer line
+function asker() {
+  const lines = readline.createInterface({ input: process.stdin });
+  const replies = [];
+  let waiting = null;
+  lines.on('line', (l) => {
+    if (waiting) {
+      const w = waiting;
+      waiting = null;
+      w(l);
+    } else {
+      replies.push(l);
+    }
+  });
+  return function ask(what) {
+    process.stdout.write('@@' + what + '\n');
+    if (replies.length) {
+      return Promise.resolve(replies.shift());
+    }
+    return new Promise((resolve) => { waiting = resolve; });
+  };
+}
+
+// step(name, fn): runs fn, pushes {name, ok, ms, error?} to steps
+function stepper(steps) {
+  return async function step(name, fn) {
+    const t0 = Date.now();
+    try {
+      await fn();
+      steps.push({ name, ok: true, ms: Date.now() - t0 });
+    } catch (e) {
+      steps.push({ name, ok: false, ms: Date.now() - t0,
+                   error: String(e.message || e).split('\n')[0] });
+    }
+  };
+}
+
+module.exports = { asker, stepper };
