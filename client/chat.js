@@ -1604,6 +1604,15 @@ export class ChatClient {
     if (this.closed || !m) {
       return;
     }
+    // every tab shows what any tab typed or dropped
+    if (m.t === 'sending') {
+      this._showPending(m.entry);
+      return;
+    }
+    if (m.t === 'discarded') {
+      this._discarded(m.cmid);
+      return;
+    }
     if (this.leader) {
       switch (m.t) {
       case 'hello':
@@ -1638,12 +1647,6 @@ export class ChatClient {
           this._queueRead(m.conversation_id, m.seq);
         }
         return;
-      case 'sending':
-        this._showPending(m.entry);
-        return;
-      case 'discarded':
-        this._discarded(m.cmid);
-        return;
       default:
         return;
       }
@@ -1677,12 +1680,6 @@ export class ChatClient {
       return;
     case 'failed':
       this._failed(m.cmid, m.error, true);
-      return;
-    case 'sending':
-      this._showPending(m.entry);
-      return;
-    case 'discarded':
-      this._discarded(m.cmid);
       return;
     case 'readlocal':
       // read in another tab: the server tells no tab of this connection

@@ -42,4 +42,25 @@ function stepper(steps) {
   };
 }
 
-module.exports = { asker, stepper };
+// Records the tick states one message goes through (set up before sending).
+function watchTicks(page, text) {
+  return page.evaluate((t) => {
+    if (window.__tickObserver) window.__tickObserver.disconnect();
+    window.__ticks = [];
+    const look = () => {
+      for (const r of document.querySelectorAll('#rows > .row')) {
+        const b = r.querySelector('.body');
+        const k = r.querySelector('.tick');
+        if (b && k && b.textContent.includes(t)) {
+          const s = k.dataset.state;
+          if (window.__ticks[window.__ticks.length - 1] !== s) window.__ticks.push(s);
+        }
+      }
+    };
+    window.__tickObserver = new MutationObserver(look);
+    window.__tickObserver.observe(document.getElementById('rows'),
+                                  { subtree: true, childList: true, attributes: true });
+  }, text);
+}
+
+module.exports = { asker, stepper, watchTicks };

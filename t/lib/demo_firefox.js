@@ -13,7 +13,7 @@
 // Every step runs even when one before it failed (each wait has a short
 // timeout), so one run reports every broken thing; out.steps says which.
 'use strict';
-const { asker, stepper } = require('./browser_util');
+const { asker, stepper, watchTicks } = require('./browser_util');
 const fs = require('fs');
 const path = require('path');
 const puppeteer = require(path.join(__dirname, '..', '..', 'client', 'node_modules', 'puppeteer-core'));
@@ -99,26 +99,6 @@ function waitTick(page, text, states, timeout = T) {
   }), { timeout, polling: 'mutation' }, text, states);
 }
 
-// Records the tick states one message goes through (set up before sending).
-function watchTicks(page, text) {
-  return page.evaluate((t) => {
-    if (window.__tickObserver) window.__tickObserver.disconnect();
-    window.__ticks = [];
-    const look = () => {
-      for (const r of document.querySelectorAll('#rows > .row')) {
-        const b = r.querySelector('.body');
-        const k = r.querySelector('.tick');
-        if (b && k && b.textContent.includes(t)) {
-          const s = k.dataset.state;
-          if (window.__ticks[window.__ticks.length - 1] !== s) window.__ticks.push(s);
-        }
-      }
-    };
-    window.__tickObserver = new MutationObserver(look);
-    window.__tickObserver.observe(document.getElementById('rows'),
-                                  { subtree: true, childList: true, attributes: true });
-  }, text);
-}
 
 function countBody(page, text) {
   return page.evaluate((t) => [...document.querySelectorAll('#rows > .row .body')]
