@@ -1492,6 +1492,9 @@ export class ChatClient {
 
   async _fetchJson(method, path, body, signal, retried) {
     const token = await this._token(false);
+    if (signal && signal.aborted) {
+      throw chatError('closed', 'aborted');   // closed while the token was on its way
+    }
     const headers = { Authorization: 'Bearer ' + token };
     let payload;
     if (body instanceof Blob) {
@@ -1512,9 +1515,6 @@ export class ChatClient {
     const onAbort = () => ac.abort();
     if (signal) {
       signal.addEventListener('abort', onAbort);
-      if (signal.aborted) {
-        ac.abort();             // closed while the token was on its way
-      }
     }
     let r;
     let text;

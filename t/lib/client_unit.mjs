@@ -1271,6 +1271,85 @@ async function clientToken() {
   }
 }
 
+// What the second cold review found: a captive portal's 200, a cached
+// token's shorter life, a poll closed while the token is on its way.
+async function clientSecondReview() {
+  const srv = new FakeServer();
+  srv.addConv('c1', ['alice', 'bob'], 1);
+  install(srv);
+  const now = Math.floor(Date.now() / 1000);
+  // issued 50 minutes ago, 10 minutes left
+  const cached = jwt({ sub: 'alice', iat: now - 3000, exp: now + 600 });
+  const c = newClient({ transports: ['poll'], jwt: cached });
+  let portal = false;
+  const real = globalThis.fetch;
+  globalThis.fetch = async (input, init) => {
+    if (portal) {
+      srv.log.push({ t: Date.now(), method: (init && init.method) || 'GET',
+                     path: new URL(String(input)).pathname, query: new URLSearchParams(),
+                     url: String(input) });
+      return new Response('<html><body>Sign in to the hotel Wi-Fi</body></html>',
+                          { status: 200, headers: { 'Content-Type': 'text/html' } });
+    }
+    return real(input, init);
+  };
+  try {
+    await c.start();
+    await waitFor(() => connected(c), 2000);
+    const left = (c._tokExp - Date.now()) / 60000;
+    ok(left > 9 && left < 10.5, 'a cached token with 10 minutes left counts 10, not its '
+       + 'issued life of 60 (' + left.toFixed(1) + ' min)');
+
+    // the portal answers everything with a 200 page
+    portal = true;
+    const p = c.send('c1', 'behind the portal');
+    p.catch(() => {});
+    await sleep(400);
+    is(c.messages('c1').filter((m) => m.seq == null).map((m) => [m.body, m.state]),
+       [['behind the portal', 'sending']],
+       "a portal's 200 page is not the server's answer: the message waits, not lost");
+    const polls = srv.log.filter((r) => r.path === '/chat/poll' && r.t > Date.now() - 400).length;
+    ok(polls < 20, 'and the poll does not spin on it (' + polls + ' polls in 400 ms)');
+    portal = false;
+    await waitFor(() => srv.stored('c1').includes('behind the portal'), 5000);
+    is(srv.stored('c1').filter((b) => b === 'behind the portal').length, 1,
+       'once the portal lets go, it is stored once');
+    await checkClosed(c, srv, 'second review');
+  } finally {
+    globalThis.fetch = real;
+    await c.close().catch(() => {});
+    uninstall();
+  }
+
+  // close() while the token provider is still working: no poll goes out
+  const srv2 = new FakeServer();
+  srv2.addConv('c1', ['alice', 'bob'], 1);
+  install(srv2);
+  let release;
+  const slow = new Promise((r) => { release = r; });
+  const d = newClient({ transports: ['poll'] });
+  try {
+    await d.start();
+    await waitFor(() => connected(d), 2000);
+    d._tokForce = true;              // the next call asks the provider...
+    d.o.token = async () => { await slow; return JWT; };   // ...which takes its time
+    d.transport.close();
+    d.transport = null;
+    d._connect();                     // a poll waits for the token
+    await sleep(50);
+    const t = Date.now();
+    const closing = d.close();
+    release();
+    await closing;
+    await sleep(200);
+    is(srv2.log.filter((r) => r.t >= t && r.path === '/chat/poll').length, 0,
+       'a poll closed while its token was on the way is never sent');
+  } finally {
+    await d.close().catch(() => {});
+    uninstall();
+  }
+}
+
 // ------------------------------------------------------------------ main
 
 // What the cold review of chat.js found, held down.
@@ -1387,6 +1466,7 @@ async function main() {
   await section('ChatClient: close() with a send in flight', clientCloseInFlight);
   await section('ChatClient: token handling', clientToken);
   await section('ChatClient: what the cold review found', clientReviewFixes);
+  await section('ChatClient: what the second cold review found', clientSecondReview);
 
   await sleep(20);
   is(unhandled.map((e) => String(e && e.stack || e)), [], 'no unhandled promise rejections');
