@@ -113,6 +113,16 @@ ng = Nginx(pg, workers=2, http="""
     chat_rate_limit connect user rate=12r/m burst=3;
     chat_rate_limit connect address rate=1000r/s burst=1000;
 """)
+# every attempt counts against the limit: connect only once the workers
+# have the store (a hello before that is answered "unavailable")
+ready_pids = set()
+t_ready = time.monotonic()
+while time.monotonic() - t_ready < 10 and not set(ng.worker_pids()) <= ready_pids:
+    st_, _, b_ = api("GET", "/chat/ready", nginx=ng)
+    if st_ == 200:
+        ready_pids.add(b_.get("pid"))
+    else:
+        time.sleep(0.05)
 
 
 async def connects():
