@@ -2015,7 +2015,7 @@ export class ChatClient {
       this.cursor = m.cursor;
       if (this.leader) {
         this._ack();
-        this._saveCursorSoon();
+        this._saveCacheSoon();
       }
     }
     this.ev.emit('event', m.event);
@@ -2168,16 +2168,6 @@ export class ChatClient {
         this.transport.send({ type: 'ack', cursor: this.cursor });
       }
     }, ACK_DELAY_MS);
-  }
-
-  _saveCursorSoon() {
-    if (this._cursorTimer) {
-      return;
-    }
-    this._cursorTimer = this._later(() => {
-      this._cursorTimer = null;
-      this._saveCache();
-    }, 1000);
   }
 
   async _resync(reason) {

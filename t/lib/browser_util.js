@@ -5,7 +5,8 @@
 'use strict';
 const readline = require('readline');
 
-// ask('stop') prints "@@stop" and resolves with the test's answer line
+// ask('stop') prints "@@stop" and resolves with the test's answer line;
+// ask.close() lets the process end
 function asker() {
   const lines = readline.createInterface({ input: process.stdin });
   const replies = [];
@@ -19,13 +20,16 @@ function asker() {
       replies.push(l);
     }
   });
-  return function ask(what) {
+  function ask(what) {
     process.stdout.write('@@' + what + '\n');
     if (replies.length) {
       return Promise.resolve(replies.shift());
     }
     return new Promise((resolve) => { waiting = resolve; });
-  };
+  }
+  // stdin held open keeps node running: the driver closes it at its end
+  ask.close = () => lines.close();
+  return ask;
 }
 
 // step(name, fn): runs fn, pushes {name, ok, ms, error?} to steps

@@ -13,8 +13,8 @@ import subprocess
 import time
 
 from chattest import (PgCluster, Nginx, bail_out, diag, done, free_port, hs_secret,
-                      hs_secret_file,
-                      http_raw, is_, ok, wait_for)
+                      hs_secret_file, is_, ok, wait_for)
+from demotest import app_up
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK_MAPS = """
@@ -56,17 +56,11 @@ def run(browser):
     pg = PgCluster()
     demo_port = free_port()
     app = subprocess.Popen(["/usr/bin/python3", os.path.join(REPO, "client", "demo", "app.py"),
-                            "--port", str(demo_port), "--secret", hs_secret_file()],
+                            "--port", str(demo_port), "--secret", hs_secret_file(),
+                            "--no-seed"],   # tokens only: these tests make their own conversations
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def token_server_up():
-            try:
-                return b" 200 " in http_raw(b"GET /token?user=x HTTP/1.0\r\n\r\n",
-                                            port=demo_port)
-            except OSError:
-                return False
-
-        wait_for(token_server_up, 10, what="demo token server")
+        wait_for(lambda: app_up(demo_port), 10, what="demo token server")
         web_port = free_port()
         web_origin = "http://127.0.0.1:%d" % web_port
         # keepalive_timeout 0: REST requests do not hold connections, so the

@@ -294,7 +294,7 @@ async function main() {
     await browser.close();
   }
   process.stdout.write(JSON.stringify(out) + '\n');
-  lines.close();
+  ask.close();
 }
 
 main();
